@@ -1,0 +1,181 @@
+"""SDS, VSD and Adversarial Score Distillation (ASD): the math, in one code path.
+
+Notation as in the ASD supplement (Alg. 1, Eq. 3 and 5): ``x_t = alpha_t x0 + sigma_t eps``; ``eps_y`` the prior's
+conditional prediction, ``eps_cfg = eps_u + s (eps_y - eps_u)`` its guided prediction, ``eps_phi`` φ's prediction.
+
+- Generator (Eq. 3): ``grad_x0 = w(t) (eps_cfg - eps_phi)``; SDS sets ``eps_phi := eps``. Applied as the surrogate
+  loss ``0.5 Σ (x0 - sg(x0 - grad))² / B`` so that autograd carries it through ``∂x0/∂θ``.
+- φ (L'_D, the text-only upper bound): ``‖phi - target‖² + γ ‖phi - prior_cond‖²`` in the model's native
+  prediction space (ε or v, as the official code), mean-reduced. γ = 0 is VSD's LoRA loss, so VSD *is* ASD
+  with γ = 0 (one code path; the γ term's extra UNet call is skipped when it is multiplied by zero).
+- With real samples (reference images) the full L_D of Eq. 5 adds ``- ‖phi_r - target_r‖² + η ‖phi_r - prior_r‖²``.
+  Note: with the paper's η = 1/2 this term is not bounded below in ``phi_r``; keep reference runs short or raise η.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserInputError
+
+METHODS = ("asd", "vsd", "sds")
+WEIGHTINGS = ("sds", "uniform", "sigma_over_alpha")
+PHI_NOISE = ("fresh", "shared")
+
+
+@dataclass
+class DistillConfig:
+    """Distillation settings; defaults follow the official ASD configs (DESIGN §2b). ASD and VSD share all but γ."""
+
+    method: str = "asd"
+    guidance_scale: float = 7.5
+    gamma: float = -0.75          # ASD's γ in L'_D; VSD is γ = 0
+    eta: float = 0.5              # η of the real-sample term (Eq. 5), used only with reference images
+    weighting: str = "sds"        # w(t): "sds" = 1 - ᾱ_t, "uniform" = 1, "sigma_over_alpha" = √((1 - ᾱ_t)/ᾱ_t)
+    t_min: float = 0.02           # generator timesteps are uniform integers in [t_min·T, t_max(step)·T]
+    t_max: float = 0.98
+    t_max_annealed: float = 0.5   # t_max from step `t_anneal_step` on (official 3D recipe: 980 → 500 at step 5000)
+    t_anneal_step: int | None = None  # absolute step, so a resumed or extended run keeps the same schedule
+    phi_noise: str = "fresh"      # "fresh": φ step draws its own t', eps' (official); "shared": reuses t, eps
+
+    def validate(self) -> None:
+        checks = [("--method", self.method, METHODS), ("--weighting", self.weighting, WEIGHTINGS),
+                  ("--phi-noise", self.phi_noise, PHI_NOISE)]
+        for flag, value, allowed in checks:
+            if value not in allowed:
+                raise UserInputError(flag, f"unknown value '{value}'", f"use one of {', '.join(allowed)}")
+        if self.t_anneal_step is not None and self.t_anneal_step < 0:
+            raise UserInputError("--t-anneal-step", f"{self.t_anneal_step} is negative", "use a step ≥ 0 or leave it out")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0 or not self.t_min < self.t_max_annealed <= 1.0:
+            raise UserInputError("--t-range", f"t_min={self.t_min}, t_max={self.t_max}, "
+                                 f"t_max_annealed={self.t_max_annealed}", "use 0 ≤ t_min < t_max ≤ 1 and t_min < t_max_annealed")
+        if self.method == "vsd" and self.gamma != 0.0:
+            raise UserInputError("--gamma", f"VSD is ASD with γ = 0, got γ = {self.gamma}",
+                                 "use --method asd to set γ, or leave --gamma out for VSD")
+
+    @property
+    def uses_phi(self) -> bool:
+        return self.method != "sds"
+
+
+def time_schedule(step: int, config: DistillConfig, num_train_timesteps: int) -> tuple[int, int]:
+    """Inclusive integer timestep range ``(lo, hi)`` for the generator at ``step`` (0-based)."""
+    annealed = config.t_anneal_step is not None and step >= config.t_anneal_step
+    t_max = config.t_max_annealed if annealed else config.t_max
+    top = num_train_timesteps - 1
+    return int(config.t_min * num_train_timesteps), min(int(t_max * num_train_timesteps), top)
+
+
+def loss_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, weighting: str) -> torch.Tensor:
+    """w(t) as ``[B, 1, 1, 1]`` for integer timesteps ``t [B]``."""
+    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    if weighting == "sds":
+        return 1.0 - abar
+    if weighting == "uniform":
+        return torch.ones_like(abar)
+    return ((1.0 - abar) / abar.clamp_min(1e-8)).sqrt()
+
+
+def generator_gradient(eps_cfg: torch.Tensor, eps_phi: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: ``w(t) (eps_cfg - eps_phi)``, NaNs/infs zeroed as the official code does."""
+    return torch.nan_to_num(weight * (eps_cfg - eps_phi), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def surrogate_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``0.5 Σ (x0 - sg(x0 - grad))² / B``: its gradient w.r.t. ``x0`` is ``grad / B``."""
+    target = (x0 - grad).detach()
+    return 0.5 * F.mse_loss(x0, target, reduction="sum") / x0.shape[0]
+
+
+def discriminator_loss(phi_fake: torch.Tensor, target_fake: torch.Tensor, prior_fake: torch.Tensor | None,
+                       gamma: float, phi_real: torch.Tensor | None = None, target_real: torch.Tensor | None = None,
+                       prior_real: torch.Tensor | None = None, eta: float = 0.5) -> torch.Tensor:
+    """L'_D, or the full L_D of Eq. 5 when the real-sample tensors are given. All ``[B, C, h, w]``, native space."""
+    loss = F.mse_loss(phi_fake, target_fake)
+    if gamma != 0.0:
+        loss = loss + gamma * F.mse_loss(phi_fake, prior_fake)
+    if phi_real is not None:
+        loss = loss - F.mse_loss(phi_real, target_real) + eta * F.mse_loss(phi_real, prior_real)
+    return loss
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of one step: ``cond``/``uncond`` ``[B, L, D]`` for the prior, ``camera [B, 16]`` for φ."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    camera: torch.Tensor | None = None
+
+
+@dataclass
+class StepResult:
+    generator_loss: torch.Tensor    # scalar surrogate loss (backward it to update the generator)
+    phi_loss: torch.Tensor | None   # scalar, detached (φ was already updated), None for SDS
+    t: torch.Tensor                 # [B] generator timesteps
+    grad_norm: float                # ‖grad‖ of Eq. 3 over the batch
+
+
+def sample_timesteps_and_noise(shape: torch.Size, lo: int, hi: int, generator: torch.Generator,
+                               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer ``t [B]`` uniform in ``[lo, hi]`` and ``eps`` of ``shape``, drawn on the CPU ``generator`` so that a
+    run's random stream does not depend on the device."""
+    t = torch.randint(lo, hi + 1, (shape[0],), generator=generator).to(device)
+    return t, torch.randn(shape, generator=generator).to(device)
+
+
+def distill_step(x0: torch.Tensor, prior, phi, conditioning: Conditioning, config: DistillConfig, step: int,
+                 generator: torch.Generator, reference: torch.Tensor | None = None) -> StepResult:
+    """One step of Alg. 1 on the rendered/optimised ``x0 [B, C, h, w]`` (model space, differentiable).
+
+    Updates φ in place (step 7) and returns the generator's surrogate loss (step 6) for the caller to backward.
+    ``reference [B, C, h, w]``: real samples in model space; enables the full L_D.
+    """
+    lo, hi = time_schedule(step, config, prior.num_train_timesteps)
+    t, eps = sample_timesteps_and_noise(x0.shape, lo, hi, generator, x0.device)
+    x0_detached = x0.detach()
+    x_t = prior.add_noise(x0_detached, eps, t)
+    gamma = config.gamma if config.method == "asd" else 0.0
+    with torch.no_grad():
+        eps_cfg, prior_cond = prior.guided(x_t, t, conditioning.cond, conditioning.uncond, config.guidance_scale)
+    camera = conditioning.camera
+    phi_loss = None
+    if not config.uses_phi:
+        eps_phi = eps
+    else:
+        if config.phi_noise == "shared":
+            t2, eps2, x_t2, prior2 = t, eps, x_t, prior_cond
+        else:
+            with torch.no_grad():
+                eps_phi = prior.to_eps(phi.model_output(x_t, t, camera), x_t, t)
+            t2, eps2 = sample_timesteps_and_noise(x0.shape, 0, prior.num_train_timesteps - 1, generator, x0.device)
+            x_t2, prior2 = prior.add_noise(x0_detached, eps2, t2), None
+        target2 = prior.training_target(x0_detached, eps2, t2)
+        batch, x_phi, t_phi, cam_phi = x0.shape[0], x_t2, t2, camera
+        if reference is not None:  # Eq. 5's real terms: same t and eps on the real samples, one φ forward
+            x_r = prior.add_noise(reference, eps2, t2)
+            x_phi, t_phi = torch.cat([x_t2, x_r]), torch.cat([t2, t2])
+            cam_phi = None if camera is None else torch.cat([camera, torch.zeros_like(camera)])
+        with torch.no_grad():  # the prior's conditional prediction where the γ/η terms need it and it is missing
+            need = ([] if gamma == 0.0 or prior2 is not None else [x_t2]) + ([] if reference is None else [x_r])
+            if need:
+                extra = prior.model_output(torch.cat(need), torch.cat([t2] * len(need)),
+                                           conditioning.cond.expand(batch, -1, -1).repeat(len(need), 1, 1))
+                if gamma != 0.0 and prior2 is None:
+                    prior2, extra = extra[:batch], extra[batch:]
+                prior_real = extra if reference is not None else None
+
+        def loss_fn(out: torch.Tensor) -> torch.Tensor:
+            if reference is None:
+                return discriminator_loss(out, target2, prior2, gamma)
+            return discriminator_loss(out[:batch], target2, prior2, gamma, out[batch:],
+                                      prior.training_target(reference, eps2, t2), prior_real, config.eta)
+
+        phi_out, phi_loss = phi.train_step(x_phi, t_phi, loss_fn, cam_phi, generator)
+        if config.phi_noise == "shared":
+            eps_phi = prior.to_eps(phi_out[:batch], x_t, t)
+    grad = generator_gradient(eps_cfg, eps_phi, loss_weight(prior.alphas_cumprod, t, config.weighting))
+    return StepResult(surrogate_loss(x0, grad), phi_loss, t, float(grad.norm()))

@@ -1,0 +1,50 @@
+"""What score distillation optimises (θ in the paper). 2D: one image; the NeRF generator lives beside it.
+
+2D parameterisation (``ImageGenerator``):
+- ``"latent"`` (default for latent models): θ *is* the model-space tensor ``x0``. No VAE pass per step, so a step
+  costs only the UNet calls the method needs (the VAE decodes previews and the final image). This is how
+  DreamFusion/ProlificDreamer-style 2D playgrounds distil from Stable Diffusion, and it keeps the benchmark's
+  "step time ÷ UNet time" ratio honest.
+- ``"pixel"``: θ is an RGB image encoded by the VAE (with gradients through the encoder) every step — exactly the
+  path a NeRF render takes, so it is the 2D stand-in for the 3D pipeline. Costs one encoder pass forward+backward.
+For a pixel-space prior (no VAE) both coincide: θ is the image in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import UserInputError
+from .prior import DiffusionPrior
+
+PARAMETERIZATIONS = ("latent", "pixel")
+
+
+class ImageGenerator(nn.Module):
+    """One image optimised directly. ``forward(rng) → x0 [1, C, h, w]`` in the prior's model space."""
+
+    def __init__(self, prior: DiffusionPrior, size: int, parameterization: str, rng: torch.Generator) -> None:
+        super().__init__()
+        if parameterization not in PARAMETERIZATIONS:
+            raise UserInputError("--param", f"unknown parameterisation '{parameterization}'",
+                                 f"use one of {', '.join(PARAMETERIZATIONS)}")
+        self.prior = prior
+        self.encodes = parameterization == "pixel" and prior.latent_space
+        if self.encodes:  # RGB in [0, 1]: mid-grey with a little noise
+            init = 0.5 + 0.1 * torch.randn((1, 3, size, size), generator=rng)
+        else:  # model space: unit Gaussian, what the diffusion model calls pure noise
+            init = torch.randn((1, *prior.sample_shape(size)), generator=rng)
+        self.param = nn.Parameter(init.to(prior.device))
+
+    def forward(self, rng: torch.Generator | None = None) -> torch.Tensor:
+        if self.encodes:
+            return self.prior.encode_images(self.param, generator=rng)
+        return self.param
+
+    @torch.no_grad()
+    def images(self) -> torch.Tensor:
+        """The current image ``[1, 3, H, W]`` in [0, 1]."""
+        if self.encodes:
+            return self.param.clamp(0.0, 1.0)
+        return self.prior.decode(self.param)

@@ -1,0 +1,266 @@
+"""The frozen diffusion prior behind one small interface.
+
+A :class:`DiffusionPrior` wraps the components of a diffusers Stable-Diffusion-style pipeline folder
+(``model_index.json`` + ``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and optionally ``vae/``).
+A folder without a VAE is a pixel-space model: its "latents" are RGB images scaled to [-1, 1].
+
+Conventions (used throughout the engine):
+- ``x0``/``x_t``: tensors in the model's input space, ``[B, C, h, w]`` (latents, or pixels in [-1, 1]);
+  ``x_t = alpha_t * x0 + sigma_t * eps`` with ``alpha_t = sqrt(alphas_cumprod[t])``, ``sigma_t = sqrt(1 - ...)``.
+- ``t``: integer training timesteps ``[B]`` (long) in ``[0, num_train_timesteps)``.
+- "output" is the UNet's native prediction (epsilon or v); :meth:`to_eps` converts it to epsilon. That
+  conversion lives here and nowhere else.
+- images are float ``[B, 3, H, W]`` in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .devices import resolve_device
+from .errors import UserInputError
+
+PIPELINE_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+SUPPORTED_PREDICTIONS = ("epsilon", "v_prediction")
+
+
+@dataclass
+class PipelineFolder:
+    """What ``model_index.json`` says about a pipeline folder (validated, nothing loaded yet)."""
+
+    path: Path
+    components: dict[str, tuple[str, str] | None]
+
+    @property
+    def has_vae(self) -> bool:
+        return self.components.get("vae") is not None
+
+
+def inspect_pipeline_folder(path: str | os.PathLike, input_name: str = "--model") -> PipelineFolder:
+    """Check that ``path`` is a diffusers pipeline folder this engine can load, without loading weights.
+
+    Raises :class:`UserInputError` naming ``input_name`` when it is not.
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise UserInputError(input_name, f"'{folder}' does not exist",
+                             "give the folder of a diffusers pipeline (the one holding model_index.json)")
+    if not folder.is_dir():
+        raise UserInputError(input_name, f"'{folder}' is a file, not a pipeline folder",
+                             "give the folder of a diffusers pipeline (the one holding model_index.json)")
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise UserInputError(input_name, f"'{folder}' is not a diffusers pipeline folder (no model_index.json)",
+                             "give the folder holding model_index.json, unet/, text_encoder/, tokenizer/ and scheduler/")
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserInputError(input_name, f"'{index_file}' is not valid JSON ({exc})",
+                             "restore the pipeline's model_index.json") from None
+    components: dict[str, tuple[str, str] | None] = {}
+    for name, value in index.items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+            components[name] = (value[0], value[1])
+        else:
+            components[name] = None
+    missing = [c for c in PIPELINE_COMPONENTS if components.get(c) is None or not (folder / c).is_dir()]
+    if missing:
+        raise UserInputError(input_name, f"pipeline folder '{folder}' lacks {', '.join(missing)}",
+                             "use a Stable-Diffusion-style pipeline with unet/, text_encoder/, tokenizer/ and scheduler/")
+    if components["unet"][1] != "UNet2DConditionModel":
+        raise UserInputError(input_name, f"its UNet is a {components['unet'][1]}",
+                             "use a Stable Diffusion 1.x/2.x-style pipeline (UNet2DConditionModel)")
+    if components.get("vae") is not None and not (folder / "vae").is_dir():
+        raise UserInputError(input_name, f"model_index.json names a VAE but '{folder / 'vae'}' is missing",
+                             "restore the vae/ folder, or remove the 'vae' entry for a pixel-space model")
+    return PipelineFolder(folder, components)
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Frozen, eval mode, on ``device``; cast only when needed (diffusers warns about needless casts)."""
+    if next(module.parameters()).dtype != dtype:
+        module = module.to(dtype=dtype)
+    return module.to(device).eval().requires_grad_(False)
+
+
+class DiffusionPrior:
+    """A frozen text-conditioned diffusion model (UNet + CLIP text encoder + optional VAE + noise schedule)."""
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.unet = _place(unet, self.device, dtype)
+        self.text_encoder = _place(text_encoder, self.device, dtype)
+        self.vae = None if vae is None else _place(vae, self.device, dtype)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.prediction_type: str = scheduler.config.prediction_type
+        if self.prediction_type not in SUPPORTED_PREDICTIONS:
+            raise UserInputError("--model", f"its scheduler predicts '{self.prediction_type}'",
+                                 f"use a model whose scheduler prediction_type is one of {SUPPORTED_PREDICTIONS}")
+        self.num_train_timesteps: int = int(scheduler.config.num_train_timesteps)
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)  # [T]
+        self.source: str | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        dtype: torch.dtype = torch.float32, input_name: str = "--model") -> "DiffusionPrior":
+        """Load a diffusers pipeline folder offline (``local_files_only``); no network access is attempted."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        folder = inspect_pipeline_folder(path, input_name)
+        kw = dict(local_files_only=True, torch_dtype=dtype)
+        try:
+            unet = UNet2DConditionModel.from_pretrained(folder.path, subfolder="unet", **kw)
+            text_encoder = CLIPTextModel.from_pretrained(folder.path, subfolder="text_encoder", **kw)
+            tokenizer = CLIPTokenizer.from_pretrained(folder.path, subfolder="tokenizer", **kw)
+            # Every DDPM-family scheduler (PNDM, DDIM, Euler, ...) shares the beta-schedule config; distillation
+            # needs only its alphas_cumprod and prediction_type, which DDPMScheduler computes from that config.
+            scheduler = DDPMScheduler.from_config(
+                DDPMScheduler.load_config(folder.path, subfolder="scheduler", local_files_only=True))
+            vae = AutoencoderKL.from_pretrained(folder.path, subfolder="vae", **kw) if folder.has_vae else None
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserInputError(input_name, f"could not load the pipeline in '{folder.path}' ({first_line})",
+                                 "check that its weights and configs are complete (safetensors files, config.json)") from None
+        prior = cls(unet, text_encoder, tokenizer, scheduler, vae, device=resolve_device(device), dtype=dtype)
+        prior.source = str(folder.path)
+        return prior
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def latent_space(self) -> bool:
+        return self.vae is not None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per model-space cell along each side (1 for pixel-space models)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes must be a multiple of this (8, as Stable Diffusion pipelines require, and of the VAE's
+        downsampling). The UNet itself copes with odd feature sizes (diffusers passes explicit upsample sizes)."""
+        return max(8, self.vae_scale_factor)
+
+    def _fits(self, size: int) -> bool:
+        if size <= 0 or size % self.size_multiple:
+            return False
+        # Every UNet level needs a feature map, and GroupNorm needs ≥ 2 values per group (a level's input has the
+        # previous level's channels): SD is fine down to 64 px, tiny models need a few levels' worth of pixels.
+        config, side = self.unet.config, size // self.vae_scale_factor
+        channels = config.block_out_channels
+        for level in range(len(channels)):
+            level_side = side // 2 ** level
+            if level_side < 1 or channels[max(level - 1, 0)] // config.norm_num_groups * level_side ** 2 < 2:
+                return False
+        return True
+
+    def check_image_size(self, size: int, input_name: str = "--size") -> None:
+        if not self._fits(size):
+            smallest = next(s for s in range(self.size_multiple, 4097, self.size_multiple) if self._fits(s))
+            raise UserInputError(input_name, f"{size} px does not fit this model",
+                                 f"use a multiple of {self.size_multiple} of at least {smallest} px")
+
+    def sample_shape(self, size: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of the model-space tensor for a ``size``×``size`` image."""
+        side = size // self.vae_scale_factor
+        return (int(self.unet.config.in_channels), side, side)
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """``[B, L]`` token ids, padded/truncated to the tokenizer's max length."""
+        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(self.device)
+
+    def encode_token_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` ids → ``[B, L, D]`` last hidden states (grad flows if the caller enables it)."""
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts → frozen text embeddings ``[B, L, D]`` for the UNet's cross-attention."""
+        return self.encode_token_ids(self.tokenize(prompts))
+
+    # ------------------------------------------------------------------ images
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                      sample: bool = True) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] → model space ``[B, C, h, w]``; gradients flow through the encoder.
+
+        Latent models draw a sample of the VAE posterior (with ``generator``; ``sample=False`` takes its mean)
+        and apply the VAE's scaling/shift factors.
+        """
+        pixels = images.to(self.device, self.dtype) * 2.0 - 1.0
+        if self.vae is None:
+            return pixels.float()
+        posterior = self.vae.encode(pixels).latent_dist
+        latents = posterior.sample(generator=generator) if sample else posterior.mode()
+        shift = self.vae.config.shift_factor or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).float()
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Model space ``[B, C, h, w]`` → images ``[B, 3, H, W]`` in [0, 1]."""
+        if self.vae is None:
+            return ((x0.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        shift = self.vae.config.shift_factor or 0.0
+        latents = x0.to(self.dtype) / self.vae.config.scaling_factor + shift
+        return ((self.vae.decode(latents).sample.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    # ------------------------------------------------------------------ noise schedule
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B]`` timesteps → ``(alpha_t, sigma_t)``, each ``[B, 1, 1, 1]`` float32."""
+        abar = self.alphas_cumprod[t.to(self.device)].view(-1, 1, 1, 1)
+        return abar.sqrt(), (1.0 - abar).sqrt()
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = self.alpha_sigma(t)
+        return alpha * x0 + sigma * eps
+
+    def to_eps(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Native UNet output → epsilon. For v-prediction ``eps = sigma_t * x_t + alpha_t * v``."""
+        if self.prediction_type == "epsilon":
+            return output
+        alpha, sigma = self.alpha_sigma(t)
+        return sigma * x_t + alpha * output
+
+    def training_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet is trained to output at ``x_t`` (epsilon, or ``v = alpha_t * eps - sigma_t * x0``)."""
+        if self.prediction_type == "epsilon":
+            return eps
+        alpha, sigma = self.alpha_sigma(t)
+        return alpha * eps - sigma * x0
+
+    # ------------------------------------------------------------------ denoiser
+    def model_output(self, x_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """One UNet call: ``x_t [B,C,h,w]``, ``t [B]``, ``embeddings [B,L,D]`` → native output ``[B,C,h,w]`` (float32)."""
+        if embeddings.shape[0] != x_t.shape[0]:  # one prompt for the whole batch
+            embeddings = embeddings.expand(x_t.shape[0], -1, -1)
+        out = self.unet(x_t.to(self.dtype), t.to(self.device), encoder_hidden_states=embeddings.to(self.dtype),
+                        return_dict=False)[0]
+        return out.float()
+
+    def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+               guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier-free guidance in one batched UNet call.
+
+        Returns ``(eps_cfg, output_cond)``: the guided epsilon ``eps_u + s (eps_c - eps_u)`` and the conditional
+        native output (VSD/ASD's discriminator loss compares with it). All ``[B, C, h, w]``.
+        """
+        batch = x_t.shape[0]
+        uncond, cond = uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)
+        out = self.model_output(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
+        out_uncond, out_cond = out[:batch], out[batch:]
+        eps_uncond, eps_cond = self.to_eps(out_uncond, x_t, t), self.to_eps(out_cond, x_t, t)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond), out_cond

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random pipelines of the real SD architectures, built once per session, saved, loaded back."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never try the network (hub retries cost ~20 s each)
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from asd_engine.prior import DiffusionPrior
+from asd_engine.tiny_pipeline import build_tiny_pipeline
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_eps_dir(tmp_path_factory):
+    """SD-1.x-like: latent (VAE ×8), epsilon prediction, PNDM scheduler."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-eps"), prediction_type="epsilon", latent=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_v_dir(tmp_path_factory):
+    """Pixel-space (no VAE), v-prediction, DDIM scheduler."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-v"), prediction_type="v_prediction", latent=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_v_latent_dir(tmp_path_factory):
+    """SD-2.x-768-like: latent, v-prediction."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-v-latent"), prediction_type="v_prediction", latent=True)
+
+
+@pytest.fixture(params=["eps", "v"])
+def pipeline_dir(request, tiny_eps_dir, tiny_v_dir):
+    return {"eps": tiny_eps_dir, "v": tiny_v_dir}[request.param]
+
+
+@pytest.fixture
+def prior_eps(tiny_eps_dir) -> DiffusionPrior:
+    return DiffusionPrior.from_pretrained(tiny_eps_dir, device="cpu")
+
+
+@pytest.fixture
+def prior_v(tiny_v_dir) -> DiffusionPrior:
+    return DiffusionPrior.from_pretrained(tiny_v_dir, device="cpu")
+
+
+@pytest.fixture(params=["eps", "v"])
+def prior(request, tiny_eps_dir, tiny_v_dir) -> DiffusionPrior:
+    """Each test that takes ``prior`` runs on the ε/latent and the v/pixel pipeline."""
+    return DiffusionPrior.from_pretrained({"eps": tiny_eps_dir, "v": tiny_v_dir}[request.param], device="cpu")
