@@ -1,0 +1,100 @@
+"""Start a real ComfyUI for host tests, with this pack loaded through ``extra_model_paths`` (as ComfyUI's own
+tests load packs), never copied into it. ComfyUI is found via ``COMFYUI_PATH`` (default ``~/ComfyUI``); build one
+with ``../shared/comfyui/install-host.sh <fetched ComfyUI git dir>``. Tests skip with that hint when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "ComfyUI-ASD"
+
+
+def comfyui_path() -> Path:
+    return Path(os.environ.get("COMFYUI_PATH", Path.home() / "ComfyUI")).expanduser()
+
+
+def host_missing_reason() -> str | None:
+    """Why host tests cannot run here, or None when they can."""
+    path = comfyui_path()
+    python = path / ".venv" / "bin" / "python"
+    if not (path / "main.py").is_file() or not python.is_file():
+        return (f"no ComfyUI host at {path} (set COMFYUI_PATH, or build one with "
+                "../shared/comfyui/install-host.sh <ComfyUI git dir>)")
+    probe = subprocess.run([str(python), "-c", "import diffusers, peft, transformers, safetensors"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return (f"the ComfyUI host at {path} lacks this pack's requirements "
+                f"(run: {python} -m pip install -r {ROOT / 'requirements.txt'})")
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ComfyHost:
+    url: str
+    process: subprocess.Popen
+    log: Path
+    base: Path
+
+    def get_json(self, route: str):
+        with urllib.request.urlopen(self.url + route, timeout=30) as response:
+            return json.loads(response.read())
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_host(base: Path, timeout: float = 180.0) -> ComfyHost:
+    """Start ComfyUI on a free loopback port with its own output/user/temp folders under ``base``."""
+    path = comfyui_path()
+    custom_nodes = base / "custom_nodes"
+    custom_nodes.mkdir(parents=True, exist_ok=True)
+    link = custom_nodes / PACK_NAME
+    if not link.exists():
+        link.symlink_to(ROOT, target_is_directory=True)
+    config = base / "extra_model_paths.yaml"
+    config.write_text(f"asd_tests:\n  base_path: {base}\n  custom_nodes: {custom_nodes}\n")
+    for folder in ("output", "temp", "user", "input"):
+        (base / folder).mkdir(exist_ok=True)
+    port = _free_port()
+    log = base / "comfyui.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [str(path / ".venv" / "bin" / "python"), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+         "--extra-model-paths-config", str(config), "--output-directory", str(base / "output"),
+         "--temp-directory", str(base / "temp"), "--user-directory", str(base / "user"),
+         "--input-directory", str(base / "input")],
+        cwd=path, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    host = ComfyHost(f"http://127.0.0.1:{port}", process, log, base)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ComfyUI exited with {process.returncode}:\n{host.log_text()[-4000:]}")
+        try:
+            host.get_json("/system_stats")
+            return host
+        except OSError:
+            time.sleep(0.5)
+    host.stop()
+    raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s:\n{host.log_text()[-4000:]}")
