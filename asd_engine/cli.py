@@ -11,6 +11,7 @@ run (Ctrl-C) finishes its current step, writes a resumable checkpoint and exits 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -199,6 +200,7 @@ def run_distill_2d(args: argparse.Namespace) -> int:
     from .distill_2d import Distill2D, Distill2DConfig
     from .images import save_png
     from .prior import inspect_pipeline_folder
+    from .runs import config_from_dict
 
     given = _given_settings(args)
     if args.steps <= 0:
@@ -207,7 +209,7 @@ def run_distill_2d(args: argparse.Namespace) -> int:
         _, meta = load_checkpoint(args.resume)
         _check_resume_flags(given, meta.get("config", {}))
     else:
-        config = Distill2DConfig.from_dict(_distill_2d_config_data(args, given))
+        config = config_from_dict(Distill2DConfig, _distill_2d_config_data(args, given))
         config.validate()
         inspect_pipeline_folder(config.model)
     out = ensure_writable_dir(args.out)
@@ -221,7 +223,7 @@ def run_distill_2d(args: argparse.Namespace) -> int:
     config = run.config
     preview_every = args.preview_every or max(1, config.steps // 10)
     checkpoint_every = args.checkpoint_every or preview_every
-    (out / "run.json").write_text(json.dumps({"command": "distill-2d", "config": config.to_dict(),
+    (out / "run.json").write_text(json.dumps({"command": "distill-2d", "config": dataclasses.asdict(config),
                                               "resumed_from": args.resume, "device": str(run.prior.device),
                                               "torch": torch.__version__}, indent=2))
 

@@ -1,0 +1,143 @@
+"""What every distillation run shares: the prior, φ, one RNG, a step counter, the step loop and exact checkpoints.
+
+A run is built from a config dataclass (stored verbatim in its checkpoints). Subclasses (:class:`Distill2D`,
+:class:`TextTo3D`) add their generator θ, its optimiser and ``train_step``; this base class owns everything else,
+so that resuming works the same way for 2D and 3D: a run resumed from step k reproduces a straight run bit for bit
+on the same machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import checkpoint as ckpt
+from .discriminator import build_discriminator
+from .errors import UserInputError
+from .prior import DiffusionPrior
+
+
+def config_from_dict(cls: type, data: dict[str, Any]):
+    """Rebuild a (nested) config dataclass from ``dataclasses.asdict`` output; tuples come back as tuples."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, hint = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = config_from_dict(hint, value)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        elif typing.get_origin(hint) is list and isinstance(value, list):
+            value = [tuple(v) if isinstance(v, list) else v for v in value]
+        kwargs[f.name] = value
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise UserInputError("--resume", f"the checkpoint has settings this version does not know: {sorted(unknown)}",
+                             "resume with the engine version that wrote it")
+    return cls(**kwargs)
+
+
+@dataclass
+class StepInfo:
+    """What a callback sees after each step."""
+
+    step: int                 # steps done so far
+    total: int
+    generator_loss: float     # the score-distillation surrogate loss
+    phi_loss: float | None    # None for SDS
+    t: int                    # generator timestep of this step (first of the batch)
+    grad_norm: float          # ‖w(t)(eps_cfg - eps_phi)‖
+    extras: dict[str, float] = field(default_factory=dict)  # e.g. regularisers, render resolution
+
+
+class DistillationRun:
+    """Base of the 2D and 3D runs. Subclasses set ``kind`` and implement ``_build``, ``train_step``,
+    ``generator_state``/``load_generator_state``; they create ``self.optimizer`` for θ."""
+
+    kind = "run"
+    config_class: type = object
+
+    def __init__(self, config, prior: DiffusionPrior | None = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        config.validate()
+        if prior is None:
+            if config.model is None:
+                raise UserInputError("--model", "no model given", "give a diffusers pipeline folder")
+            prior = DiffusionPrior.from_pretrained(config.model, device=device, dtype=dtype)
+        self.config, self.prior, self.step = config, prior, 0
+        torch.manual_seed(config.seed)  # peft's LoRA init draws from the global RNG
+        self.rng = torch.Generator().manual_seed(config.seed)  # every random draw of the run comes from here
+        self._build()
+        self.phi = (build_discriminator(prior, config.prompt, config.phi, with_camera=self.has_cameras)
+                    if config.distill.uses_phi else None)
+
+    has_cameras = False
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def train_step(self) -> StepInfo:
+        raise NotImplementedError
+
+    def generator_state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_generator_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def run(self, on_step: Callable[[StepInfo], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> int:
+        """Run until ``config.steps``. ``should_stop`` is polled between steps (never mid-step, so a checkpoint
+        taken after a stop is consistent). Returns the number of steps done."""
+        while self.step < self.config.steps:
+            if should_stop is not None and should_stop():
+                break
+            info = self.train_step()
+            if on_step is not None:
+                on_step(info)
+        return self.step
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, directory: str | os.PathLike) -> Path:
+        tensors: dict[str, torch.Tensor] = {"rng_state": self.rng.get_state()}
+        tensors.update({f"generator.{k}": v for k, v in self.generator_state().items()})
+        optim_tensors, optim_meta = ckpt.optimizer_state(self.optimizer, "optimizer")
+        tensors.update(optim_tensors)
+        meta: dict[str, Any] = {"kind": self.kind, "step": self.step, "config": dataclasses.asdict(self.config),
+                                "optimizer": optim_meta}
+        if self.phi is not None:
+            tensors.update({f"phi.{k}": v for k, v in self.phi.state_tensors().items()})
+            phi_tensors, meta["phi_optimizer"] = ckpt.optimizer_state(self.phi.optimizer, "phi_optimizer")
+            tensors.update(phi_tensors)
+        return ckpt.save_checkpoint(directory, tensors, meta)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike, overrides: dict[str, Any] | None = None,
+                        prior: DiffusionPrior | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype = torch.float32):
+        """Rebuild a run from its checkpoint; ``overrides`` may change ``steps`` (the new total)."""
+        tensors, meta = ckpt.load_checkpoint(directory)
+        if meta.get("kind") != cls.kind:
+            raise UserInputError("--resume", f"'{directory}' is a {meta.get('kind')} checkpoint",
+                                 f"resume a {cls.kind} run from one of its own checkpoints")
+        data = {**meta["config"], **(overrides or {})}
+        run = cls(config_from_dict(cls.config_class, data), prior=prior, device=device, dtype=dtype)
+        if meta["step"] > run.config.steps:
+            raise UserInputError("--steps", f"the checkpoint is already at step {meta['step']}",
+                                 f"use --steps ≥ {meta['step']} (the total, not the number of extra steps)")
+        run.load_generator_state({k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")})
+        ckpt.load_optimizer_state(run.optimizer, tensors, meta["optimizer"], "optimizer")
+        if run.phi is not None:
+            run.phi.load_state_tensors({k[len("phi."):]: v for k, v in tensors.items() if k.startswith("phi.")})
+            ckpt.load_optimizer_state(run.phi.optimizer, tensors, meta["phi_optimizer"], "phi_optimizer")
+        run.rng.set_state(tensors["rng_state"])
+        run.step = int(meta["step"])
+        return run
