@@ -40,6 +40,12 @@ class Cameras:
     def __len__(self) -> int:
         return self.c2w.shape[0]
 
+    def __getitem__(self, index: int | slice) -> "Cameras":
+        """A sub-batch (an int keeps the batch dimension)."""
+        index = slice(index, index + 1) if isinstance(index, int) else index
+        return Cameras(self.c2w[index], self.fovy[index], self.elevation[index], self.azimuth[index],
+                       self.distance[index], self.height, self.width)
+
     def to(self, device: torch.device | str) -> "Cameras":
         return Cameras(self.c2w.to(device), self.fovy.to(device), self.elevation.to(device),
                        self.azimuth.to(device), self.distance.to(device), self.height, self.width)

@@ -2,6 +2,8 @@
 
 Commands:
   distill-2d      distil one image from a diffusion prior with ASD / VSD / SDS
+  text-to-3d      distil a NeRF from a diffusion prior; exports a mesh, a turntable and views
+  render          re-render views, turntable and mesh from a text-to-3d checkpoint
   tiny-pipeline   write a tiny random Stable-Diffusion-architecture pipeline (for tests and trying the CLI)
 
 User errors print one line ``error: <input>: <problem>; <fix>`` on stderr and exit with status 2; an interrupted
@@ -18,7 +20,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import UserInputError
 
@@ -42,29 +44,29 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
 
 
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not on/off")
+    return text == "on"
+
+
 # flag → (dotted config field, argparse kwargs). Defaults are None so that a resumed run can tell which flags the
-# user actually gave; the config dataclasses hold the real defaults.
-DISTILL_2D_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
+# user actually gave; the config dataclasses (and presets) hold the real defaults.
+Settings = dict[str, tuple[str, dict[str, Any]]]
+COMMON_SETTINGS: Settings = {
     "--model": ("model", dict(help="diffusers pipeline folder (model_index.json, unet/, text_encoder/, ...)")),
     "--prompt": ("prompt", dict(help="text prompt")),
     "--negative-prompt": ("negative_prompt", dict(help="negative prompt for classifier-free guidance (default '')")),
-    "--size": ("size", dict(type=_int, help="image side in pixels, a multiple of 8 (default 512)")),
     "--seed": ("seed", dict(type=_int, help="random seed (default 0)")),
-    "--param": ("parameterization", dict(choices=["latent", "pixel"],
-                help="optimise the model-space latent (default) or RGB pixels through the VAE encoder")),
-    "--lr": ("lr", dict(type=float, help="image learning rate (default 0.03 latent, 0.01 pixel)")),
-    "--reference": ("references", dict(nargs="+", metavar="IMAGE",
-                    help="real images of the target: enables the real-sample terms of the full L_D (Eq. 5)")),
     "--method": ("distill.method", dict(choices=["asd", "vsd", "sds"], help="distillation method (default asd)")),
     "--cfg": ("distill.guidance_scale", dict(type=float, help="classifier-free guidance scale (default 7.5)")),
     "--gamma": ("distill.gamma", dict(type=float, help="ASD's γ in the φ loss (default -0.75; VSD is γ = 0)")),
-    "--eta": ("distill.eta", dict(type=float, help="η of the real-sample term (default 0.5; needs --reference)")),
     "--weighting": ("distill.weighting", dict(choices=["sds", "uniform", "sigma_over_alpha"],
                     help="w(t): sds = 1-ᾱ (default), uniform, sigma_over_alpha = √((1-ᾱ)/ᾱ)")),
     "--t-min": ("distill.t_min", dict(type=float, help="lowest timestep as a fraction of T (default 0.02)")),
     "--t-max": ("distill.t_max", dict(type=float, help="highest timestep as a fraction of T (default 0.98)")),
     "--t-anneal-step": ("distill.t_anneal_step", dict(type=_int,
-                        help="from this step on use --t-max-annealed (default: no annealing)")),
+                        help="from this step on use --t-max-annealed (2D default: never; 3D: per preset)")),
     "--t-max-annealed": ("distill.t_max_annealed", dict(type=float, help="t_max after annealing (default 0.5)")),
     "--phi-noise": ("distill.phi_noise", dict(choices=["fresh", "shared"],
                     help="φ step with its own t', eps' (fresh, default) or the generator's (shared, one UNet call less)")),
@@ -74,15 +76,40 @@ DISTILL_2D_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--ti-tokens": ("phi.num_tokens", dict(type=_int, help="number of TI tokens of φ (default 1)")),
     "--ti-init": ("phi.init_word", dict(help="word whose embedding initialises the TI tokens (default 'object')")),
 }
+SETTINGS_2D: Settings = {
+    **COMMON_SETTINGS,
+    "--size": ("size", dict(type=_int, help="image side in pixels, a multiple of 8 (default 512)")),
+    "--param": ("parameterization", dict(choices=["latent", "pixel"],
+                help="optimise the model-space latent (default) or RGB pixels through the VAE encoder")),
+    "--lr": ("lr", dict(type=float, help="image learning rate (default 0.03 latent, 0.01 pixel)")),
+    "--reference": ("references", dict(nargs="+", metavar="IMAGE",
+                    help="real images of the target: enables the real-sample terms of the full L_D (Eq. 5)")),
+    "--eta": ("distill.eta", dict(type=float, help="η of the real-sample term (default 0.5; needs --reference)")),
+}
+SETTINGS_3D: Settings = {
+    **COMMON_SETTINGS,
+    "--preset": ("preset", dict(choices=["toy-cpu", "quality", "low-vram"],
+                 help="toy-cpu (small grid, prior resolution, minutes on a CPU), quality (the official recipe, GPU; "
+                      "default), low-vram (≤ 12 GB GPUs)")),
+    "--batch-size": ("batch_size", dict(type=_int, help="cameras per step (default 1)")),
+    "--perp-neg": ("perp_neg", dict(type=_on_off, metavar="on|off", help="Perp-Neg guidance (preset default)")),
+    "--view-prompts": ("view_dependent_prompts", dict(type=_on_off, metavar="on|off",
+                       help="append ', front/side/back/overhead view' per camera (default on)")),
+    "--camera-embedding": ("phi.camera_embedding", dict(type=_on_off, metavar="on|off",
+                           help="condition the LoRA φ on the camera (default on)")),
+}
+PATH_SETTINGS = ("--model", "--reference")
+PHI_ONLY = ("--phi", "--gamma", "--phi-noise", "--lora-rank", "--phi-lr", "--ti-tokens", "--ti-init",
+            "--camera-embedding")
 
 
-def _add_distill_2d(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("distill-2d", help="distil one image with ASD / VSD / SDS",
-                       description="Optimise an image with Adversarial Score Distillation (or VSD / SDS). "
-                                   "Writes OUT/final.png, OUT/previews/, OUT/checkpoint/ and OUT/metrics.jsonl.")
-    for flag, (_, kwargs) in DISTILL_2D_SETTINGS.items():
+def _add_settings(p: argparse.ArgumentParser, settings: Settings) -> None:
+    for flag, (_, kwargs) in settings.items():
         p.add_argument(flag, default=None, **kwargs)
-    p.add_argument("--steps", type=_int, required=True, help="total number of steps (also when resuming)")
+
+
+def _add_run_options(p: argparse.ArgumentParser, steps_help: str, steps_required: bool) -> None:
+    p.add_argument("--steps", type=_int, required=steps_required, help=steps_help)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", help="checkpoint folder of an earlier run: continue it up to --steps")
     p.add_argument("--preview-every", type=_int, help="write a preview every N steps (default steps/10)")
@@ -91,7 +118,42 @@ def _add_distill_2d(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="torch device (default: CUDA if available, else CPU)")
 
 
-def _add_tiny_pipeline(sub: argparse._SubParsersAction) -> None:
+def _add_export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--views", type=_int, help="turntable views (default per preset: 36 toy-cpu, 120 otherwise)")
+    p.add_argument("--view-size", type=_int, help="turntable image side in px (default 128 toy-cpu, 512 otherwise)")
+    p.add_argument("--mesh-resolution", type=_int, help="marching-cubes grid (default 128 toy-cpu, 256 otherwise)")
+    p.add_argument("--mesh-threshold", type=float, default=25.0, help="density isosurface level (default 25)")
+    p.add_argument("--background", choices=["white", "black", "learned"], default="white",
+                   help="background of the turntable and views (default white)")
+    p.add_argument("--animation", choices=["webp", "gif"], default="webp", help="turntable file format")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m asd_engine", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("distill-2d", help="distil one image with ASD / VSD / SDS",
+                       description="Optimise an image with Adversarial Score Distillation (or VSD / SDS). "
+                                   "Writes OUT/final.png, OUT/previews/, OUT/checkpoint/ and OUT/metrics.jsonl.")
+    _add_settings(p, SETTINGS_2D)
+    _add_run_options(p, "total number of steps (also when resuming)", steps_required=True)
+
+    p = sub.add_parser("text-to-3d", help="distil a NeRF with ASD / VSD / SDS and export a mesh and turntable",
+                       description="Text-to-3D with Adversarial Score Distillation (or VSD / SDS). Writes "
+                                   "OUT/mesh.glb, OUT/mesh.obj, OUT/turntable.webp, OUT/views/, OUT/previews/, "
+                                   "OUT/checkpoint/ and OUT/metrics.jsonl.")
+    _add_settings(p, SETTINGS_3D)
+    _add_run_options(p, "total number of steps (default per preset: 600 toy-cpu, 25000 otherwise)",
+                     steps_required=False)
+    _add_export_options(p)
+
+    p = sub.add_parser("render", help="re-render views, turntable and mesh from a text-to-3d checkpoint",
+                       description="Loads only the NeRF from a text-to-3d checkpoint (no diffusion model needed).")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder written by text-to-3d")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto", help="torch device (default: CUDA if available, else CPU)")
+    _add_export_options(p)
+
     p = sub.add_parser("tiny-pipeline", help="write a tiny random SD-architecture pipeline folder",
                        description="Writes a diffusers pipeline folder with the real Stable Diffusion component "
                                    "classes and random weights (a few MB). Good for trying the CLI; its images are noise.")
@@ -99,13 +161,6 @@ def _add_tiny_pipeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prediction", choices=["epsilon", "v_prediction"], default="epsilon")
     p.add_argument("--pixel", action="store_true", help="pixel-space model (no VAE)")
     p.add_argument("--seed", type=_int, default=0)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m asd_engine", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    _add_distill_2d(sub)
-    _add_tiny_pipeline(sub)
     return parser
 
 
@@ -149,16 +204,25 @@ def _get_dotted(data: dict[str, Any], dotted: str) -> Any:
     return data
 
 
-def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {flag: getattr(args, flag[2:].replace("-", "_")) for flag in DISTILL_2D_SETTINGS
-            if getattr(args, flag[2:].replace("-", "_")) is not None}
+def _normalise_paths(flag: str, value: Any) -> Any:
+    if flag not in PATH_SETTINGS:
+        return value
+    if isinstance(value, list):
+        return [str(Path(v).expanduser().resolve()) for v in value]
+    return str(Path(value).expanduser().resolve())
 
 
-def _distill_2d_config_data(args: argparse.Namespace, given: dict[str, Any]) -> dict[str, Any]:
-    """Config dict for a new run from the flags the user gave (defaults come from the dataclasses)."""
+def _given(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """The settings flags the user actually gave, with paths made absolute."""
+    values = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in settings}
+    return {flag: _normalise_paths(flag, v) for flag, v in values.items() if v is not None}
+
+
+def _new_config_data(given: dict[str, Any], settings: Settings, base: dict[str, Any]) -> dict[str, Any]:
+    """Config dict for a new run: ``base`` (defaults or a preset) overlaid with the flags the user gave."""
     method = given.get("--method", "asd")
     if method == "sds":
-        for flag in ("--phi", "--gamma", "--phi-noise", "--lora-rank", "--phi-lr", "--ti-tokens", "--ti-init"):
+        for flag in PHI_ONLY:
             if flag in given:
                 raise UserInputError(flag, "SDS has no discriminator φ, so this has no effect",
                                      "leave it out, or use --method asd / vsd")
@@ -170,46 +234,47 @@ def _distill_2d_config_data(args: argparse.Namespace, given: dict[str, Any]) -> 
                              "give a diffusers pipeline folder (`python -m asd_engine tiny-pipeline --out DIR` makes a tiny one)")
     if "--prompt" not in given:
         raise UserInputError("--prompt", "no prompt given", "add --prompt TEXT, e.g. --prompt 'a red cube'")
-    data: dict[str, Any] = {"steps": args.steps}
+    data = json.loads(json.dumps(base))  # deep copy
     for flag, value in given.items():
-        _set_dotted(data, DISTILL_2D_SETTINGS[flag][0], value)
+        _set_dotted(data, settings[flag][0], value)
     if method == "vsd" and "--gamma" not in given:
         _set_dotted(data, "distill.gamma", 0.0)  # VSD = ASD with γ = 0
-    data["model"] = str(Path(given["--model"]).expanduser().resolve())
-    if "--reference" in given:
-        data["references"] = [str(Path(p).expanduser().resolve()) for p in given["--reference"]]
     return data
 
 
-def _check_resume_flags(given: dict[str, Any], stored: dict[str, Any]) -> None:
+def _check_resume_flags(given: dict[str, Any], stored: dict[str, Any], settings: Settings) -> None:
     """A resumed run keeps its settings; a flag that contradicts the checkpoint is an error, not a silent change."""
     for flag, value in given.items():
-        dotted = DISTILL_2D_SETTINGS[flag][0]
-        if flag in ("--model", "--reference"):
-            value = ([str(Path(v).expanduser().resolve()) for v in value] if isinstance(value, list)
-                     else str(Path(value).expanduser().resolve()))
+        dotted = settings[flag][0]
         if _get_dotted(stored, dotted) != value:
             raise UserInputError(flag, f"differs from the checkpoint's value ({_get_dotted(stored, dotted)!r})",
                                  "leave it out when resuming (the checkpoint's settings apply), or start a new run")
 
 
-def run_distill_2d(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, run_class, settings: Settings, base: Callable[[dict], dict],
+           preview: Callable[[Any], Any], finish: Callable[[Any, Path], str]) -> int:
+    """The shared driver of distill-2d and text-to-3d: build or resume, step with a progress bar, previews and
+    checkpoints, Ctrl-C → checkpoint and exit 130, then ``finish`` writes the outputs."""
     import torch
 
     from .checkpoint import load_checkpoint
-    from .distill_2d import Distill2D, Distill2DConfig
     from .images import save_png
     from .prior import inspect_pipeline_folder
     from .runs import config_from_dict
 
-    given = _given_settings(args)
-    if args.steps <= 0:
+    given = _given(args, settings)
+    if args.steps is not None and args.steps <= 0:
         raise UserInputError("--steps", f"{args.steps} is not a positive step count", "use an integer ≥ 1")
     if args.resume:  # cheap checks first: nothing is loaded or written before the inputs are known to be good
+        if args.steps is None:
+            raise UserInputError("--steps", "no total given for the resumed run", "add --steps N (the new total)")
         _, meta = load_checkpoint(args.resume)
-        _check_resume_flags(given, meta.get("config", {}))
+        _check_resume_flags(given, meta.get("config", {}), settings)
     else:
-        config = config_from_dict(Distill2DConfig, _distill_2d_config_data(args, given))
+        data = _new_config_data(given, settings, base(given))
+        if args.steps is not None:
+            data["steps"] = args.steps
+        config = config_from_dict(run_class.config_class, data)
         config.validate()
         inspect_pipeline_folder(config.model)
     out = ensure_writable_dir(args.out)
@@ -217,16 +282,15 @@ def run_distill_2d(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     if args.resume:
-        run = Distill2D.from_checkpoint(args.resume, overrides={"steps": args.steps}, device=args.device)
+        run = run_class.from_checkpoint(args.resume, overrides={"steps": args.steps}, device=args.device)
     else:
-        run = Distill2D(config, device=args.device)
+        run = run_class(config, device=args.device)
     config = run.config
     preview_every = args.preview_every or max(1, config.steps // 10)
     checkpoint_every = args.checkpoint_every or preview_every
-    (out / "run.json").write_text(json.dumps({"command": "distill-2d", "config": dataclasses.asdict(config),
+    (out / "run.json").write_text(json.dumps({"command": args.command, "config": dataclasses.asdict(config),
                                               "resumed_from": args.resume, "device": str(run.prior.device),
                                               "torch": torch.__version__}, indent=2))
-
     stop = {"requested": False}
 
     def request_stop(_signum, _frame) -> None:
@@ -236,20 +300,20 @@ def run_distill_2d(args: argparse.Namespace) -> int:
         sys.stderr.write("\nstopping after this step (Ctrl-C again to abort without a checkpoint)...\n")
 
     previous = signal.signal(signal.SIGINT, request_stop)
-    bar = tqdm(total=config.steps, initial=run.step, desc=f"{config.distill.method} 2D", unit="step",
+    bar = tqdm(total=config.steps, initial=run.step, desc=f"{config.distill.method} {args.command}", unit="step",
                file=sys.stderr, dynamic_ncols=True)
     started = time.perf_counter()
     metrics = open(out / "metrics.jsonl", "a")
 
     def on_step(info) -> None:
-        metrics.write(json.dumps(vars(info)) + "\n")
+        metrics.write(json.dumps(dataclasses.asdict(info)) + "\n")
         postfix = {"t": info.t, "loss_g": f"{info.generator_loss:.3g}"}
         if info.phi_loss is not None:
             postfix["loss_phi"] = f"{info.phi_loss:.3g}"
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
         if info.step % preview_every == 0 and info.step < config.steps:
-            save_png(run.images(), out / "previews" / f"step_{info.step:06d}.png")
+            save_png(preview(run), out / "previews" / f"step_{info.step:06d}.png")
         if info.step % checkpoint_every == 0 and info.step < config.steps:
             run.save_checkpoint(out / "checkpoint")
 
@@ -261,13 +325,57 @@ def run_distill_2d(args: argparse.Namespace) -> int:
         metrics.close()
     run.save_checkpoint(out / "checkpoint")
     if run.step < config.steps:
-        save_png(run.images(), out / "previews" / f"step_{run.step:06d}.png")
+        save_png(preview(run), out / "previews" / f"step_{run.step:06d}.png")
         sys.stderr.write(f"interrupted at step {run.step}/{config.steps}; resume with "
                          f"--resume {out / 'checkpoint'} --steps {config.steps}\n")
         return EXIT_INTERRUPTED
-    save_png(run.images(), out / "final.png")
     elapsed = time.perf_counter() - started
-    print(f"wrote {out / 'final.png'} ({run.step} steps, {elapsed:.1f} s this session)")
+    print(f"{finish(run, out)} ({run.step} steps, {elapsed:.1f} s this session)")
+    return 0
+
+
+def run_distill_2d(args: argparse.Namespace) -> int:
+    from .distill_2d import Distill2D
+    from .images import save_png
+
+    def finish(run, out: Path) -> str:
+        save_png(run.images(), out / "final.png")
+        return f"wrote {out / 'final.png'}"
+
+    return _train(args, Distill2D, SETTINGS_2D, base=lambda given: {}, preview=lambda run: run.images(),
+                  finish=finish)
+
+
+def _export(nerf, preset: str, out: Path, args: argparse.Namespace) -> str:
+    """Views, animated turntable and meshes of ``nerf`` into ``out`` (sizes from the flags or the preset)."""
+    from .export import export_outputs
+    from .text_to_3d import EXPORT_DEFAULTS
+
+    defaults = EXPORT_DEFAULTS[preset]
+    written = export_outputs(nerf, out, views=args.views or defaults["views"],
+                             size=args.view_size or defaults["size"],
+                             mesh_resolution=args.mesh_resolution or defaults["mesh_resolution"],
+                             mesh_threshold=args.mesh_threshold, background=args.background,
+                             animation=args.animation)
+    return "wrote " + ", ".join(str(p) for p in written)
+
+
+def run_text_to_3d(args: argparse.Namespace) -> int:
+    from .text_to_3d import TextTo3D, preset_config
+
+    def base(given: dict[str, Any]) -> dict[str, Any]:
+        return dataclasses.asdict(preset_config(given.get("--preset", "quality"), given.get("--prompt", "")))
+
+    return _train(args, TextTo3D, SETTINGS_3D, base=base, preview=lambda run: run.preview(),
+                  finish=lambda run, out: _export(run.nerf, run.config.preset, out, args))
+
+
+def run_render(args: argparse.Namespace) -> int:
+    from .text_to_3d import load_nerf
+
+    nerf, config, step = load_nerf(args.checkpoint, device=args.device)
+    out = ensure_writable_dir(args.out)
+    print(f"{_export(nerf, config.preset, out, args)} (checkpoint step {step})")
     return 0
 
 
@@ -281,7 +389,8 @@ def run_tiny_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"distill-2d": run_distill_2d, "tiny-pipeline": run_tiny_pipeline}
+COMMANDS = {"distill-2d": run_distill_2d, "text-to-3d": run_text_to_3d, "render": run_render,
+            "tiny-pipeline": run_tiny_pipeline}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -104,11 +104,14 @@ def discriminator_loss(phi_fake: torch.Tensor, target_fake: torch.Tensor, prior_
 
 @dataclass
 class Conditioning:
-    """Text conditioning of one step: ``cond``/``uncond`` ``[B, L, D]`` for the prior, ``camera [B, 16]`` for φ."""
+    """Text conditioning of one step: ``cond``/``uncond`` ``[B, L, D]`` for the prior, ``camera [B, 16]`` for φ,
+    optional Perp-Neg ``negatives [B, K, L, D]`` with ``negative_weights [B, K]``."""
 
     cond: torch.Tensor
     uncond: torch.Tensor
     camera: torch.Tensor | None = None
+    negatives: torch.Tensor | None = None
+    negative_weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -140,7 +143,8 @@ def distill_step(x0: torch.Tensor, prior, phi, conditioning: Conditioning, confi
     x_t = prior.add_noise(x0_detached, eps, t)
     gamma = config.gamma if config.method == "asd" else 0.0
     with torch.no_grad():
-        eps_cfg, prior_cond = prior.guided(x_t, t, conditioning.cond, conditioning.uncond, config.guidance_scale)
+        eps_cfg, prior_cond = prior.guided(x_t, t, conditioning.cond, conditioning.uncond, config.guidance_scale,
+                                           conditioning.negatives, conditioning.negative_weights)
     camera = conditioning.camera
     phi_loss = None
     if not config.uses_phi:

@@ -89,20 +89,24 @@ class HashGrid(nn.Module):
         return combine(combine(x[..., :, None, None], y[..., None, :, None]), z[..., None, None, :]).flatten(-3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, nd = x.shape[0], self.n_dense
         pos = x.float()[:, None, :] * self.scales[None, :, None] + 0.5            # [N, L, 3]
         cell = pos.floor()
         frac = pos - cell
         low_high = torch.stack([cell.long(), cell.long() + 1], dim=-1)            # [N, L, 3, 2]
         # Per-dimension terms first, then the 8 corners: 6 products per point and level instead of 24.
-        dense = self._corners(low_high[:, :self.n_dense] * self.strides[None, :self.n_dense, :, None],
-                              torch.add)
-        hashed = self._corners((low_high[:, self.n_dense:] * self.primes[None, None, :, None]) & 0xFFFFFFFF,
-                               torch.bitwise_xor)                                # uint32 wrap-around, as tcnn
-        index = torch.cat([dense, hashed], dim=1) % self.sizes[None, :, None] + self.offsets[None, :, None]
+        index = torch.empty(n, self.n_levels, 8, dtype=torch.long, device=x.device)
+        if nd:
+            dense = self._corners(low_high[:, :nd] * self.strides[None, :nd, :, None], torch.add)
+            torch.remainder(dense, self.sizes[None, :nd, None], out=index[:, :nd])  # wrap-around, as tcnn
+        if nd < self.n_levels:  # hashed levels: table sizes are powers of two, so "% size" is a bit mask
+            hashed = self._corners(low_high[:, nd:] * self.primes[None, None, :, None], torch.bitwise_xor)
+            torch.bitwise_and(hashed, (self.sizes[None, nd:, None] - 1), out=index[:, nd:])
+        index += self.offsets[None, :, None]
         weight = self._corners(torch.stack([1.0 - frac, frac], dim=-1), torch.mul)  # [N, L, 8]
         # index_select's backward (index_add) is ~2.5x faster on the CPU than embedding's.
-        features = torch.index_select(self.params, 0, index.reshape(-1)).view(*index.shape, self.n_features)
-        return (weight.unsqueeze(-1) * features).sum(2).reshape(x.shape[0], -1)
+        features = torch.index_select(self.params, 0, index.view(-1)).view(n * self.n_levels, 8, self.n_features)
+        return torch.bmm(weight.view(n * self.n_levels, 1, 8), features).view(n, -1)
 
 
 class TcnnHashGrid(nn.Module):

@@ -252,15 +252,30 @@ class DiffusionPrior:
         return out.float()
 
     def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-               guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+               guidance_scale: float, negatives: torch.Tensor | None = None,
+               negative_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Classifier-free guidance in one batched UNet call.
 
         Returns ``(eps_cfg, output_cond)``: the guided epsilon ``eps_u + s (eps_c - eps_u)`` and the conditional
         native output (VSD/ASD's discriminator loss compares with it). All ``[B, C, h, w]``.
+        With Perp-Neg, ``negatives [B, K, L, D]`` and ``negative_weights [B, K]`` add
+        ``s · Σ_k w_k · perp(eps_k - eps_u, eps_c - eps_u)`` (the component perpendicular to the positive
+        direction, per sample), still in the same single UNet call of ``(2 + K)·B``.
         """
         batch = x_t.shape[0]
-        uncond, cond = uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)
-        out = self.model_output(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
-        out_uncond, out_cond = out[:batch], out[batch:]
-        eps_uncond, eps_cond = self.to_eps(out_uncond, x_t, t), self.to_eps(out_cond, x_t, t)
-        return eps_uncond + guidance_scale * (eps_cond - eps_uncond), out_cond
+        embeddings = [uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)]
+        if negatives is not None:
+            embeddings += list(negatives.unbind(1))
+        n = len(embeddings)
+        out = self.model_output(torch.cat([x_t] * n), torch.cat([t] * n), torch.cat(embeddings))
+        outs = out.chunk(n)
+        eps = [self.to_eps(o, x_t, t) for o in outs]
+        direction = eps[1] - eps[0]
+        if negatives is not None:
+            positive = direction
+            norm2 = positive.square().sum(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+            for k, eps_negative in enumerate(eps[2:]):
+                e = eps_negative - eps[0]
+                perpendicular = e - (e * positive).sum(dim=(1, 2, 3), keepdim=True) / norm2 * positive
+                direction = direction + negative_weights[:, k].view(-1, 1, 1, 1).to(e) * perpendicular
+        return eps[0] + guidance_scale * direction, outs[1]

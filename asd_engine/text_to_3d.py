@@ -1,0 +1,186 @@
+"""Text-to-3D: optimise a NeRF with SDS / VSD / ASD from a diffusion prior.
+
+One step (Alg. 1): sample cameras → render (jittered marching, random solid backgrounds) → resize to the prior's
+resolution → encode (VAE posterior sample, gradients through the encoder) → :func:`distill.distill_step` with the
+view-dependent prompt (φ gets the camera) → + regularisers (sparsity, opacity entropy) → backward → Adam.
+
+Presets: ``quality`` is the official ASD recipe (GPU), ``low-vram`` trades the second-stage render resolution
+and table size for memory, ``toy-cpu`` is a small grid at the prior's low resolution that finishes a short run on
+two CPU cores in minutes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .cameras import CameraRanges, orbit_cameras, sample_cameras
+from .devices import resolve_device
+from .discriminator import PhiConfig
+from .distill import DistillConfig, distill_step
+from .errors import UserInputError
+from .field import FieldConfig
+from .nerf import NeRFGenerator
+from .prompts import ViewPrompts
+from .render import RenderConfig
+from .runs import DistillationRun, StepInfo, config_from_dict
+
+PRESETS = ("toy-cpu", "quality", "low-vram")
+# turntable views, their size in px and the marching-cubes grid for each preset's outputs
+EXPORT_DEFAULTS = {"toy-cpu": {"views": 36, "size": 128, "mesh_resolution": 128},
+                   "quality": {"views": 120, "size": 512, "mesh_resolution": 256},
+                   "low-vram": {"views": 120, "size": 512, "mesh_resolution": 256}}
+
+
+@dataclass
+class TextTo3DConfig:
+    """Everything that defines a text-to-3D run (stored in its checkpoints). Defaults = the ``quality`` preset."""
+
+    prompt: str
+    model: str | None = None
+    negative_prompt: str = ""
+    steps: int = 25_000
+    seed: int = 0
+    preset: str = "quality"
+    batch_size: int = 1
+    # (from step, render side in px); renders are resized to `prior_resolution` before encoding
+    resolution_schedule: list[tuple[int, int]] = field(default_factory=lambda: [(0, 64), (5000, 512)])
+    prior_resolution: int | None = None   # None: the prior's native size (UNet sample size × VAE factor)
+    view_dependent_prompts: bool = True
+    perp_neg: bool = True
+    lr_grid: float = 1e-2
+    lr_mlp: float = 1e-3
+    lr_background: float = 1e-3
+    lambda_sparsity: float = 10.0         # mean √(opacity² + 0.01)
+    lambda_opacity_entropy: float = 1000.0  # mean binary entropy of the opacity, from `opacity_entropy_from` on
+    opacity_entropy_from: int = 10_000
+    cameras: CameraRanges = field(default_factory=CameraRanges)
+    nerf_field: FieldConfig = field(default_factory=FieldConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(t_anneal_step=5000))
+    phi: PhiConfig = field(default_factory=PhiConfig)
+
+    def validate(self) -> None:
+        if not self.prompt.strip():
+            raise UserInputError("--prompt", "the prompt is empty", "describe the object, e.g. 'a red cube'")
+        if self.steps <= 0:
+            raise UserInputError("--steps", f"{self.steps} is not a positive step count", "use an integer ≥ 1")
+        if self.preset not in PRESETS:
+            raise UserInputError("--preset", f"unknown preset '{self.preset}'", f"use one of {', '.join(PRESETS)}")
+        if self.batch_size < 1:
+            raise UserInputError("--batch-size", f"{self.batch_size}", "use an integer ≥ 1")
+        if not self.resolution_schedule or self.resolution_schedule[0][0] != 0 or any(
+                r < 8 for _, r in self.resolution_schedule):
+            raise UserInputError("--resolution", f"bad schedule {self.resolution_schedule}",
+                                 "give (step, px) pairs starting at step 0 with sizes ≥ 8")
+        self.distill.validate()
+        if self.distill.uses_phi:
+            self.phi.validate()
+
+
+def preset_config(preset: str, prompt: str, **overrides: Any) -> TextTo3DConfig:
+    """The config of a named preset, with ``overrides`` (top-level fields) applied."""
+    if preset not in PRESETS:
+        raise UserInputError("--preset", f"unknown preset '{preset}'", f"use one of {', '.join(PRESETS)}")
+    config = TextTo3DConfig(prompt=prompt, preset=preset)
+    if preset == "low-vram":
+        config.resolution_schedule = [(0, 64), (5000, 256)]
+        config.nerf_field = FieldConfig(log2_hashmap_size=18)
+        config.render = RenderConfig(samples_per_ray=256, ray_chunk=8192)
+    elif preset == "toy-cpu":
+        config.steps = 600
+        config.resolution_schedule = [(0, 32)]
+        config.perp_neg = False
+        config.nerf_field = FieldConfig(n_levels=8, log2_hashmap_size=15, base_resolution=16,
+                                   per_level_scale=1.3459, hidden_dim=32)  # finest level 128
+        config.render = RenderConfig(samples_per_ray=96, grid_warmup_steps=64, grid_update_every=8)
+        config.distill = DistillConfig(t_anneal_step=300)
+        config.lambda_sparsity = 1.0
+        config.opacity_entropy_from = 300
+        config.lambda_opacity_entropy = 10.0
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise TypeError(f"TextTo3DConfig has no field {key!r}")
+        setattr(config, key, copy.deepcopy(value))
+    return config
+
+
+class TextTo3D(DistillationRun):
+    """A text-to-3D run; ``nerf`` is the generator θ."""
+
+    kind = "text-to-3d"
+    config_class = TextTo3DConfig
+    has_cameras = True
+
+    def _build(self) -> None:
+        config, prior = self.config, self.prior
+        self.prior_resolution = config.prior_resolution or int(prior.unet.config.sample_size) * prior.vae_scale_factor
+        prior.check_image_size(self.prior_resolution, input_name="--prior-resolution")
+        self.nerf = NeRFGenerator(config.nerf_field, config.render, device=prior.device)
+        groups = self.nerf.parameter_groups(config.lr_grid, config.lr_mlp, config.lr_background)
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+        self.prompts = ViewPrompts(prior, config.prompt, config.negative_prompt,
+                                   view_dependent=config.view_dependent_prompts, perp_neg=config.perp_neg)
+
+    def resolution(self, step: int) -> int:
+        return [side for start, side in self.config.resolution_schedule if start <= step][-1]
+
+    def train_step(self) -> StepInfo:
+        config, step = self.config, self.step
+        self.nerf.update_grid(step, self.rng)
+        side = self.resolution(step)
+        cameras = sample_cameras(config.batch_size, config.cameras, side, side, self.rng)
+        render = self.nerf.render(cameras, self.rng, training=True)
+        images = render.rgb.permute(0, 3, 1, 2)                                  # [B, 3, H, W]
+        if side != self.prior_resolution:
+            images = F.interpolate(images, size=(self.prior_resolution,) * 2, mode="bilinear", align_corners=False)
+        x0 = self.prior.encode_images(images, generator=self.rng)
+        result = distill_step(x0, self.prior, self.phi, self.prompts.conditioning(cameras), config.distill, step,
+                              self.rng)
+        opacity = render.opacity
+        sparsity = (opacity.square() + 0.01).sqrt().mean()
+        loss = result.generator_loss + config.lambda_sparsity * sparsity
+        extras = {"resolution": float(side), "sparsity": sparsity.item(), "samples": float(render.samples)}
+        if step >= config.opacity_entropy_from and config.lambda_opacity_entropy > 0:
+            o = opacity.clamp(1e-4, 1.0 - 1e-4)
+            entropy = -(o * o.log() + (1.0 - o) * (1.0 - o).log()).mean()
+            loss = loss + config.lambda_opacity_entropy * entropy
+            extras["opacity_entropy"] = entropy.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return StepInfo(self.step, config.steps, result.generator_loss.item(),
+                        None if result.phi_loss is None else result.phi_loss.item(), int(result.t[0]),
+                        result.grad_norm, extras)
+
+    @torch.no_grad()
+    def preview(self, views: int = 4, size: int = 64) -> torch.Tensor:
+        """``views`` renders around the object at the evaluation camera, side by side: ``[1, 3, size, views·size]``."""
+        render = self.nerf.render(orbit_cameras(views, height=size, width=size), background="white")
+        return render.rgb.permute(3, 1, 0, 2).reshape(3, size, views * size).unsqueeze(0)
+
+    def generator_state(self) -> dict[str, torch.Tensor]:
+        return self.nerf.state_tensors()
+
+    def load_generator_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.nerf.load_state_tensors(tensors)
+
+
+def load_nerf(directory: str | os.PathLike, device: str | torch.device | None = None,
+              input_name: str = "--checkpoint") -> tuple[NeRFGenerator, TextTo3DConfig, int]:
+    """Only the NeRF of a text-to-3d checkpoint (no diffusion model is loaded): ``(nerf, config, step)``."""
+    tensors, meta = ckpt.load_checkpoint(directory, input_name=input_name)
+    if meta.get("kind") != TextTo3D.kind:
+        raise UserInputError(input_name, f"'{directory}' is a {meta.get('kind')} checkpoint, not a text-to-3d one",
+                             "give the checkpoint/ folder of a text-to-3d run")
+    config = config_from_dict(TextTo3DConfig, meta["config"])
+    nerf = NeRFGenerator(config.nerf_field, config.render, device=resolve_device(device))
+    nerf.load_state_tensors({k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")})
+    return nerf.eval(), config, int(meta["step"])

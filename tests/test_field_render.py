@@ -1,0 +1,213 @@
+"""Hash grid, cameras, occupancy sampling and volume rendering, checked against closed forms and analytic scenes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from asd_engine.cameras import CameraRanges, VIEWS, cameras_from_angles, orbit_cameras, sample_cameras
+from asd_engine.field import FieldConfig, HashGrid, NeRFField
+from asd_engine.nerf import NeRFGenerator
+from asd_engine.render import OccupancyGrid, RenderConfig, left_pack, march, ray_box, volume_render
+
+
+# ---------------------------------------------------------------------------------------------- hash grid
+def _reference_encoding(grid: HashGrid, x: torch.Tensor) -> torch.Tensor:
+    """tiny-cuda-nn's HashGrid written out point by point (grid_index, fast_hash, pos_fract), as a slow oracle."""
+    primes = (1, 2654435761, 805459861)
+    table = grid.params.detach().double()
+    out = torch.zeros(x.shape[0], grid.n_levels * grid.n_features, dtype=torch.float64)
+    for level in range(grid.n_levels):
+        scale = float(grid.scales[level])
+        resolution = int(grid.resolutions[level])
+        size, offset = int(grid.sizes[level]), int(grid.offsets[level])
+        for n in range(x.shape[0]):
+            pos = [float(x[n, d]) * scale + 0.5 for d in range(3)]
+            cell = [math.floor(p) for p in pos]
+            frac = [p - c for p, c in zip(pos, cell)]
+            for corner in range(8):
+                local = [cell[d] + ((corner >> d) & 1) for d in range(3)]
+                weight = math.prod(frac[d] if (corner >> d) & 1 else 1 - frac[d] for d in range(3))
+                stride, index = 1, 0
+                for d in range(3):
+                    if stride > size:
+                        break
+                    index += local[d] * stride
+                    stride *= resolution
+                if size < stride:
+                    index = 0
+                    for d in range(3):
+                        index ^= (local[d] * primes[d]) & 0xFFFFFFFF
+                index %= size
+                out[n, level * grid.n_features:(level + 1) * grid.n_features] += weight * table[offset + index]
+    return out
+
+
+def test_hash_grid_matches_the_tcnn_algorithm():
+    torch.manual_seed(0)
+    grid = HashGrid(n_levels=6, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4, per_level_scale=2.0)
+    assert 0 < grid.n_dense < grid.n_levels  # both dense and hashed levels are exercised
+    with torch.no_grad():
+        grid.params.normal_()
+    x = torch.rand(40, 3)
+    x[0] = torch.tensor([0.0, 0.0, 0.0])
+    x[1] = torch.tensor([1.0, 1.0, 1.0])  # the wrap-around corner
+    assert torch.allclose(grid(x).double(), _reference_encoding(grid, x), atol=1e-5)
+
+
+def test_hash_grid_gradients_reach_only_the_touched_entries():
+    grid = HashGrid(n_levels=4, n_features_per_level=2, log2_hashmap_size=12, base_resolution=8, per_level_scale=2.0)
+    x = torch.rand(5, 3)
+    grid(x).square().sum().backward()
+    touched = (grid.params.grad.abs().sum(-1) > 0).sum()
+    assert 0 < touched <= 5 * 4 * 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tiny-cuda-nn comparison needs a CUDA GPU")
+def test_tcnn_backend_matches_the_torch_grid():
+    pytest.importorskip("tinycudann", reason="tinycudann is not installed (it is optional)")
+    from asd_engine.field import TcnnHashGrid
+
+    grid = HashGrid(n_levels=8, log2_hashmap_size=15).cuda()
+    with torch.no_grad():
+        grid.params.normal_(0, 0.1)
+    tcnn_grid = TcnnHashGrid(grid)
+    x = torch.rand(4096, 3, device="cuda")
+    assert torch.allclose(tcnn_grid(x), grid(x), atol=1e-3)
+
+
+def test_field_starts_as_a_centred_blob_and_its_normals_point_outwards():
+    field = NeRFField(FieldConfig(n_levels=4, log2_hashmap_size=12, hidden_dim=16))
+    centre, edge = field.density(torch.zeros(1, 3)), field.density(torch.tensor([[0.9, 0.0, 0.0]]))
+    assert centre.item() > 9.0 and edge.item() < 0.1  # softplus(10) vs softplus(10·(1 - 1.8))
+    points = torch.tensor([[0.3, 0.0, 0.0], [0.0, -0.3, 0.0], [0.0, 0.0, 0.3]])
+    normals = field.normals(points)
+    assert torch.allclose((normals * points / 0.3).sum(-1), torch.ones(3), atol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------- cameras
+def test_camera_convention_z_up_front_is_plus_x():
+    cam = cameras_from_angles(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([2.0]), torch.tensor([60.0]), 3, 3)
+    assert torch.allclose(cam.c2w[0, :3, 3], torch.tensor([2.0, 0.0, 0.0]), atol=1e-6)
+    origins, directions = cam.rays()
+    assert torch.allclose(directions[0, 1, 1], torch.tensor([-1.0, 0.0, 0.0]), atol=1e-6)  # centre ray → origin
+    assert directions[0, 0, 1, 2] > 0  # the top row looks up (+z)
+    assert torch.allclose(cam.embedding(), cam.c2w.reshape(1, 16))
+    top = cameras_from_angles(torch.tensor([90.0]), torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([60.0]), 1, 1)
+    assert torch.isfinite(top.c2w).all()
+
+
+def test_view_names_follow_the_thresholds():
+    cams = cameras_from_angles(torch.tensor([0.0, 0.0, 0.0, 0.0, 70.0]), torch.tensor([10.0, -29.0, 90.0, 179.0, 0.0]),
+                               torch.ones(5), torch.full((5,), 60.0), 4, 4)
+    assert [VIEWS[i] for i in cams.view_index()] == ["front", "front", "side", "back", "overhead"]
+
+
+def test_training_cameras_respect_ranges_and_stratify_azimuth():
+    ranges = CameraRanges()
+    cams = sample_cameras(8, ranges, 16, 16, torch.Generator().manual_seed(0))
+    assert ((cams.elevation >= -10) & (cams.elevation <= 45)).all()
+    assert ((cams.distance >= 1.0) & (cams.distance <= 1.5)).all()
+    slots = ((cams.azimuth + 180.0) // 45.0).long().clamp(0, 7)
+    assert sorted(slots.tolist()) == list(range(8))
+    assert torch.allclose(cams.c2w[:, :3, 3].norm(dim=-1), cams.distance, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+class Sphere(nn.Module):
+    """Analytic scene: a solid sphere of ``radius`` (density ``sigma`` inside), constant colour."""
+
+    def __init__(self, radius: float = 0.5, sigma: float = 200.0) -> None:
+        super().__init__()
+        self.radius, self.sigma = radius, sigma
+        self.colour = nn.Parameter(torch.tensor([0.8, 0.2, 0.1]))
+
+    def density(self, p: torch.Tensor) -> torch.Tensor:
+        return (p.norm(dim=-1) < self.radius).float() * self.sigma
+
+    def forward(self, p: torch.Tensor):
+        return self.density(p), self.colour.expand(p.shape[0], 3)
+
+    def normals(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(p, dim=-1)
+
+
+def _render_sphere(grid_marks_sphere: bool, size: int = 32):
+    sphere, config = Sphere(), RenderConfig(samples_per_ray=256, alpha_threshold=0.0, early_stop_eps=0.0)
+    grid = OccupancyGrid(radius=1.0, resolution=32)
+    step = 2 * math.sqrt(3) / config.samples_per_ray
+    if grid_marks_sphere:
+        grid.update(sphere.density, step, 0, config, torch.Generator().manual_seed(0))
+    cam = orbit_cameras(1, elevation=0.0, distance=1.5, fovy=60.0, height=size, width=size)
+    origins, directions = (v.reshape(-1, 3) for v in cam.rays())
+    keep, t0, t1 = march(origins, directions, grid, step, config)
+    return sphere, volume_render(sphere, origins, directions, keep, t0, t1, with_normals=True), keep, cam
+
+
+def test_a_sphere_renders_the_right_opacity_depth_and_silhouette():
+    _, out, _, cam = _render_sphere(grid_marks_sphere=True)
+    size = cam.height
+    opacity, depth = out.opacity.view(size, size), out.depth.view(size, size)
+    centre = size // 2
+    assert opacity[centre, centre] > 0.99 and opacity[0, 0] < 1e-6
+    assert abs(depth[centre, centre].item() - 1.0) < 0.02  # camera at 1.5, sphere surface at 0.5
+    # silhouette: a sphere of radius r seen from d covers a disc of angular radius asin(r/d)
+    focal = 0.5 * size / math.tan(math.radians(30.0))
+    disc_radius_px = focal * math.tan(math.asin(0.5 / 1.5))
+    assert abs((opacity > 0.5).sum().item() - math.pi * disc_radius_px ** 2) < 0.06 * math.pi * disc_radius_px ** 2
+    normal_z_towards_camera = out.normals.view(size, size, 3)[centre, centre]
+    assert torch.allclose(normal_z_towards_camera, torch.tensor([1.0, 0.0, 0.0]), atol=0.05)
+
+
+def test_the_sampler_skips_empty_space():
+    _, out_all, keep_all, _ = _render_sphere(grid_marks_sphere=False)
+    _, out_grid, keep_grid, _ = _render_sphere(grid_marks_sphere=True)
+    assert keep_grid.sum() < 0.25 * keep_all.sum()  # far fewer samples where the grid says "empty"
+    assert torch.allclose(out_grid.opacity, out_all.opacity, atol=0.02)  # and the same image
+    empty = OccupancyGrid(1.0, 16)
+    empty.binary.zero_()
+    o, d = torch.zeros(4, 3) + torch.tensor([0.0, 0.0, 1.5]), torch.tensor([[0.0, 0.0, -1.0]]).expand(4, 3)
+    keep, _, _ = march(o, d, empty, 0.01, RenderConfig())
+    assert not keep.any()
+
+
+def test_alpha_pruning_and_early_stop_keep_the_image():
+    sphere, config = Sphere(), RenderConfig(samples_per_ray=256)
+    grid = OccupancyGrid(1.0, 32)
+    cam = orbit_cameras(1, elevation=0.0, distance=1.5, fovy=60.0, height=16, width=16)
+    o, d = (v.reshape(-1, 3) for v in cam.rays())
+    step = 2 * math.sqrt(3) / 256
+    plain = march(o, d, grid, step, RenderConfig(samples_per_ray=256, alpha_threshold=0, early_stop_eps=0))
+    pruned = march(o, d, grid, step, config, density_fn=sphere.density)
+    assert pruned[0].sum() < 0.2 * plain[0].sum()
+    a = volume_render(sphere, o, d, *plain).opacity
+    b = volume_render(sphere, o, d, *pruned).opacity
+    assert torch.allclose(a, b, atol=2e-3)
+
+
+def test_ray_box_and_left_pack():
+    near, far = ray_box(torch.tensor([[0.0, 0.0, 3.0], [5.0, 5.0, 5.0]]), torch.tensor([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0]]), 1.0)
+    assert near[0].item() == pytest.approx(2.0) and far[0].item() == pytest.approx(4.0)
+    assert far[1] < near[1]  # misses
+    keep = torch.tensor([[False, True, False, True], [False, False, False, False]])
+    values = torch.arange(8.0).view(2, 4)
+    packed_keep, packed = left_pack(keep, values)
+    assert packed_keep.tolist() == [[True, True], [False, False]] and packed[0].tolist() == [1.0, 3.0]
+
+
+def test_occupancy_grid_marks_the_blob_and_renders_are_differentiable():
+    torch.manual_seed(0)
+    nerf = NeRFGenerator(FieldConfig(n_levels=4, log2_hashmap_size=12, hidden_dim=16),
+                         RenderConfig(samples_per_ray=64, grid_resolution=16))
+    nerf.update_grid(0, torch.Generator().manual_seed(0))
+    index, _ = nerf.grid.cell_of(torch.tensor([[0.0, 0.0, 0.0], [0.95, 0.95, 0.95]]))
+    assert nerf.grid.binary.view(-1)[index].tolist() == [True, False]
+    cams = sample_cameras(2, CameraRanges(), 16, 16, torch.Generator().manual_seed(1))
+    out = nerf.render(cams, torch.Generator().manual_seed(2), training=True)
+    assert out.rgb.shape == (2, 16, 16, 3) and out.opacity.shape == (2, 16, 16, 1)
+    out.rgb.mean().backward()
+    assert nerf.field.encoding.params.grad.abs().sum() > 0  # gradients reach the hash grid
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nerf.field.color_head.parameters())

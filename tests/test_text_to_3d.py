@@ -1,0 +1,186 @@
+"""Text-to-3D: Perp-Neg and view prompts, mesh export, and the text-to-3d / render CLI contract."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from asd_engine.cameras import cameras_from_angles
+from asd_engine.cli import main
+from asd_engine.errors import UserInputError
+from asd_engine.export import Z_UP_TO_Y_UP, extract_mesh
+from asd_engine.field import FieldConfig
+from asd_engine.nerf import NeRFGenerator
+from asd_engine.prompts import ViewPrompts
+from asd_engine.render import RenderConfig
+
+# tiny settings so a CLI run takes seconds: few steps, few small views, a coarse mesh grid
+FAST = ["--preset", "toy-cpu", "--views", "3", "--view-size", "32", "--mesh-resolution", "40"]
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+# ---------------------------------------------------------------------------------------------- prompts, Perp-Neg
+def test_perp_neg_guidance_matches_its_formula_and_reduces_to_cfg(prior_eps):
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn((2, *prior_eps.sample_shape(32)), generator=g)
+    t = torch.tensor([300, 700])
+    pos, uncond = prior_eps.encode_prompt(["a cube, front view"] * 2), prior_eps.encode_prompt([""] * 2)
+    negs = prior_eps.encode_prompt(["a cube, side view", "a cube, back view"] * 2).view(2, 2, *pos.shape[1:])
+    weights = torch.tensor([[-1.0, 0.5], [0.3, -2.0]])
+    with torch.no_grad():
+        plain, _ = prior_eps.guided(x_t, t, pos, uncond, 7.5)
+        zero, _ = prior_eps.guided(x_t, t, pos, uncond, 7.5, negs, torch.zeros(2, 2))
+        perp, _ = prior_eps.guided(x_t, t, pos, uncond, 7.5, negs, weights)
+        e_u = prior_eps.model_output(x_t, t, uncond)
+        e_p = prior_eps.model_output(x_t, t, pos) - e_u
+        direction = e_p.clone()
+        for k in range(2):
+            e_k = prior_eps.model_output(x_t, t, negs[:, k]) - e_u
+            for b in range(2):
+                proj = (e_k[b] * e_p[b]).sum() / e_p[b].square().sum() * e_p[b]
+                direction[b] += weights[b, k] * (e_k[b] - proj)
+    assert torch.allclose(zero, plain, atol=1e-5)
+    assert torch.allclose(perp, e_u + 7.5 * direction, atol=1e-4)
+    assert not torch.allclose(perp, plain, atol=1e-3)
+
+
+def test_view_prompts_pick_the_view_and_perp_neg_interpolates(prior_eps):
+    prompts = ViewPrompts(prior_eps, "a red cube", perp_neg=False)
+    cams = cameras_from_angles(torch.tensor([0.0, 0.0, 80.0]), torch.tensor([0.0, 180.0, 0.0]), torch.ones(3),
+                               torch.full((3,), 60.0), 8, 8)
+    cond = prompts.conditioning(cams)
+    assert torch.equal(cond.cond[0], prompts.views[0]) and torch.equal(cond.cond[1], prompts.views[2])
+    assert torch.equal(cond.cond[2], prompts.views[3]) and cond.camera.shape == (3, 16)
+    assert prompts.prompts["front"] == "a red cube, front view"
+    perp = ViewPrompts(prior_eps, "a red cube", perp_neg=True)
+    half = cameras_from_angles(torch.tensor([0.0]), torch.tensor([45.0]), torch.ones(1), torch.tensor([60.0]), 8, 8)
+    c = perp.conditioning(half)
+    assert torch.allclose(c.cond[0], 0.5 * perp.views[0] + 0.5 * perp.views[1])
+    assert c.negatives.shape == (1, 2, *perp.base.shape[1:]) and c.negative_weights.shape == (1, 2)
+    flat = ViewPrompts(prior_eps, "a red cube", view_dependent=False).conditioning(cams)
+    assert torch.equal(flat.cond[1], prompts.base[0])
+
+
+# ---------------------------------------------------------------------------------------------- meshes
+class _SphereField(torch.nn.Module):
+    """Stands in for NeRFField in a NeRFGenerator: a sphere of density 100, red, plus an optional tiny floater."""
+
+    def __init__(self, floater: bool) -> None:
+        super().__init__()
+        self.floater = floater
+
+    def density(self, p):
+        d = (p.norm(dim=-1) < 0.5).float() * 100.0
+        if self.floater:
+            d = d + ((p - torch.tensor([0.8, 0.8, 0.8])).norm(dim=-1) < 0.04).float() * 100.0
+        return d
+
+    def color(self, p):
+        return torch.tensor([1.0, 0.0, 0.0]).expand(p.shape[0], 3)
+
+
+def _sphere_nerf(floater: bool = False) -> NeRFGenerator:
+    nerf = NeRFGenerator(FieldConfig(n_levels=2, log2_hashmap_size=10, hidden_dim=8), RenderConfig())
+    nerf.field = _SphereField(floater)
+    return nerf
+
+
+def test_mesh_of_a_sphere_has_the_right_radius_colours_and_no_floaters():
+    mesh = extract_mesh(_sphere_nerf(floater=True), resolution=64, threshold=25.0)
+    radii = np.linalg.norm(mesh.vertices, axis=1)
+    assert abs(np.median(radii) - 0.5) < 0.03 and radii.max() < 0.6  # the floater at |p| ≈ 1.4 was dropped
+    assert (mesh.visual.vertex_colors[:, :3] == [255, 0, 0]).all()
+    upright = mesh.copy()
+    upright.apply_transform(Z_UP_TO_Y_UP)
+    assert np.allclose(upright.vertices[:, 1], mesh.vertices[:, 2])  # engine +z becomes file +y
+
+
+def test_mesh_threshold_falls_back_with_a_warning_and_an_empty_field_is_an_error():
+    nerf = _sphere_nerf()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mesh = extract_mesh(nerf, resolution=32, threshold=500.0)
+    assert len(mesh.faces) > 0 and any("threshold" in str(w.message) for w in caught)
+    nerf.field.density = lambda p: torch.zeros(p.shape[0])
+    with pytest.raises(UserInputError, match="empty"):
+        extract_mesh(nerf, resolution=32)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("method", ["asd", "vsd", "sds"])
+def test_short_text_to_3d_run_writes_mesh_turntable_and_views(tiny_v_dir, tmp_path, method):
+    import trimesh
+
+    out = tmp_path / "out"
+    assert run_cli("text-to-3d", "--model", tiny_v_dir, "--prompt", "a red cube", "--method", method,
+                   "--steps", 4, "--seed", 0, "--out", out, *FAST) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(math.isfinite(r["generator_loss"]) for r in rows)
+    assert all(r["extras"]["resolution"] == 32 for r in rows)
+    assert all((r["phi_loss"] is None) == (method == "sds") for r in rows)
+    mesh = trimesh.load(out / "mesh.glb", force="mesh")
+    assert len(mesh.faces) > 0 and mesh.visual.kind == "vertex" and mesh.visual.vertex_colors.shape[1] == 4
+    assert len(trimesh.load(out / "mesh.obj", force="mesh").faces) == len(mesh.faces)
+    with Image.open(out / "turntable.webp") as anim:
+        assert anim.n_frames == 3 and anim.size == (32, 32)
+    for kind in ("rgb", "alpha", "depth", "normal"):
+        assert len(list((out / "views").glob(f"{kind}_*.png"))) == 3
+    assert (out / "checkpoint" / "state.safetensors").is_file()
+
+
+def test_latent_prior_text_to_3d_with_perp_neg_and_ti(tiny_eps_dir, tmp_path):
+    """A latent (VAE) prior: renders are resized to the prior's size and encoded with gradients."""
+    out = tmp_path / "out"
+    assert run_cli("text-to-3d", "--model", tiny_eps_dir, "--prompt", "a red cube", "--steps", 2, "--out", out,
+                   "--perp-neg", "on", "--phi", "ti", *FAST) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["perp_neg"] is True
+
+
+def test_text_to_3d_resume_equals_a_straight_run_and_render_reproduces_the_views(tiny_v_dir, tmp_path):
+    common = ["--model", tiny_v_dir, "--prompt", "a red cube", "--seed", 3, *FAST]
+    assert run_cli("text-to-3d", *common, "--steps", 6, "--out", tmp_path / "straight") == 0
+    assert run_cli("text-to-3d", *common, "--steps", 3, "--out", tmp_path / "first") == 0
+    assert run_cli("text-to-3d", "--resume", tmp_path / "first" / "checkpoint", "--steps", 6,
+                   "--out", tmp_path / "resumed", *FAST[2:]) == 0
+    state = lambda name: (tmp_path / name / "checkpoint" / "state.safetensors").read_bytes()  # noqa: E731
+    assert state("resumed") == state("straight")
+    assert (tmp_path / "resumed" / "views" / "rgb_001.png").read_bytes() == \
+           (tmp_path / "straight" / "views" / "rgb_001.png").read_bytes()
+    assert run_cli("render", "--checkpoint", tmp_path / "straight" / "checkpoint", "--out", tmp_path / "again",
+                   *FAST[2:]) == 0
+    for name in ("rgb_000.png", "depth_002.png", "normal_001.png"):
+        assert (tmp_path / "again" / "views" / name).read_bytes() == \
+               (tmp_path / "straight" / "views" / name).read_bytes()
+    assert (tmp_path / "again" / "mesh.glb").is_file()
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--preset", "huge"], "--preset"), (["--method", "gan"], "--method"), (["--steps", "0"], "--steps"),
+    (["--model", "/nonexistent/model"], "--model"), (["--perp-neg", "maybe"], "--perp-neg")])
+def test_text_to_3d_bad_inputs_are_one_line_errors(tiny_v_dir, tmp_path, capsys, args, flag):
+    base = {"--model": str(tiny_v_dir), "--prompt": "a cube", "--out": str(tmp_path / "o"), "--steps": "2"}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1]
+    argv = ["text-to-3d"] + [x for kv in base.items() for x in kv]
+    try:
+        code = run_cli(*argv)
+    except SystemExit as exc:  # argparse choices
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and flag in err and "\n" not in err and "Traceback" not in err
+
+
+def test_render_refuses_a_2d_checkpoint(tiny_eps_dir, tmp_path, capsys):
+    assert run_cli("distill-2d", "--model", tiny_eps_dir, "--prompt", "x", "--steps", 1, "--size", 32,
+                   "--out", tmp_path / "2d") == 0
+    assert run_cli("render", "--checkpoint", tmp_path / "2d" / "checkpoint", "--out", tmp_path / "r") == 2
+    assert "text-to-3d" in capsys.readouterr().err
