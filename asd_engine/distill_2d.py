@@ -13,45 +13,31 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .discriminator import PhiConfig
-from .distill import Conditioning, DistillConfig, distill_step
+from .distill import Conditioning, distill_step
 from .errors import UserInputError
 from .generators import ImageGenerator
 from .images import load_image
-from .runs import DistillationRun, StepInfo
+from .runs import DistillationRun, RunConfig, StepInfo
 
 DEFAULT_LR = {"latent": 3e-2, "pixel": 1e-2}
 
 
 @dataclass
-class Distill2DConfig:
+class Distill2DConfig(RunConfig):
     """Everything that defines a 2D run (stored in its checkpoints)."""
 
-    prompt: str
-    model: str | None = None
-    negative_prompt: str = ""
-    steps: int = 500
     size: int = 512
-    seed: int = 0
     parameterization: str = "latent"
     lr: float | None = None  # None → DEFAULT_LR[parameterization]
     references: list[str] = field(default_factory=list)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    phi: PhiConfig = field(default_factory=PhiConfig)
 
     def validate(self) -> None:
-        if not self.prompt.strip():
-            raise UserInputError("--prompt", "the prompt is empty", "describe the image to distil, e.g. 'a red cube'")
-        if self.steps <= 0:
-            raise UserInputError("--steps", f"{self.steps} is not a positive step count", "use an integer ≥ 1")
+        super().validate()
         if self.size <= 0 or self.size % 8:
             raise UserInputError("--size", f"{self.size} px is not a positive multiple of 8",
                                  "use e.g. 512 for Stable Diffusion (64 or 32 for tiny models)")
         if self.lr is not None and self.lr <= 0:
             raise UserInputError("--lr", f"{self.lr} is not a positive learning rate", "use e.g. 0.03")
-        self.distill.validate()
-        if self.distill.uses_phi:
-            self.phi.validate()
 
 
 class Distill2D(DistillationRun):

@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt
-from .discriminator import build_discriminator
+from .discriminator import PhiConfig, build_discriminator
+from .distill import DistillConfig
 from .errors import UserInputError
 from .prior import DiffusionPrior
 
@@ -43,6 +44,28 @@ def config_from_dict(cls: type, data: dict[str, Any]):
         raise UserInputError("--resume", f"the checkpoint has settings this version does not know: {sorted(unknown)}",
                              "resume with the engine version that wrote it")
     return cls(**kwargs)
+
+
+@dataclass
+class RunConfig:
+    """Settings every run has; :class:`Distill2DConfig` and :class:`TextTo3DConfig` extend it."""
+
+    prompt: str
+    model: str | None = None
+    negative_prompt: str = ""
+    steps: int = 500
+    seed: int = 0
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    phi: PhiConfig = field(default_factory=PhiConfig)
+
+    def validate(self) -> None:
+        if not self.prompt.strip():
+            raise UserInputError("--prompt", "the prompt is empty", "describe what to make, e.g. 'a red cube'")
+        if self.steps <= 0:
+            raise UserInputError("--steps", f"{self.steps} is not a positive step count", "use an integer ≥ 1")
+        self.distill.validate()
+        if self.distill.uses_phi:
+            self.phi.validate()
 
 
 @dataclass

@@ -22,14 +22,13 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .cameras import CameraRanges, orbit_cameras, sample_cameras
 from .devices import resolve_device
-from .discriminator import PhiConfig
 from .distill import DistillConfig, distill_step
 from .errors import UserInputError
 from .field import FieldConfig
 from .nerf import NeRFGenerator
 from .prompts import ViewPrompts
 from .render import RenderConfig
-from .runs import DistillationRun, StepInfo, config_from_dict
+from .runs import DistillationRun, RunConfig, StepInfo, config_from_dict
 
 PRESETS = ("toy-cpu", "quality", "low-vram")
 # turntable views, their size in px and the marching-cubes grid for each preset's outputs
@@ -39,14 +38,10 @@ EXPORT_DEFAULTS = {"toy-cpu": {"views": 36, "size": 128, "mesh_resolution": 128}
 
 
 @dataclass
-class TextTo3DConfig:
+class TextTo3DConfig(RunConfig):
     """Everything that defines a text-to-3D run (stored in its checkpoints). Defaults = the ``quality`` preset."""
 
-    prompt: str
-    model: str | None = None
-    negative_prompt: str = ""
     steps: int = 25_000
-    seed: int = 0
     preset: str = "quality"
     batch_size: int = 1
     # (from step, render side in px); renders are resized to `prior_resolution` before encoding
@@ -64,13 +59,9 @@ class TextTo3DConfig:
     nerf_field: FieldConfig = field(default_factory=FieldConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(t_anneal_step=5000))
-    phi: PhiConfig = field(default_factory=PhiConfig)
 
     def validate(self) -> None:
-        if not self.prompt.strip():
-            raise UserInputError("--prompt", "the prompt is empty", "describe the object, e.g. 'a red cube'")
-        if self.steps <= 0:
-            raise UserInputError("--steps", f"{self.steps} is not a positive step count", "use an integer ≥ 1")
+        super().validate()
         if self.preset not in PRESETS:
             raise UserInputError("--preset", f"unknown preset '{self.preset}'", f"use one of {', '.join(PRESETS)}")
         if self.batch_size < 1:
@@ -79,9 +70,6 @@ class TextTo3DConfig:
                 r < 8 for _, r in self.resolution_schedule):
             raise UserInputError("--resolution", f"bad schedule {self.resolution_schedule}",
                                  "give (step, px) pairs starting at step 0 with sizes ≥ 8")
-        self.distill.validate()
-        if self.distill.uses_phi:
-            self.phi.validate()
 
 
 def preset_config(preset: str, prompt: str, **overrides: Any) -> TextTo3DConfig:
