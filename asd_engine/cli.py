@@ -1,9 +1,14 @@
 """Command line: ``python -m asd_engine <command> ...`` (headless runs without ComfyUI).
 
 Commands:
+  demo            text-to-3D with ASD on the embedded toy prior (the README's main command)
   distill-2d      distil one image from a diffusion prior with ASD / VSD / SDS
   text-to-3d      distil a NeRF from a diffusion prior; exports a mesh, a turntable and views
   render          re-render views, turntable and mesh from a text-to-3d checkpoint
+  quality         measure ASD vs VSD vs SDS on the embedded prior against analytic ground truth
+  clip-score      CLIP score of images against a prompt (local CLIP weights)
+  toy-prior-report  sample grid, prompt fidelity and loss curve of the toy prior
+  train-toy-prior train the embedded toy prior on procedural shapes with known 3D truth
   tiny-pipeline   write a tiny random Stable-Diffusion-architecture pipeline (for tests and trying the CLI)
 
 User errors print one line ``error: <input>: <problem>; <fix>`` on stderr and exit with status 2; an interrupted
@@ -54,7 +59,8 @@ def _on_off(text: str) -> bool:
 # user actually gave; the config dataclasses (and presets) hold the real defaults.
 Settings = dict[str, tuple[str, dict[str, Any]]]
 COMMON_SETTINGS: Settings = {
-    "--model": ("model", dict(help="diffusers pipeline folder (model_index.json, unet/, text_encoder/, ...)")),
+    "--model": ("model", dict(help="diffusers pipeline folder (model_index.json, unet/, text_encoder/, ...); "
+                                   "default: the embedded toy prior")),
     "--prompt": ("prompt", dict(help="text prompt")),
     "--negative-prompt": ("negative_prompt", dict(help="negative prompt for classifier-free guidance (default '')")),
     "--seed": ("seed", dict(type=_int, help="random seed (default 0)")),
@@ -78,7 +84,7 @@ COMMON_SETTINGS: Settings = {
 }
 SETTINGS_2D: Settings = {
     **COMMON_SETTINGS,
-    "--size": ("size", dict(type=_int, help="image side in pixels, a multiple of 8 (default 512)")),
+    "--size": ("size", dict(type=_int, help="image side in pixels, a multiple of 8 (default: the prior's own size)")),
     "--param": ("parameterization", dict(choices=["latent", "pixel"],
                 help="optimise the model-space latent (default) or RGB pixels through the VAE encoder")),
     "--lr": ("lr", dict(type=float, help="image learning rate (default 0.03 latent, 0.01 pixel)")),
@@ -153,6 +159,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="torch device (default: CUDA if available, else CPU)")
     _add_export_options(p)
+
+    p = sub.add_parser("demo", help="text-to-3D with ASD on the embedded prior (toy-cpu preset, minutes on a CPU)",
+                       description="Runs text-to-3d with the embedded toy prior and the toy-cpu preset: writes "
+                                   "mesh.glb, mesh.obj, turntable.webp and views/ into --out.")
+    p.add_argument("--prompt", default="a red cube", help="a colour and a shape the toy prior knows (default %(default)s)")
+    p.add_argument("--method", choices=["asd", "vsd", "sds"], default="asd")
+    p.add_argument("--steps", type=_int, help="total steps (default: the toy-cpu preset's 600)")
+    p.add_argument("--seed", type=_int, default=0)
+    p.add_argument("--out", default="runs/demo", help="output folder (default %(default)s)")
+
+    p = sub.add_parser("quality", help="measure ASD vs VSD vs SDS against analytic ground truth",
+                       description="Runs each method × prompt × seed on the embedded prior and scores the results "
+                                   "against exact renders of the prompt's shape and colour. Writes quality.json, "
+                                   "quality.md and grid.png.")
+    p.add_argument("--methods", default="asd,vsd,sds", help="comma-separated (default %(default)s)")
+    p.add_argument("--prompts", default="a red cube;a green torus;a blue sphere;a yellow cone",
+                   help="semicolon-separated toy prompts (default %(default)s)")
+    p.add_argument("--seeds", type=_int, default=3, help="seeds per prompt (default 3)")
+    p.add_argument("--steps", type=_int, help="steps per run (default 600 in 3d, 300 in 2d)")
+    p.add_argument("--mode", choices=["3d", "2d"], default="3d")
+    p.add_argument("--phi-noise", choices=["fresh", "shared"], default="fresh")
+    p.add_argument("--model", help="prior folder (default: the embedded toy prior)")
+    p.add_argument("--out", required=True, help="output folder")
+
+    p = sub.add_parser("clip-score", help="CLIP score of images against a prompt (the paper's Table 1 metric)",
+                       description="Mean cosine similarity of CLIP image and text embeddings over the images "
+                                   "(files, folders, or animated turntables), with CLIP weights from a local folder.")
+    p.add_argument("--clip", required=True, help="transformers CLIPModel folder (e.g. clip-vit-base-patch16)")
+    p.add_argument("--prompt", required=True, help="the text prompt")
+    p.add_argument("images", nargs="+", help="image files, folders, or turntable .webp/.gif files")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("toy-prior-report", help="sample grid, prompt fidelity and loss curve of a toy prior")
+    p.add_argument("--model", help="prior folder (default: the embedded toy prior)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--per-prompt", type=_int, default=10, help="samples per shape × colour prompt (default 10)")
+    p.add_argument("--sampler-steps", type=_int, default=30, help="DDIM steps (default 30)")
+    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale for sampling (default 3)")
+
+    p = sub.add_parser("train-toy-prior", help="train the embedded toy prior on procedural shapes (resumable)",
+                       description="Renders the procedural shape dataset (cached in --work), trains the small "
+                                   "pixel-space prior, checkpoints to --work/checkpoint and exports the EMA weights.")
+    p.add_argument("--work", required=True, help="working folder (dataset cache, checkpoint); rerun to resume")
+    p.add_argument("--export", help="pipeline folder to write at the end (default WORK/pipeline)")
+    p.add_argument("--steps", type=_int, help="total training steps (default 4000)")
+    p.add_argument("--batch-size", type=_int, help="images per step (default 32)")
+    p.add_argument("--dataset-size", type=_int, help="rendered training images (default 40000)")
+    p.add_argument("--seed", type=_int, help="seed of data and training (default 0)")
 
     p = sub.add_parser("tiny-pipeline", help="write a tiny random SD-architecture pipeline folder",
                        description="Writes a diffusers pipeline folder with the real Stable Diffusion component "
@@ -230,8 +284,12 @@ def _new_config_data(given: dict[str, Any], settings: Settings, base: dict[str, 
         raise UserInputError("--eta", "η weighs the real-sample term, which needs reference images",
                              "add --reference IMAGE ..., or leave --eta out")
     if "--model" not in given:
-        raise UserInputError("--model", "no model given",
-                             "give a diffusers pipeline folder (`python -m asd_engine tiny-pipeline --out DIR` makes a tiny one)")
+        from .toy_prior import default_prior_path
+
+        if not (default_prior_path() / "model_index.json").is_file():
+            raise UserInputError("--model", "no model given and the embedded prior is missing",
+                                 "give a diffusers pipeline folder, or restore asd_engine/assets/toy-prior")
+        given = {**given, "--model": str(default_prior_path())}
     if "--prompt" not in given:
         raise UserInputError("--prompt", "no prompt given", "add --prompt TEXT, e.g. --prompt 'a red cube'")
     data = json.loads(json.dumps(base))  # deep copy
@@ -252,7 +310,7 @@ def _check_resume_flags(given: dict[str, Any], stored: dict[str, Any], settings:
 
 
 def _train(args: argparse.Namespace, run_class, settings: Settings, base: Callable[[dict], dict],
-           preview: Callable[[Any], Any], finish: Callable[[Any, Path], str]) -> int:
+           finish: Callable[[Any, Path], str]) -> int:
     """The shared driver of distill-2d and text-to-3d: build or resume, step with a progress bar, previews and
     checkpoints, Ctrl-C → checkpoint and exit 130, then ``finish`` writes the outputs."""
     import torch
@@ -313,7 +371,7 @@ def _train(args: argparse.Namespace, run_class, settings: Settings, base: Callab
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
         if info.step % preview_every == 0 and info.step < config.steps:
-            save_png(preview(run), out / "previews" / f"step_{info.step:06d}.png")
+            save_png(run.preview(), out / "previews" / f"step_{info.step:06d}.png")
         if info.step % checkpoint_every == 0 and info.step < config.steps:
             run.save_checkpoint(out / "checkpoint")
 
@@ -325,7 +383,7 @@ def _train(args: argparse.Namespace, run_class, settings: Settings, base: Callab
         metrics.close()
     run.save_checkpoint(out / "checkpoint")
     if run.step < config.steps:
-        save_png(preview(run), out / "previews" / f"step_{run.step:06d}.png")
+        save_png(run.preview(), out / "previews" / f"step_{run.step:06d}.png")
         sys.stderr.write(f"interrupted at step {run.step}/{config.steps}; resume with "
                          f"--resume {out / 'checkpoint'} --steps {config.steps}\n")
         return EXIT_INTERRUPTED
@@ -342,8 +400,7 @@ def run_distill_2d(args: argparse.Namespace) -> int:
         save_png(run.images(), out / "final.png")
         return f"wrote {out / 'final.png'}"
 
-    return _train(args, Distill2D, SETTINGS_2D, base=lambda given: {}, preview=lambda run: run.images(),
-                  finish=finish)
+    return _train(args, Distill2D, SETTINGS_2D, base=lambda given: {}, finish=finish)
 
 
 def _export(nerf, preset: str, out: Path, args: argparse.Namespace) -> str:
@@ -366,7 +423,7 @@ def run_text_to_3d(args: argparse.Namespace) -> int:
     def base(given: dict[str, Any]) -> dict[str, Any]:
         return dataclasses.asdict(preset_config(given.get("--preset", "quality"), given.get("--prompt", "")))
 
-    return _train(args, TextTo3D, SETTINGS_3D, base=base, preview=lambda run: run.preview(),
+    return _train(args, TextTo3D, SETTINGS_3D, base=base,
                   finish=lambda run, out: _export(run.nerf, run.config.preset, out, args))
 
 
@@ -376,6 +433,75 @@ def run_render(args: argparse.Namespace) -> int:
     nerf, config, step = load_nerf(args.checkpoint, device=args.device)
     out = ensure_writable_dir(args.out)
     print(f"{_export(nerf, config.preset, out, args)} (checkpoint step {step})")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .toy_prior import default_prior_path
+
+    argv = ["text-to-3d", "--model", str(default_prior_path()), "--prompt", args.prompt, "--method", args.method,
+            "--preset", "toy-cpu", "--seed", str(args.seed), "--out", args.out]
+    if args.steps is not None:
+        argv += ["--steps", str(args.steps)]
+    return COMMANDS["text-to-3d"](build_parser().parse_args(argv))
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    from .quality import QualitySettings, markdown_table, parse_toy_prompt, run_quality as run
+
+    prompts = [p.strip() for p in args.prompts.split(";") if p.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:
+        if method not in ("asd", "vsd", "sds"):
+            raise UserInputError("--methods", f"unknown method '{method}'", "use a comma list of asd, vsd, sds")
+    for prompt in prompts:
+        parse_toy_prompt(prompt)
+    out = ensure_writable_dir(args.out)
+    _quiet_libraries()
+    settings = QualitySettings(methods=methods, prompts=prompts, seeds=args.seeds, steps=args.steps, mode=args.mode,
+                               model=args.model, phi_noise=args.phi_noise)
+    result = run(settings, out, log=lambda line: sys.stderr.write(line + "\n"))
+    table = markdown_table(result)
+    (out / "quality.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def run_clip_score(args: argparse.Namespace) -> int:
+    from .clip_score import ClipScorer, load_images
+
+    images = load_images(args.images)
+    _quiet_libraries()
+    scores = ClipScorer(args.clip, device=args.device)(images, args.prompt)
+    print(json.dumps({"prompt": args.prompt, "images": len(scores), "clip_score": float(scores.mean()),
+                      "min": float(scores.min()), "max": float(scores.max())}))
+    return 0
+
+
+def run_toy_prior_report(args: argparse.Namespace) -> int:
+    from .toy_prior import default_prior_path, report
+
+    out = ensure_writable_dir(args.out)
+    _quiet_libraries()
+    result = report(Path(args.model) if args.model else default_prior_path(), out, per_prompt=args.per_prompt,
+                    steps=args.sampler_steps, guidance_scale=args.cfg, log=lambda m: sys.stderr.write(m + "\n"))
+    print(json.dumps(result["fidelity"] | {"per_prompt": "see report.json"}))
+    return 0
+
+
+def run_train_toy_prior(args: argparse.Namespace) -> int:
+    from .toy_prior import ToyPriorConfig, train_toy_prior
+
+    work = ensure_writable_dir(args.work, "--work")
+    _quiet_libraries()
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                    ("dataset_size", args.dataset_size), ("seed", args.seed)) if v is not None}
+    for key, value in overrides.items():
+        if value <= 0 and key != "seed":
+            raise UserInputError(f"--{key.replace('_', '-')}", f"{value} is not positive", "use an integer ≥ 1")
+    folder = train_toy_prior(ToyPriorConfig(**overrides), work, Path(args.export) if args.export else None,
+                             log=lambda message: sys.stderr.write(message + "\n"))
+    print(f"wrote the toy prior to {folder}")
     return 0
 
 
@@ -389,8 +515,9 @@ def run_tiny_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"distill-2d": run_distill_2d, "text-to-3d": run_text_to_3d, "render": run_render,
-            "tiny-pipeline": run_tiny_pipeline}
+COMMANDS = {"distill-2d": run_distill_2d, "text-to-3d": run_text_to_3d, "render": run_render, "demo": run_demo,
+            "quality": run_quality, "clip-score": run_clip_score, "toy-prior-report": run_toy_prior_report,
+            "train-toy-prior": run_train_toy_prior, "tiny-pipeline": run_tiny_pipeline}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,14 +26,14 @@ DEFAULT_LR = {"latent": 3e-2, "pixel": 1e-2}
 class Distill2DConfig(RunConfig):
     """Everything that defines a 2D run (stored in its checkpoints)."""
 
-    size: int = 512
+    size: int | None = None  # None: the prior's native size (UNet sample size × VAE factor; 512 for SD 2.1-base)
     parameterization: str = "latent"
     lr: float | None = None  # None → DEFAULT_LR[parameterization]
     references: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         super().validate()
-        if self.size <= 0 or self.size % 8:
+        if self.size is not None and (self.size <= 0 or self.size % 8):
             raise UserInputError("--size", f"{self.size} px is not a positive multiple of 8",
                                  "use e.g. 512 for Stable Diffusion (64 or 32 for tiny models)")
         if self.lr is not None and self.lr <= 0:
@@ -48,6 +48,8 @@ class Distill2D(DistillationRun):
 
     def _build(self) -> None:
         config, prior = self.config, self.prior
+        if config.size is None:
+            config.size = int(prior.unet.config.sample_size) * prior.vae_scale_factor
         prior.check_image_size(config.size)
         self.image = ImageGenerator(prior, config.size, config.parameterization, self.rng)
         lr = config.lr if config.lr is not None else DEFAULT_LR[config.parameterization]
@@ -81,6 +83,9 @@ class Distill2D(DistillationRun):
     def images(self) -> torch.Tensor:
         """Current image ``[1, 3, size, size]`` in [0, 1]."""
         return self.image.images()
+
+    def preview(self) -> torch.Tensor:
+        return self.images()
 
     def generator_state(self) -> dict[str, torch.Tensor]:
         return {"image": self.image.param}

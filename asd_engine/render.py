@@ -193,7 +193,7 @@ class RayRender:
     rgb: torch.Tensor        # [R, 3] object colour composited over nothing (premultiplied by opacity)
     opacity: torch.Tensor    # [R, 1]
     depth: torch.Tensor      # [R, 1] expected distance along the ray of the visible surface (0 where empty)
-    normals: torch.Tensor | None  # [R, 3] opacity-weighted normals (None unless asked for)
+    normals: torch.Tensor | None  # [R, 3] unit normals at the expected surface point (None unless asked for)
     samples: int             # field evaluations made for this render
 
 
@@ -210,12 +210,16 @@ def volume_render(field, origins: torch.Tensor, directions: torch.Tensor, keep: 
     rgbs = torch.zeros(*t_starts.shape, 3, device=t_starts.device, dtype=rgb_kept.dtype)
     rgbs[keep] = rgb_kept
     weights, _, _ = render_weight_from_density(t_starts, t_ends, sigmas)       # [R, S]
+    opacity = accumulate_along_rays(weights, None)
+    depth = accumulate_along_rays(weights, mid[..., None])
     normals = None
-    if with_normals:  # only where the sample is visible: the density gradient costs a backward pass
-        visible = keep & (weights.detach() > 1e-3)
-        n = torch.zeros(*t_starts.shape, 3, device=t_starts.device)
-        if visible.any():
-            n[visible] = field.normals((origins[:, None] + directions[:, None] * mid[..., None])[visible])
-        normals = accumulate_along_rays(weights.detach(), n)
-    return RayRender(rgb=accumulate_along_rays(weights, rgbs), opacity=accumulate_along_rays(weights, None),
-                     depth=accumulate_along_rays(weights, mid[..., None]), normals=normals, samples=int(keep.sum()))
+    if with_normals:
+        # One density gradient per ray, at its expected surface point (depth / opacity): the gradient costs a
+        # backward pass, so this is ~S times cheaper than weighting per-sample normals, and sharper.
+        normals = torch.zeros(origins.shape[0], 3, device=origins.device)
+        hit = opacity.detach()[:, 0] > 0.05
+        if hit.any():
+            surface = origins[hit] + directions[hit] * (depth.detach()[hit] / opacity.detach()[hit])
+            normals[hit] = field.normals(surface)
+    return RayRender(rgb=accumulate_along_rays(weights, rgbs), opacity=opacity, depth=depth, normals=normals,
+                     samples=int(keep.sum()))

@@ -92,8 +92,10 @@ class DistillationRun:
                  dtype: torch.dtype = torch.float32) -> None:
         config.validate()
         if prior is None:
-            if config.model is None:
-                raise UserInputError("--model", "no model given", "give a diffusers pipeline folder")
+            if config.model is None:  # the embedded toy prior is the default everywhere
+                from .toy_prior import default_prior_path
+
+                config.model = str(default_prior_path())
             prior = DiffusionPrior.from_pretrained(config.model, device=device, dtype=dtype)
         self.config, self.prior, self.step = config, prior, 0
         torch.manual_seed(config.seed)  # peft's LoRA init draws from the global RNG
@@ -114,6 +116,10 @@ class DistillationRun:
         raise NotImplementedError
 
     def load_generator_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def preview(self) -> torch.Tensor:
+        """A small picture of the current state ``[1, 3, H, W]`` in [0, 1] (progress previews)."""
         raise NotImplementedError
 
     def run(self, on_step: Callable[[StepInfo], None] | None = None,

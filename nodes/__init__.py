@@ -1,9 +1,12 @@
 """ComfyUI node adapters over ``asd_engine``: parse inputs, call the engine, report progress, return outputs.
 
-The node classes are not built yet (they are the node-pack issue's work). Until then the pack registers no nodes,
-so ComfyUI loads it without errors and shows nothing. Everything the nodes will do is already reachable headless
-through ``python -m asd_engine``.
+Importing this package inside ComfyUI also installs ComfyUI's device choice into the engine and registers the
+``models/asd`` folder; in plain Python (tests) it only defines the node classes.
 """
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+from . import comfy_bridge
+from .asd_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+comfy_bridge.setup()
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -29,7 +29,7 @@ def host_missing_reason() -> str | None:
     if not (path / "main.py").is_file() or not python.is_file():
         return (f"no ComfyUI host at {path} (set COMFYUI_PATH, or build one with "
                 "../shared/comfyui/install-host.sh <ComfyUI git dir>)")
-    probe = subprocess.run([str(python), "-c", "import diffusers, peft, transformers, safetensors"],
+    probe = subprocess.run([str(python), "-c", "import diffusers, peft, transformers, safetensors, nerfacc, trimesh, skimage, websocket"],
                            capture_output=True, text=True)
     if probe.returncode != 0:
         return (f"the ComfyUI host at {path} lacks this pack's requirements "

@@ -53,3 +53,20 @@ def prior_v(tiny_v_dir) -> DiffusionPrior:
 def prior(request, tiny_eps_dir, tiny_v_dir) -> DiffusionPrior:
     """Each test that takes ``prior`` runs on the ε/latent and the v/pixel pipeline."""
     return DiffusionPrior.from_pretrained({"eps": tiny_eps_dir, "v": tiny_v_dir}[request.param], device="cpu")
+
+
+@pytest.fixture(scope="session")
+def pack():
+    """The node pack imported as a package (the way ComfyUI imports it), without ComfyUI present."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    name = "comfyui_asd_pack"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -104,7 +104,6 @@ def _bad_inputs(tiny_eps_dir: Path, tmp_path: Path) -> dict[str, tuple[list, str
     return {
         "missing model dir": (["--model", str(tmp_path / "nope"), *common], "--model"),
         "not a pipeline": (["--model", str(tmp_path), *common], "--model"),
-        "no model": (common, "--model"),
         "steps zero": (model + ["--prompt", "x", "--steps", "0", "--out", str(tmp_path / "o")], "--steps"),
         "steps negative": (model + ["--prompt", "x", "--steps", "-4", "--out", str(tmp_path / "o")], "--steps"),
         "size not multiple of 8": (model + common + ["--size", "30"], "--size"),

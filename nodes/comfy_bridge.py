@@ -1,0 +1,154 @@
+"""The few places where the pack touches ComfyUI: device, model folders, output folder, progress, interrupt.
+
+Every ComfyUI import is inside a function so that the node modules import (and their contract tests run) in plain
+Python; outside ComfyUI the functions fall back to the engine's own behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..asd_engine.devices import set_device_provider
+from ..asd_engine.toy_prior import default_prior_path
+
+EMBEDDED_PRIOR = "asd-toy-prior (embedded, 32 px)"
+MODEL_FOLDERS = ("asd", "diffusers")
+
+
+def in_comfyui() -> bool:
+    try:
+        import comfy.model_management  # noqa: F401
+        import folder_paths  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def setup() -> None:
+    """At pack import inside ComfyUI: follow ComfyUI's device choice and register ``models/asd``."""
+    if not in_comfyui():
+        return
+    import comfy.model_management
+    import folder_paths
+
+    set_device_provider(comfy.model_management.get_torch_device)
+    asd_dir = os.path.join(folder_paths.models_dir, "asd")
+    os.makedirs(asd_dir, exist_ok=True)
+    folder_paths.add_model_folder_path("asd", asd_dir)
+
+
+def _pipeline_folders() -> dict[str, Path]:
+    """Diffusers pipeline folders (holding model_index.json) under ComfyUI's ``asd`` and ``diffusers`` folders."""
+    found: dict[str, Path] = {}
+    if not in_comfyui():
+        return found
+    import folder_paths
+
+    for kind in MODEL_FOLDERS:
+        try:
+            roots = folder_paths.get_folder_paths(kind)
+        except KeyError:
+            continue
+        for root in roots:
+            if not os.path.isdir(root):
+                continue
+            for current, dirs, files in os.walk(root, followlinks=True):
+                if "model_index.json" in files:
+                    found.setdefault(os.path.relpath(current, root), Path(current))
+                    dirs.clear()
+    return found
+
+
+def model_choices() -> list[str]:
+    """The embedded prior first (when shipped), then every pipeline folder ComfyUI knows."""
+    names = [EMBEDDED_PRIOR] if (default_prior_path() / "model_index.json").is_file() else []
+    return names + sorted(_pipeline_folders())
+
+
+def model_path(name: str) -> Path:
+    if name == EMBEDDED_PRIOR:
+        return default_prior_path()
+    folders = _pipeline_folders()
+    if name not in folders:
+        from ..asd_engine.errors import UserInputError
+
+        raise UserInputError("model", f"'{name}' is not a pipeline folder in models/asd or models/diffusers",
+                             "put a diffusers pipeline folder there (with model_index.json) and refresh")
+    return folders[name]
+
+
+def free_memory_for(prior_bytes: int, device: torch.device) -> None:
+    """Ask ComfyUI to unload other models so that ``prior_bytes`` fit on ``device``."""
+    if in_comfyui() and device.type != "cpu":
+        import comfy.model_management
+
+        comfy.model_management.free_memory(prior_bytes, device)
+
+
+def output_dir() -> Path:
+    if in_comfyui():
+        import folder_paths
+
+        return Path(folder_paths.get_output_directory())
+    return Path.cwd() / "output"
+
+
+def new_output_folder(prefix: str) -> tuple[Path, str]:
+    """A fresh ``output/asd/<prefix>_NNNNN`` folder → (absolute path, path relative to the output folder)."""
+    base = output_dir()
+    parent = base / "asd"
+    parent.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in prefix) or "asd"
+    number = 1 + max([int(p.name.rsplit("_", 1)[-1]) for p in parent.glob(f"{safe}_*")
+                      if p.name.rsplit("_", 1)[-1].isdigit()] or [0])
+    folder = parent / f"{safe}_{number:05d}"
+    folder.mkdir()
+    return folder, str(folder.relative_to(base))
+
+
+class Progress:
+    """ComfyUI's progress bar with a preview image; outside ComfyUI it does nothing."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = None
+        if in_comfyui():
+            import comfy.utils
+
+            self.bar = comfy.utils.ProgressBar(total)
+
+    def update(self, step: int, total: int, preview: torch.Tensor | None = None) -> None:
+        """Raises ComfyUI's interrupt exception when the user pressed Cancel (POST /interrupt)."""
+        if self.bar is None:
+            return
+        image = None
+        if preview is not None:
+            from ..asd_engine.images import to_pil
+
+            image = ("JPEG", to_pil(preview), 512)
+        self.bar.update_absolute(step, total, image)
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    if in_comfyui():
+        import comfy.model_management
+
+        if isinstance(exc, comfy.model_management.InterruptProcessingException):
+            return True
+    return isinstance(exc, KeyboardInterrupt)
+
+
+def check_interrupt() -> None:
+    if in_comfyui():
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def to_comfy_images(images: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` (C = 1 or 3) → ComfyUI IMAGE ``[B, H, W, 3]`` on the CPU."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().contiguous()

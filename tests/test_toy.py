@@ -1,0 +1,186 @@
+"""Ground truth, judge and metrics of the toy world; the shipped prior; CLIP score on a tiny random CLIP."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from asd_engine.cameras import cameras_from_angles
+from asd_engine.errors import UserInputError
+from asd_engine.quality import parse_toy_prompt, summarise
+from asd_engine.toy_data import (COLOURS, SHAPES, ToyJudge, best_rotation_iou, colour_error, render_shapes,
+                                 sample_batch, shape_sdf, truth_views)
+from asd_engine.toy_prior import default_prior_path
+
+
+def test_sdfs_are_zero_on_the_known_surfaces():
+    surface = {"sphere": [0.42, 0, 0], "cube": [0.32, 0.0, 0.0], "cylinder": [0.30, 0, 0.1],
+               "cone": [0.0, 0.0, 0.38], "torus": [0.43, 0.0, 0.0]}
+    for shape, point in surface.items():
+        assert abs(float(shape_sdf(shape, torch.tensor([point])))) < 1e-3, shape
+        assert float(shape_sdf(shape, torch.zeros(1, 3) + torch.tensor([[0, 0, 0.9]]))) > 0  # outside
+    assert float(shape_sdf("torus", torch.zeros(1, 3))) > 0  # the hole
+    assert float(shape_sdf("cone", torch.tensor([[0.0, 0.0, -0.3]]))) < 0  # inside near the base
+
+
+def test_sphere_render_has_the_analytic_silhouette_and_white_background():
+    cams = cameras_from_angles(torch.tensor([20.0]), torch.tensor([30.0]), torch.tensor([1.5]),
+                               torch.tensor([60.0]), 64, 64)
+    images, alpha = render_shapes(["sphere"], ["red"], cams)
+    focal = 0.5 * 64 / math.tan(math.radians(30))
+    radius_px = focal * math.tan(math.asin(0.42 / 1.5))
+    assert abs(float((alpha > 0.5).sum()) - math.pi * radius_px ** 2) < 0.05 * math.pi * radius_px ** 2
+    assert torch.allclose(images[0, :, 0, 0], torch.ones(3))  # corner = background
+    centre = images[0, :, 32, 32]
+    assert centre[0] > 3 * centre[1] and centre[0] > 3 * centre[2]  # red
+
+
+def test_dataset_is_deterministic_and_captions_use_the_view_words():
+    a = sample_batch(6, 16, torch.Generator().manual_seed(5), plain_caption_prob=0.0)
+    b = sample_batch(6, 16, torch.Generator().manual_seed(5), plain_caption_prob=0.0)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    for text, shape, colour in zip(a.captions, a.shapes, a.colours):
+        assert text.startswith(f"a {list(COLOURS)[colour]} {SHAPES[shape]}, ") and text.endswith(" view")
+
+
+def test_judge_is_right_on_true_renders():
+    judge = ToyJudge(bank_per_shape=60)
+    batch = sample_batch(120, 32, torch.Generator().manual_seed(7))
+    shape, colour = judge(batch.images)
+    assert (shape == torch.tensor(batch.shapes)).float().mean() > 0.9
+    assert (colour == torch.tensor(batch.colours)).float().mean() > 0.95
+    blank_shape, blank_colour = judge(torch.ones(2, 3, 32, 32))
+    assert blank_shape.tolist() == [-1, -1] and blank_colour.tolist() == [-1, -1]
+
+
+def test_metrics_on_constructed_cases():
+    truth, truth_alpha = truth_views("cube", "blue", views=8, size=32)
+    iou, _ = best_rotation_iou(truth_alpha, truth_alpha)
+    assert iou == pytest.approx(1.0)
+    empty = torch.zeros_like(truth_alpha)
+    assert best_rotation_iou(empty, truth_alpha)[0] == pytest.approx(0.0)
+    rotated = torch.roll(truth_alpha, 3, dims=0)  # a perfect shape seen from shifted azimuths
+    assert best_rotation_iou(rotated, truth_alpha)[0] == pytest.approx(1.0)
+    assert colour_error(truth, truth_alpha, truth, truth_alpha) == pytest.approx(0.0)
+    red, red_alpha = truth_views("cube", "red", views=8, size=32)
+    assert colour_error(red, red_alpha, truth, truth_alpha) > 0.2
+    assert math.isnan(colour_error(truth, empty, truth, truth_alpha))
+
+
+def test_quality_prompt_parsing_and_summary():
+    assert parse_toy_prompt("A Green Torus") == ("torus", "green")
+    with pytest.raises(UserInputError, match="--prompts"):
+        parse_toy_prompt("a croissant")
+    runs = [{"method": "asd", "seed": s, "iou": v, "colour_error": 0.1, "seconds": 1.0} for s, v in ((0, 0.5), (1, 0.7))]
+    summary = summarise(runs, "3d")["asd"]
+    assert summary["iou"] == pytest.approx(0.6) and summary["iou_seed_std"] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------- the shipped prior
+shipped = pytest.mark.skipif(not (default_prior_path() / "model_index.json").is_file(),
+                             reason="the embedded toy prior is not in this checkout")
+
+
+@shipped
+def test_shipped_prior_is_small_loads_offline_and_samples():
+    from asd_engine.prior import DiffusionPrior
+    from asd_engine.toy_prior import sample_images
+
+    files = [p for p in default_prior_path().rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 20 * 2 ** 20
+    assert not any(p.suffix in (".bin", ".pt", ".ckpt", ".pkl") for p in files)
+    prior = DiffusionPrior.from_pretrained(default_prior_path(), device="cpu")
+    assert prior.prediction_type == "v_prediction" and not prior.latent_space
+    assert float(prior.alphas_cumprod[-1]) == 0.0  # zero terminal SNR
+    ids = prior.tokenizer("a red cube, side view").input_ids
+    assert len(ids) == 8  # every word is one token
+    images = sample_images(prior, ["a red cube", "a blue sphere"], [0, 1], steps=20)
+    assert images.shape == (2, 3, 32, 32)
+    info = json.loads((default_prior_path() / "toy_prior.json").read_text())
+    assert info["steps"] >= 1000
+
+
+@shipped
+def test_demo_runs_and_writes_the_outputs(tmp_path):
+    from asd_engine.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "3", "--out", str(out)]) == 0
+    for name in ("mesh.glb", "mesh.obj", "turntable.webp"):
+        assert (out / name).is_file()
+    assert (out / "views" / "rgb_000.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- CLIP score
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from asd_engine.tiny_pipeline import _byte_level_vocab
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    vocab = _byte_level_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
+                  model_max_length=32).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
+                                     "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 32,
+                                     "bos_token_id": len(vocab) - 2, "eos_token_id": len(vocab) - 1},
+                        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                       "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+                        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_shapes_range_and_a_constructed_ordering(tiny_clip):
+    from asd_engine.clip_score import ClipScorer
+
+    scorer = ClipScorer(tiny_clip)
+    images = torch.rand(3, 3, 48, 40)
+    scores = scorer(images, "a red cube")
+    assert scores.shape == (3,) and ((scores >= -1) & (scores <= 1)).all()
+    assert torch.allclose(scorer(images[:1].repeat(2, 1, 1, 1), "a red cube"), scores[:1].repeat(2))
+    # constructed case: an image optimised towards the prompt's text embedding must score above random images
+    with torch.no_grad():
+        text = scorer.text_embedding("a red cube")
+    target = torch.rand(1, 3, 32, 32, requires_grad=True)
+    optimiser = torch.optim.Adam([target], lr=0.05)
+    for _ in range(30):
+        loss = -(scorer.image_embedding(target.clamp(0, 1)) @ text.T).sum()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    best = scorer(target.detach().clamp(0, 1), "a red cube")
+    assert best.item() > scores.max().item()
+
+
+def test_clip_score_cli_and_a_missing_folder(tiny_clip, tmp_path, capsys):
+    from asd_engine.cli import main
+    from asd_engine.images import save_png
+
+    save_png(torch.rand(3, 32, 32), tmp_path / "views" / "a.png")
+    save_png(torch.rand(3, 32, 32), tmp_path / "views" / "b.png")
+    assert main(["clip-score", "--clip", str(tiny_clip), "--prompt", "a red cube", str(tmp_path / "views")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 2 and -1 <= result["clip_score"] <= 1
+    assert main(["clip-score", "--clip", str(tmp_path / "nope"), "--prompt", "x", str(tmp_path / "views")]) == 2
+    assert "--clip" in capsys.readouterr().err
+
+
+@shipped
+def test_distill_2d_defaults_to_the_embedded_prior_at_its_own_size(tmp_path):
+    from PIL import Image
+
+    from asd_engine.cli import main
+
+    assert main(["distill-2d", "--prompt", "a red cube", "--steps", "2", "--out", str(tmp_path / "o")]) == 0
+    with Image.open(tmp_path / "o" / "final.png") as image:
+        assert image.size == (32, 32)
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["config"]["model"] == str(default_prior_path())

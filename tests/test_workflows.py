@@ -1,0 +1,115 @@
+"""Shareable workflows: every UI-format graph and its API-format twin describe the same graph; the headless
+client's offline behaviour (input parsing, overrides, refusing UI files, unreachable servers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from asd_engine import comfy_client
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("make_workflows", WORKFLOWS / "make_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ui_to_api(ui: dict, input_order) -> dict:
+    """Independent reading of a UI-format file: links give the connected inputs, widgets_values (in input order,
+    skipping the frontend's control_after_generate entry after seeds) give the rest."""
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        inputs: dict = {}
+        for entry in node["inputs"]:
+            if entry.get("link") is not None:
+                _, source, slot, target, _, _ = links[entry["link"]]
+                assert target == node["id"]
+                inputs[entry["name"]] = [str(source), slot]
+        values = list(node["widgets_values"])
+        for name, kind in input_order(node["type"]):
+            if kind not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                continue
+            value = values.pop(0)
+            if name not in inputs:
+                inputs[name] = value
+            if name in ("seed", "noise_seed"):
+                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
+        assert not values, f"{node['type']} has unread widget values {values}"
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": node["title"]}}
+    return api
+
+
+def test_there_are_the_three_workflows_in_both_formats():
+    assert set(NAMES) == {"text_to_3d_asd", "image_2d_asd", "compare_sds_vsd_asd"}
+    for name in NAMES:
+        assert (WORKFLOWS / "api" / f"{name}.json").is_file()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_and_api_twin_describe_the_same_graph(name):
+    generator = _generator()
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    assert ui_to_api(ui, generator.node_inputs) == api
+    # every link's type matches the output it leaves and the input it enters
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    for link_id, source, slot, target, _, kind in ui["links"]:
+        output = nodes[source]["outputs"][slot]
+        assert output["type"] == kind and link_id in output["links"]
+        (entry,) = [i for i in nodes[target]["inputs"] if i.get("link") == link_id]
+        assert entry["type"] == kind
+
+
+def test_workflow_files_are_up_to_date_with_the_nodes():
+    generator = _generator()
+    for name, make in generator.GRAPHS.items():
+        graph = make()
+        assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == json.loads(json.dumps(generator.to_ui(graph)))
+        assert json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()) == generator.to_api(graph)
+
+
+def test_workflows_use_only_known_nodes(pack):
+    generator = _generator()
+    for name in NAMES:
+        for node in json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()).values():
+            assert node["class_type"] in pack.NODE_CLASS_MAPPINGS or node["class_type"] in generator.CORE_INPUTS
+
+
+# ---------------------------------------------------------------------------------------------- client, offline
+def test_client_overrides_by_id_title_and_class():
+    graph = comfy_client.load_workflow(WORKFLOWS / "api" / "text_to_3d_asd.json")
+    changed = comfy_client.apply_overrides(graph, ["4.steps=12", "ASD Train Loop.prompt=a blue torus",
+                                                   "ASDRenderViews.views=[3]", "Load SD Model.precision=fp32"])
+    assert changed["4"]["inputs"]["steps"] == 12 and changed["4"]["inputs"]["prompt"] == "a blue torus"
+    assert changed["5"]["inputs"]["views"] == [3]
+    assert graph["4"]["inputs"]["steps"] == 600  # the original is left alone
+    for bad, message in (("4.nope=1", "no input 'nope'"), ("99.steps=1", "no node '99'"), ("steps=1", "NODE.INPUT"),
+                         ("SaveAnimatedWEBP.fps=1", None)):
+        if message is None:
+            comfy_client.apply_overrides(graph, [bad])  # one such node: fine
+            continue
+        with pytest.raises(comfy_client.ClientError, match=message):
+            comfy_client.apply_overrides(graph, [bad])
+    compare = comfy_client.load_workflow(WORKFLOWS / "api" / "compare_sds_vsd_asd.json")
+    with pytest.raises(comfy_client.ClientError, match="matches nodes"):
+        comfy_client.apply_overrides(compare, ["ASDTrainLoop.steps=5"])
+
+
+def test_client_refuses_ui_files_and_reports_an_unreachable_server(tmp_path, capsys):
+    with pytest.raises(comfy_client.ClientError, match="UI format"):
+        comfy_client.load_workflow(WORKFLOWS / "text_to_3d_asd.json")
+    with pytest.raises(comfy_client.ClientError, match="does not exist"):
+        comfy_client.load_workflow(tmp_path / "none.json")
+    code = comfy_client.main([str(WORKFLOWS / "api" / "image_2d_asd.json"), "--server", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert code == 2 and ("cannot reach" in err or "no websocket" in err) and "--server" in err

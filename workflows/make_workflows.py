@@ -1,0 +1,201 @@
+"""Writes the pack's shareable workflows in both ComfyUI formats from one description per graph.
+
+UI format (``workflows/NAME.json``): what the canvas saves and loads — ComfyUI lists it in its template browser
+(it scans a pack's ``workflows/`` folder as well as ``example_workflows/``). API format (``workflows/api/NAME.json``):
+what ``POST /prompt`` and ``python -m asd_engine.comfy_client`` take. ``tests/test_workflows.py`` converts every UI
+file back to the API form and checks that the two describe the same graph.
+
+Run from the repository root after changing a graph or a node's inputs: ``python workflows/make_workflows.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# Inputs of the core nodes used here (ComfyUI v0.3.x): (name, type) in declaration order.
+CORE_INPUTS = {
+    "SaveImage": [("images", "IMAGE"), ("filename_prefix", "STRING")],
+    "SaveAnimatedWEBP": [("images", "IMAGE"), ("filename_prefix", "STRING"), ("fps", "FLOAT"),
+                         ("lossless", "BOOLEAN"), ("quality", "INT"), ("method", "COMBO")],
+    "Preview3D": [("model_file", "STRING")],
+}
+CORE_OUTPUTS: dict[str, list[tuple[str, str]]] = {"SaveImage": [], "SaveAnimatedWEBP": [], "Preview3D": []}
+LINK_TYPES = {"IMAGE", "MASK"}
+
+
+def load_pack():
+    name = "comfyui_asd_workflows"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def node_inputs(class_type: str) -> list[tuple[str, str]]:
+    """(name, type) of every input in declaration order; combos are "COMBO"."""
+    if class_type in CORE_INPUTS:
+        return CORE_INPUTS[class_type]
+    spec = load_pack().NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
+    inputs = {**spec.get("required", {}), **spec.get("optional", {})}
+    return [(name, "COMBO" if isinstance(value[0], list) else value[0]) for name, value in inputs.items()]
+
+
+def node_outputs(class_type: str) -> list[tuple[str, str]]:
+    if class_type in CORE_OUTPUTS:
+        return CORE_OUTPUTS[class_type]
+    cls = load_pack().NODE_CLASS_MAPPINGS[class_type]
+    return list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES))
+
+
+def is_widget(kind: str) -> bool:
+    return kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def has_seed_control(name: str) -> bool:
+    """The ComfyUI frontend adds a 'control_after_generate' widget value after seed inputs."""
+    return name in ("seed", "noise_seed")
+
+
+# ------------------------------------------------------------------------------------------------- graphs
+# Each node: id → (class_type, title, (x, y), {input: value | (source id, output slot)})
+TOY_PRIOR = "asd-toy-prior (embedded, 32 px)"
+
+
+def prior_and_phi(camera_embedding: bool) -> dict:
+    """Nodes 1 (Load SD Model, the embedded prior) and 2 (φ: LoRA rank 4, γ -0.75) that every graph starts with."""
+    return {
+        1: ("ASDLoadPrior", "Load SD Model", (40, 60), {"model": TOY_PRIOR, "precision": "fp32"}),
+        2: ("ASDDiscriminator", "ASD Discriminator (LoRA/TI)", (40, 240),
+            {"phi_type": "lora", "lora_rank": 4, "ti_tokens": 1, "learning_rate": 0.0, "gamma": -0.75,
+             "camera_embedding": camera_embedding}),
+    }
+
+
+NERF_TOY = ("ASDNeRFGenerator", "NeRF Generator", (40, 520),
+            {"preset": "toy-cpu", "resolution_schedule": "", "batch_size": 1, "seed": 0})
+
+
+def text_to_3d() -> dict:
+    return {
+        **prior_and_phi(camera_embedding=True),
+        3: NERF_TOY,
+        4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
+            {"prior": (1, 0), "generator": (3, 0), "prompt": "a red cube", "negative_prompt": "", "method": "asd",
+             "steps": 600, "cfg": 7.5, "weighting": "sds", "t_min": 0.02, "t_max": 0.98, "noise_sharing": "fresh",
+             "filename_prefix": "asd_text_to_3d", "phi": (2, 0)}),
+        5: ("ASDRenderViews", "Render Views", (820, 60),
+            {"result": (4, 0), "views": 36, "size": 128, "elevation": 15.0, "distance": 1.5, "fov": 70.0,
+             "background": "white"}),
+        6: ("SaveAnimatedWEBP", "Turntable", (1180, 60),
+            {"images": (5, 0), "filename_prefix": "asd/turntable", "fps": 12.0, "lossless": False, "quality": 90,
+             "method": "default"}),
+        7: ("SaveImage", "Depth maps", (1180, 420), {"images": (5, 1), "filename_prefix": "asd/depth"}),
+        8: ("ASDExportMesh", "Export Mesh", (820, 460),
+            {"result": (4, 0), "resolution": 128, "threshold": 25.0, "format": "glb+obj",
+             "filename_prefix": "asd_mesh"}),
+        9: ("Preview3D", "Preview mesh", (1180, 760), {"model_file": (8, 0)}),
+    }
+
+
+def image_2d() -> dict:
+    return {
+        **prior_and_phi(camera_embedding=False),
+        3: ("ASDImageGenerator", "Image Generator", (40, 520),
+            {"size": 32, "parameterization": "latent", "learning_rate": 0.0, "seed": 0}),
+        4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
+            {"prior": (1, 0), "generator": (3, 0), "prompt": "a blue torus", "negative_prompt": "", "method": "asd",
+             "steps": 300, "cfg": 7.5, "weighting": "sds", "t_min": 0.02, "t_max": 0.98, "noise_sharing": "fresh",
+             "filename_prefix": "asd_2d", "phi": (2, 0)}),
+        5: ("SaveImage", "Distilled image", (820, 60), {"images": (4, 1), "filename_prefix": "asd/image_2d"}),
+    }
+
+
+def compare_methods() -> dict:
+    graph = {**prior_and_phi(camera_embedding=True), 3: NERF_TOY}
+    for row, method in enumerate(("sds", "vsd", "asd")):
+        base = 10 + 10 * row
+        y = 60 + 420 * row
+        graph[base] = ("ASDTrainLoop", f"Train Loop ({method.upper()})", (420, y),
+                       {"prior": (1, 0), "generator": (3, 0), "prompt": "a red cube", "negative_prompt": "",
+                        "method": method, "steps": 600, "cfg": 7.5, "weighting": "sds", "t_min": 0.02, "t_max": 0.98,
+                        "noise_sharing": "fresh", "filename_prefix": f"asd_compare_{method}", "phi": (2, 0)})
+        graph[base + 1] = ("ASDRenderViews", f"Render Views ({method.upper()})", (820, y),
+                           {"result": (base, 0), "views": 36, "size": 128, "elevation": 15.0, "distance": 1.5,
+                            "fov": 70.0, "background": "white"})
+        graph[base + 2] = ("SaveAnimatedWEBP", f"Turntable ({method.upper()})", (1180, y),
+                           {"images": (base + 1, 0), "filename_prefix": f"asd/compare_{method}", "fps": 12.0,
+                            "lossless": False, "quality": 90, "method": "default"})
+    return graph
+
+
+GRAPHS = {"text_to_3d_asd": text_to_3d, "image_2d_asd": image_2d, "compare_sds_vsd_asd": compare_methods}
+
+
+# ------------------------------------------------------------------------------------------------- writers
+def to_api(graph: dict) -> dict:
+    api = {}
+    for node_id, (class_type, title, _, inputs) in graph.items():
+        api[str(node_id)] = {
+            "class_type": class_type,
+            "inputs": {k: ([str(v[0]), v[1]] if isinstance(v, tuple) else v) for k, v in inputs.items()},
+            "_meta": {"title": title},
+        }
+    return api
+
+
+def to_ui(graph: dict) -> dict:
+    links, nodes = [], []
+    link_of: dict[tuple[int, str], int] = {}
+    outgoing: dict[tuple[int, int], list[int]] = {}
+    for node_id, (class_type, _, _, inputs) in graph.items():
+        for name, value in inputs.items():
+            if isinstance(value, tuple):
+                source, slot = value
+                link_id = len(links) + 1
+                target_slot = [n for n, _ in node_inputs(class_type)].index(name)
+                kind = node_outputs(graph[source][0])[slot][1]
+                links.append([link_id, source, slot, node_id, target_slot, kind])
+                link_of[(node_id, name)] = link_id
+                outgoing.setdefault((source, slot), []).append(link_id)
+    for order, (node_id, (class_type, title, pos, inputs)) in enumerate(graph.items()):
+        ui_inputs, widgets = [], []
+        for name, kind in node_inputs(class_type):
+            linked = (node_id, name) in link_of
+            if not is_widget(kind):
+                ui_inputs.append({"name": name, "type": kind, "link": link_of.get((node_id, name))})
+                continue
+            if linked:  # a widget fed by a link keeps its widget entry
+                ui_inputs.append({"name": name, "type": kind, "widget": {"name": name}, "link": link_of[(node_id, name)]})
+                widgets.append("")
+            else:
+                widgets.append(inputs[name])
+            if has_seed_control(name):
+                widgets.append("fixed")
+        outputs = [{"name": name, "type": kind, "links": outgoing.get((node_id, slot), []), "slot_index": slot}
+                   for slot, (name, kind) in enumerate(node_outputs(class_type))]
+        nodes.append({"id": node_id, "type": class_type, "title": title, "pos": list(pos), "size": [320, 200],
+                      "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs, "outputs": outputs,
+                      "properties": {"Node name for S&R": class_type}, "widgets_values": widgets})
+    return {"last_node_id": max(graph), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": {}, "version": 0.4}
+
+
+def main() -> None:
+    (HERE / "api").mkdir(exist_ok=True)
+    for name, make in GRAPHS.items():
+        graph = make()
+        (HERE / f"{name}.json").write_text(json.dumps(to_ui(graph), indent=2) + "\n")
+        (HERE / "api" / f"{name}.json").write_text(json.dumps(to_api(graph), indent=2) + "\n")
+        print(f"wrote workflows/{name}.json and workflows/api/{name}.json")
+
+
+if __name__ == "__main__":
+    main()
