@@ -180,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_int, help="steps per run (default 600 in 3d, 300 in 2d)")
     p.add_argument("--mode", choices=["3d", "2d"], default="3d")
     p.add_argument("--phi-noise", choices=["fresh", "shared"], default="fresh")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default %(default)s)")
     p.add_argument("--model", help="prior folder (default: the embedded toy prior)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder; a rerun with the same folder skips finished runs")
 
     p = sub.add_parser("clip-score", help="CLIP score of images against a prompt (the paper's Table 1 metric)",
                        description="Mean cosine similarity of CLIP image and text embeddings over the images "
@@ -459,7 +460,7 @@ def run_quality(args: argparse.Namespace) -> int:
     out = ensure_writable_dir(args.out)
     _quiet_libraries()
     settings = QualitySettings(methods=methods, prompts=prompts, seeds=args.seeds, steps=args.steps, mode=args.mode,
-                               model=args.model, phi_noise=args.phi_noise)
+                               model=args.model, phi_noise=args.phi_noise, guidance_scale=args.cfg)
     result = run(settings, out, log=lambda line: sys.stderr.write(line + "\n"))
     table = markdown_table(result)
     (out / "quality.md").write_text(table + "\n")

@@ -33,8 +33,11 @@ class ImageGenerator(nn.Module):
         self.encodes = parameterization == "pixel" and prior.latent_space
         if self.encodes:  # RGB in [0, 1]: mid-grey with a little noise
             init = 0.5 + 0.1 * torch.randn((1, 3, size, size), generator=rng)
-        else:  # model space: unit Gaussian, what the diffusion model calls pure noise
+        elif prior.latent_space:  # VAE latents: unit Gaussian, what the diffusion model calls pure noise
             init = torch.randn((1, *prior.sample_shape(size)), generator=rng)
+        else:  # pixel-space prior ([-1, 1]): the same mid-grey start as above; a unit Gaussian would be a noise
+            # image with a third of its pixels beyond the clip range, and the residue shows as salt-and-pepper
+            init = 0.2 * torch.randn((1, *prior.sample_shape(size)), generator=rng)
         self.param = nn.Parameter(init.to(prior.device))
 
     def forward(self, rng: torch.Generator | None = None) -> torch.Tensor:

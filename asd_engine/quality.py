@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
 
 from .errors import UserInputError
 from .images import save_png
@@ -59,6 +60,7 @@ class QualitySettings:
     mode: str = "3d"
     model: str | None = None          # None: the embedded prior
     phi_noise: str = "fresh"
+    guidance_scale: float = 7.5       # the paper's CFG for ASD/VSD (and this engine's default)
 
 
 def _grid(rows: list[list[torch.Tensor]]) -> torch.Tensor:
@@ -66,8 +68,20 @@ def _grid(rows: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.cat([torch.cat(row, dim=2) for row in rows], dim=1)
 
 
+def _run_key(record: dict) -> tuple:
+    return (record["mode"], record["method"], record["prompt"], record["seed"], record["steps"], record["phi_noise"],
+            record.get("guidance_scale", 7.5))
+
+
+def _picture_path(out: Path, method: str, prompt: str) -> Path:
+    return out / "pictures" / f"{method}__{prompt.replace(' ', '_')}.png"
+
+
 def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 log: Callable[[str], None] = print) -> dict:
+    """Every method × prompt × seed, scored; ``out/runs.jsonl`` grows by one line per finished run, so a harness
+    that is stopped (Ctrl-C, a lost machine) and started again with the same ``out`` skips what it already did."""
+    from .images import load_image
     from .prior import DiffusionPrior
     from .specs import ImageGeneratorSpec, NeRFGeneratorSpec, make_run
     from .toy_data import ToyJudge
@@ -76,26 +90,43 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
     targets = [parse_toy_prompt(p) for p in settings.prompts]
     if settings.mode not in ("3d", "2d"):
         raise UserInputError("--mode", f"unknown mode '{settings.mode}'", "use 3d or 2d")
+    steps = settings.steps or (600 if settings.mode == "3d" else 300)
+    out.mkdir(parents=True, exist_ok=True)
+    journal = out / "runs.jsonl"
+    done = {}
+    if journal.is_file():
+        for line in journal.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                done[_run_key(record)] = record
     prior = DiffusionPrior.from_pretrained(settings.model or default_prior_path(), device=device)
     judge = ToyJudge() if settings.mode == "2d" else None
-    out.mkdir(parents=True, exist_ok=True)
     runs, grid_rows = [], []
     for method in settings.methods:
         row = []
         for prompt, (shape, colour) in zip(settings.prompts, targets):
             for seed in range(settings.seeds):
+                key = (settings.mode, method, prompt, seed, steps, settings.phi_noise, settings.guidance_scale)
+                picture_path = _picture_path(out, method, prompt)
+                if key in done and (seed != 0 or picture_path.is_file()):
+                    runs.append(done[key])
+                    if seed == 0:
+                        with Image.open(picture_path) as img:
+                            size = img.width
+                        row.append(load_image(picture_path, size)[0])
+                    continue
                 started = time.perf_counter()
                 if settings.mode == "3d":
                     spec = NeRFGeneratorSpec(preset="toy-cpu", seed=seed)
-                    steps = settings.steps or 600
                 else:
                     spec = ImageGeneratorSpec(size=None, seed=seed)
-                    steps = settings.steps or 300
-                run = make_run(prior, spec, prompt, steps, method=method, phi_noise=settings.phi_noise)
+                run = make_run(prior, spec, prompt, steps, method=method, phi_noise=settings.phi_noise,
+                               guidance_scale=settings.guidance_scale)
                 with torch.enable_grad():
                     run.run()
                 seconds = time.perf_counter() - started
-                record = {"method": method, "prompt": prompt, "seed": seed, "steps": steps, "seconds": seconds}
+                record = dict(zip(("mode", "method", "prompt", "seed", "steps", "phi_noise", "guidance_scale"), key),
+                              seconds=seconds)
                 if settings.mode == "3d":
                     record.update(evaluate_nerf(run.nerf, shape, colour))
                     picture = run.preview()[0]
@@ -108,7 +139,10 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 if run.phi is not None and hasattr(run.phi, "remove"):
                     run.phi.remove()
                 if seed == 0:
+                    save_png(picture, picture_path)
                     row.append(picture.cpu())
+                with journal.open("a") as handle:  # one whole line per run: a kill loses at most the current run
+                    handle.write(json.dumps(record) + "\n")
                 runs.append(record)
                 log(json.dumps(record))
         grid_rows.append(row)

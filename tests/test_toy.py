@@ -184,3 +184,22 @@ def test_distill_2d_defaults_to_the_embedded_prior_at_its_own_size(tmp_path):
         assert image.size == (32, 32)
     run = json.loads((tmp_path / "o" / "run.json").read_text())
     assert run["config"]["model"] == str(default_prior_path())
+
+
+def test_quality_harness_journal_resumes_without_rerunning(tmp_path, monkeypatch):
+    from asd_engine import quality, specs
+
+    settings = quality.QualitySettings(methods=["asd"], prompts=["a red cube"], seeds=2, steps=2, mode="2d")
+    first = quality.run_quality(settings, tmp_path, device="cpu", log=lambda line: None)
+    assert len(first["runs"]) == 2 and (tmp_path / "grid.png").is_file()
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr(specs, "make_run", must_not_run)
+    again = quality.run_quality(settings, tmp_path, device="cpu", log=lambda line: None)
+    assert again["runs"] == first["runs"]
+    more = quality.QualitySettings(methods=["asd"], prompts=["a red cube"], seeds=3, steps=2, mode="2d")
+    with pytest.raises(AssertionError, match="started again"):  # only the new seed would run
+        quality.run_quality(more, tmp_path, device="cpu", log=lambda line: None)
