@@ -5,8 +5,9 @@ evaluation orbit (elevation 15°, distance 1.5, fov 70°, 8 views) and compared 
 shape and colour from the same cameras: silhouette IoU (maximised over rotations about the up axis: the shapes
 are symmetric or nearly) and foreground colour error (mean absolute RGB difference of mean colours).
 2D (``mode="2d"``): distill-2d runs judged by :class:`ToyJudge` (is the shape right, is the colour right).
-Results: ``quality.json`` (every run and the per-method summary with the spread across seeds) and
-``grid.png`` (methods × prompts, first seed).
+Results: ``quality.json`` (every run and the per-method summary with the spread across seeds), ``grid.png``
+(methods × prompts, first seed), ``pictures/`` (every run's final picture) and ``runs.jsonl`` (the journal that
+lets a stopped harness resume).
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ def _run_key(record: dict) -> tuple:
             record.get("guidance_scale", 7.5))
 
 
-def _picture_path(out: Path, method: str, prompt: str) -> Path:
-    return out / "pictures" / f"{method}__{prompt.replace(' ', '_')}.png"
+def _picture_path(out: Path, method: str, prompt: str, seed: int) -> Path:
+    """Every run's final picture is kept, so a better judge or metric can rescore a harness without rerunning it."""
+    return out / "pictures" / f"{method}__{prompt.replace(' ', '_')}__seed{seed}.png"
 
 
 def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
@@ -107,7 +109,9 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
         for prompt, (shape, colour) in zip(settings.prompts, targets):
             for seed in range(settings.seeds):
                 key = (settings.mode, method, prompt, seed, steps, settings.phi_noise, settings.guidance_scale)
-                picture_path = _picture_path(out, method, prompt)
+                picture_path = _picture_path(out, method, prompt, seed)
+                if seed == 0 and not picture_path.is_file():  # journals from before every picture was kept
+                    picture_path = picture_path.with_name(picture_path.name.replace("__seed0", ""))
                 if key in done and (seed != 0 or picture_path.is_file()):
                     runs.append(done[key])
                     if seed == 0:
@@ -115,6 +119,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                             size = img.width
                         row.append(load_image(picture_path, size)[0])
                     continue
+                picture_path = _picture_path(out, method, prompt, seed)
                 started = time.perf_counter()
                 if settings.mode == "3d":
                     spec = NeRFGeneratorSpec(preset="toy-cpu", seed=seed)
@@ -138,8 +143,8 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                     picture = torch.nn.functional.interpolate(picture, scale_factor=2, mode="nearest")[0]
                 if run.phi is not None and hasattr(run.phi, "remove"):
                     run.phi.remove()
+                save_png(picture, picture_path)
                 if seed == 0:
-                    save_png(picture, picture_path)
                     row.append(picture.cpu())
                 with journal.open("a") as handle:  # one whole line per run: a kill loses at most the current run
                     handle.write(json.dumps(record) + "\n")

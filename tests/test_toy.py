@@ -187,12 +187,16 @@ def test_distill_2d_defaults_to_the_embedded_prior_at_its_own_size(tmp_path):
 
 
 def test_quality_harness_journal_resumes_without_rerunning(tmp_path, monkeypatch):
-    from asd_engine import quality, specs
+    import functools
 
+    from asd_engine import quality, specs, toy_data
+
+    monkeypatch.setattr(toy_data, "ToyJudge", functools.partial(ToyJudge, bank_per_shape=20))  # a quick judge
     settings = quality.QualitySettings(methods=["asd"], prompts=["a red cube"], seeds=2, steps=2, mode="2d")
     first = quality.run_quality(settings, tmp_path, device="cpu", log=lambda line: None)
     assert len(first["runs"]) == 2 and (tmp_path / "grid.png").is_file()
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+    assert len(list((tmp_path / "pictures").glob("asd__a_red_cube__seed*.png"))) == 2  # every run's picture kept
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run was started again")
