@@ -30,6 +30,13 @@ def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
     return path
 
 
+def read_png(path: str | os.PathLike) -> torch.Tensor:
+    """An image file as it is (no crop, no resize) → ``[1, 3, H, W]`` in [0, 1]."""
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB")).copy()
+    return torch.from_numpy(array).permute(2, 0, 1).float().div(255.0).unsqueeze(0)
+
+
 def load_image(path: str | os.PathLike, size: int, input_name: str = "--reference") -> torch.Tensor:
     """Read an image file, centre-crop to a square and resize to ``size`` → ``[1, 3, size, size]`` in [0, 1]."""
     try:

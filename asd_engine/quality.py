@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
 
 from .errors import UserInputError
 from .images import save_png
@@ -83,7 +82,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 log: Callable[[str], None] = print) -> dict:
     """Every method × prompt × seed, scored; ``out/runs.jsonl`` grows by one line per finished run, so a harness
     that is stopped (Ctrl-C, a lost machine) and started again with the same ``out`` skips what it already did."""
-    from .images import load_image
+    from .images import read_png
     from .prior import DiffusionPrior
     from .specs import ImageGeneratorSpec, NeRFGeneratorSpec, make_run
     from .toy_data import ToyJudge
@@ -115,9 +114,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 if key in done and (seed != 0 or picture_path.is_file()):
                     runs.append(done[key])
                     if seed == 0:
-                        with Image.open(picture_path) as img:
-                            size = img.width
-                        row.append(load_image(picture_path, size)[0])
+                        row.append(read_png(picture_path)[0])
                     continue
                 picture_path = _picture_path(out, method, prompt, seed)
                 started = time.perf_counter()

@@ -197,13 +197,22 @@ def test_quality_harness_journal_resumes_without_rerunning(tmp_path, monkeypatch
     assert len(first["runs"]) == 2 and (tmp_path / "grid.png").is_file()
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
     assert len(list((tmp_path / "pictures").glob("asd__a_red_cube__seed*.png"))) == 2  # every run's picture kept
+    grid = (tmp_path / "grid.png").read_bytes()
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run was started again")
 
     monkeypatch.setattr(specs, "make_run", must_not_run)
     again = quality.run_quality(settings, tmp_path, device="cpu", log=lambda line: None)
-    assert again["runs"] == first["runs"]
+    assert again["runs"] == first["runs"] and (tmp_path / "grid.png").read_bytes() == grid
     more = quality.QualitySettings(methods=["asd"], prompts=["a red cube"], seeds=3, steps=2, mode="2d")
     with pytest.raises(AssertionError, match="started again"):  # only the new seed would run
         quality.run_quality(more, tmp_path, device="cpu", log=lambda line: None)
+
+
+def test_read_png_keeps_a_wide_picture_as_it_is(tmp_path):
+    from asd_engine.images import read_png, save_png
+
+    wide = torch.rand(3, 8, 32)
+    back = read_png(save_png(wide, tmp_path / "wide.png"))
+    assert back.shape == (1, 3, 8, 32) and (back[0] - wide).abs().max() <= 0.5 / 255 + 1e-6
