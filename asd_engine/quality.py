@@ -3,7 +3,8 @@
 3D (``mode="3d"``): for each method × prompt × seed a toy-cpu text-to-3D run, then the NeRF is rendered from the
 evaluation orbit (elevation 15°, distance 1.5, fov 70°, 8 views) and compared with exact renders of the prompt's
 shape and colour from the same cameras: silhouette IoU (maximised over rotations about the up axis: the shapes
-are symmetric or nearly) and foreground colour error (mean absolute RGB difference of mean colours).
+are symmetric or nearly), foreground colour error (mean absolute RGB difference of mean colours) and the
+silhouette area ratio (predicted ÷ true: above 1 the object came out too large).
 2D (``mode="2d"``): distill-2d runs judged by :class:`ToyJudge` (is the shape right, is the colour right).
 Results: ``quality.json`` (every run and the per-method summary with the spread across seeds), ``grid.png``
 (methods × prompts, first seed), ``pictures/`` (every run's final picture) and ``runs.jsonl`` (the journal that
@@ -48,7 +49,10 @@ def evaluate_nerf(nerf, shape: str, colour: str) -> dict[str, float]:
     images, alpha = turntable.rgb.permute(0, 3, 1, 2), turntable.alpha.permute(0, 3, 1, 2)
     truth, truth_alpha = truth_views(shape, colour, EVAL_VIEWS, EVAL_SIZE)
     iou, shift = best_rotation_iou(alpha, truth_alpha)
-    return {"iou": iou, "colour_error": colour_error(images, alpha, truth, truth_alpha), "rotation_views": shift}
+    # IoU alone cannot tell a too-large object from a too-small one; the silhouette area ratio can (1 = right size)
+    area_ratio = float((alpha > 0.5).sum() / (truth_alpha > 0.5).sum().clamp_min(1))
+    return {"iou": iou, "colour_error": colour_error(images, alpha, truth, truth_alpha), "rotation_views": shift,
+            "area_ratio": area_ratio}
 
 
 @dataclass
@@ -162,6 +166,8 @@ def summarise(runs: list[dict], mode: str) -> dict[str, dict[str, float]]:
         mine = [r for r in runs if r["method"] == method]
         seeds = sorted({r["seed"] for r in mine})
         keys = ("iou", "colour_error") if mode == "3d" else ("shape_right", "colour_right")
+        if mode == "3d" and all("area_ratio" in r for r in mine):  # journals from before it was measured lack it
+            keys += ("area_ratio",)
         entry = {}
         for key in keys:
             values = [float(r[key]) for r in mine if r.get(key) == r.get(key)]  # drop NaNs
@@ -176,11 +182,12 @@ def summarise(runs: list[dict], mode: str) -> dict[str, dict[str, float]]:
 def markdown_table(result: dict) -> str:
     mode = result["settings"]["mode"]
     if mode == "3d":
-        lines = ["| method | silhouette IoU ↑ | ± over seeds | colour error ↓ | ± over seeds | s / run |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines = ["| method | silhouette IoU ↑ | ± over seeds | colour error ↓ | ± over seeds | area ratio (1 = right) | s / run |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for method, s in result["summary"].items():
+            area = f"{s['area_ratio']:.2f}" if "area_ratio" in s else "—"
             lines.append(f"| {method} | {s['iou']:.3f} | {s['iou_seed_std']:.3f} | {s['colour_error']:.3f} | "
-                         f"{s['colour_error_seed_std']:.3f} | {s['seconds_per_run']:.0f} |")
+                         f"{s['colour_error_seed_std']:.3f} | {area} | {s['seconds_per_run']:.0f} |")
     else:
         lines = ["| method | shape right ↑ | ± over seeds | colour right ↑ | ± over seeds | s / run |",
                  "| --- | ---: | ---: | ---: | ---: | ---: |"]

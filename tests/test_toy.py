@@ -10,7 +10,7 @@ import torch
 
 from asd_engine.cameras import cameras_from_angles
 from asd_engine.errors import UserInputError
-from asd_engine.quality import parse_toy_prompt, summarise
+from asd_engine.quality import markdown_table, parse_toy_prompt, summarise
 from asd_engine.toy_data import (COLOURS, SHAPES, ToyJudge, best_rotation_iou, colour_error, render_shapes,
                                  sample_batch, shape_sdf, truth_views)
 from asd_engine.toy_prior import default_prior_path
@@ -77,6 +77,11 @@ def test_quality_prompt_parsing_and_summary():
     runs = [{"method": "asd", "seed": s, "iou": v, "colour_error": 0.1, "seconds": 1.0} for s, v in ((0, 0.5), (1, 0.7))]
     summary = summarise(runs, "3d")["asd"]
     assert summary["iou"] == pytest.approx(0.6) and summary["iou_seed_std"] == pytest.approx(0.1)
+    assert "area_ratio" not in summary  # older journals lack it
+    with_area = summarise([r | {"area_ratio": a} for r, a in zip(runs, (2.0, 3.0))], "3d")["asd"]
+    assert with_area["area_ratio"] == pytest.approx(2.5)
+    table = markdown_table({"settings": {"mode": "3d"}, "summary": {"asd": with_area}})
+    assert "| asd | 0.600 | 0.100 | 0.100 | 0.000 | 2.50 | 1 |" in table
 
 
 # ---------------------------------------------------------------------------------------------- the shipped prior
