@@ -30,11 +30,15 @@ def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
     return path
 
 
+def from_pil(img: Image.Image) -> torch.Tensor:
+    """PIL image → ``[1, 3, H, W]`` float in [0, 1] (the inverse of :func:`to_pil`)."""
+    return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).float().div(255.0).unsqueeze(0)
+
+
 def read_png(path: str | os.PathLike) -> torch.Tensor:
     """An image file as it is (no crop, no resize) → ``[1, 3, H, W]`` in [0, 1]."""
     with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB")).copy()
-    return torch.from_numpy(array).permute(2, 0, 1).float().div(255.0).unsqueeze(0)
+        return from_pil(img)
 
 
 def load_image(path: str | os.PathLike, size: int, input_name: str = "--reference") -> torch.Tensor:
@@ -47,4 +51,4 @@ def load_image(path: str | os.PathLike, size: int, input_name: str = "--referenc
     side = min(img.size)
     left, top = (img.width - side) // 2, (img.height - side) // 2
     img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255.0).unsqueeze(0)
+    return from_pil(img)

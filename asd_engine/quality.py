@@ -72,9 +72,11 @@ def _grid(rows: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.cat([torch.cat(row, dim=2) for row in rows], dim=1)
 
 
+RUN_FIELDS = ("mode", "method", "prompt", "seed", "steps", "phi_noise", "guidance_scale")  # what makes a run
+
+
 def _run_key(record: dict) -> tuple:
-    return (record["mode"], record["method"], record["prompt"], record["seed"], record["steps"], record["phi_noise"],
-            record.get("guidance_scale", 7.5))
+    return tuple(record[name] for name in RUN_FIELDS)
 
 
 def _picture_path(out: Path, method: str, prompt: str, seed: int) -> Path:
@@ -105,22 +107,20 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 record = json.loads(line)
                 done[_run_key(record)] = record
     prior = DiffusionPrior.from_pretrained(settings.model or default_prior_path(), device=device)
-    judge = ToyJudge() if settings.mode == "2d" else None
+    judge = None  # built on the first 2D run that needs it (rendering its mask bank takes a while)
     runs, grid_rows = [], []
     for method in settings.methods:
         row = []
         for prompt, (shape, colour) in zip(settings.prompts, targets):
             for seed in range(settings.seeds):
-                key = (settings.mode, method, prompt, seed, steps, settings.phi_noise, settings.guidance_scale)
-                picture_path = _picture_path(out, method, prompt, seed)
-                if seed == 0 and not picture_path.is_file():  # journals from before every picture was kept
-                    picture_path = picture_path.with_name(picture_path.name.replace("__seed0", ""))
-                if key in done and (seed != 0 or picture_path.is_file()):
+                identity = dict(zip(RUN_FIELDS, (settings.mode, method, prompt, seed, steps, settings.phi_noise,
+                                                 settings.guidance_scale)))
+                key, picture_path = _run_key(identity), _picture_path(out, method, prompt, seed)
+                if key in done and picture_path.is_file():
                     runs.append(done[key])
                     if seed == 0:
                         row.append(read_png(picture_path)[0])
                     continue
-                picture_path = _picture_path(out, method, prompt, seed)
                 started = time.perf_counter()
                 if settings.mode == "3d":
                     spec = NeRFGeneratorSpec(preset="toy-cpu", seed=seed)
@@ -131,13 +131,13 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 with torch.enable_grad():
                     run.run()
                 seconds = time.perf_counter() - started
-                record = dict(zip(("mode", "method", "prompt", "seed", "steps", "phi_noise", "guidance_scale"), key),
-                              seconds=seconds)
+                record = dict(identity, seconds=seconds)
                 if settings.mode == "3d":
                     record.update(evaluate_nerf(run.nerf, shape, colour))
                     picture = run.preview()[0]
                 else:
                     picture = run.images()
+                    judge = judge or ToyJudge()
                     judged_shape, judged_colour = judge(picture)
                     record.update(shape_right=SHAPES[int(judged_shape)] == shape if judged_shape >= 0 else False,
                                   colour_right=list(COLOURS)[int(judged_colour)] == colour if judged_colour >= 0 else False)

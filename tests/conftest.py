@@ -56,17 +56,20 @@ def prior(request, tiny_eps_dir, tiny_v_dir) -> DiffusionPrior:
 
 
 @pytest.fixture(scope="session")
-def pack():
-    """The node pack imported as a package (the way ComfyUI imports it), without ComfyUI present."""
+def make_workflows():
+    """``workflows/make_workflows.py`` (the workflow generator) loaded as a module."""
     import importlib.util
-    import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    name = "comfyui_asd_pack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    path = Path(__file__).resolve().parents[1] / "workflows" / "make_workflows.py"
+    spec = importlib.util.spec_from_file_location("make_workflows", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def pack(make_workflows):
+    """The node pack imported as a package (the way ComfyUI imports it), without ComfyUI present: the generator's
+    loader, so the tests and the workflow files see the same node classes."""
+    return make_workflows.load_pack()

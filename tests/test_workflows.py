@@ -3,7 +3,6 @@ client's offline behaviour (input parsing, overrides, refusing UI files, unreach
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,13 +13,6 @@ from asd_engine import comfy_client
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
 NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-
-
-def _generator():
-    spec = importlib.util.spec_from_file_location("make_workflows", WORKFLOWS / "make_workflows.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def ui_to_api(ui: dict, input_order) -> dict:
@@ -56,8 +48,8 @@ def test_there_are_the_three_workflows_in_both_formats():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_ui_workflow_and_api_twin_describe_the_same_graph(name):
-    generator = _generator()
+def test_ui_workflow_and_api_twin_describe_the_same_graph(name, make_workflows):
+    generator = make_workflows
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
     assert ui_to_api(ui, generator.node_inputs) == api
@@ -70,16 +62,16 @@ def test_ui_workflow_and_api_twin_describe_the_same_graph(name):
         assert entry["type"] == kind
 
 
-def test_workflow_files_are_up_to_date_with_the_nodes():
-    generator = _generator()
+def test_workflow_files_are_up_to_date_with_the_nodes(make_workflows):
+    generator = make_workflows
     for name, make in generator.GRAPHS.items():
         graph = make()
         assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == json.loads(json.dumps(generator.to_ui(graph)))
         assert json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()) == generator.to_api(graph)
 
 
-def test_workflows_use_only_known_nodes(pack):
-    generator = _generator()
+def test_workflows_use_only_known_nodes(pack, make_workflows):
+    generator = make_workflows
     for name in NAMES:
         for node in json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()).values():
             assert node["class_type"] in pack.NODE_CLASS_MAPPINGS or node["class_type"] in generator.CORE_INPUTS
