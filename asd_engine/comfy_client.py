@@ -167,16 +167,28 @@ class Client:
         finally:
             ws.close()
 
+    def _history(self, prompt_id: str) -> dict[str, Any] | None:
+        """The run's history entry once the server has recorded it as completed, else None."""
+        entry = (self._request(f"/history/{prompt_id}") or {}).get(prompt_id)
+        return entry if entry and entry.get("status", {}).get("completed", False) else None
+
     def _finished(self, prompt_id: str) -> bool:
-        history = self._request(f"/history/{prompt_id}") or {}
-        return prompt_id in history and history[prompt_id].get("status", {}).get("completed", False)
+        return self._history(prompt_id) is not None
 
     def interrupt(self) -> None:
         self._request("/interrupt", {})
 
     def download(self, prompt_id: str, out: Path) -> list[Path]:
-        """Every file the run's outputs name (images, animations, meshes) → ``out/<subfolder>/<filename>``."""
-        history = (self._request(f"/history/{prompt_id}") or {}).get(prompt_id, {})
+        """Every file the run's outputs name (images, animations, meshes) → ``out/<subfolder>/<filename>``.
+
+        The server writes the history entry just *after* its final websocket event, so this polls for it (up to
+        the client's timeout) instead of reading a possibly empty entry."""
+        deadline = time.monotonic() + self.timeout
+        while (history := self._history(prompt_id)) is None:
+            if time.monotonic() > deadline:
+                raise ClientError(f"the server has no completed history for prompt {prompt_id} after "
+                                  f"{self.timeout:.0f} s; look at its log")
+            time.sleep(0.05)
         written = []
         for node_output in history.get("outputs", {}).values():
             for items in node_output.values():
@@ -221,9 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"the workflow did not finish: {status}\n")
         return EXIT_INTERRUPTED if status == "interrupted" else EXIT_FAILED
     if not args.no_download:
-        time.sleep(0.2)  # history is written right after the final websocket event
-        for path in client.download(prompt_id, Path(args.out)):
-            print(path)
+        try:
+            for path in client.download(prompt_id, Path(args.out)):
+                print(path)
+        except ClientError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return EXIT_FAILED
     return 0
 
 

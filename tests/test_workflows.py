@@ -105,3 +105,21 @@ def test_client_refuses_ui_files_and_reports_an_unreachable_server(tmp_path, cap
     code = comfy_client.main([str(WORKFLOWS / "api" / "image_2d_asd.json"), "--server", "http://127.0.0.1:9"])
     err = capsys.readouterr().err
     assert code == 2 and ("cannot reach" in err or "no websocket" in err) and "--server" in err
+
+
+def test_client_download_waits_for_the_history_the_server_writes_after_its_last_event(tmp_path, monkeypatch):
+    client = comfy_client.Client("http://127.0.0.1:9", timeout=1.0)
+    answers = iter([{}, {"p1": {"status": {"completed": False}}}])  # then the completed entry
+
+    calls = []
+
+    def history(route, payload=None):
+        calls.append(route)
+        return next(answers, {"p1": {"status": {"completed": True}, "outputs": {}}})
+
+    monkeypatch.setattr(client, "_request", history)
+    assert client.download("p1", tmp_path) == []
+    assert calls == ["/history/p1"] * 3  # read until the entry was complete, not once
+    with pytest.raises(comfy_client.ClientError, match="no completed history for prompt p2"):
+        monkeypatch.setattr(client, "_request", lambda route, payload=None: {})
+        client.download("p2", tmp_path)
