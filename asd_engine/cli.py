@@ -59,8 +59,13 @@ def _on_off(text: str) -> bool:
 # user actually gave; the config dataclasses (and presets) hold the real defaults.
 Settings = dict[str, tuple[str, dict[str, Any]]]
 COMMON_SETTINGS: Settings = {
-    "--model": ("model", dict(help="diffusers pipeline folder (model_index.json, unet/, text_encoder/, ...); "
-                                   "default: the embedded toy prior")),
+    "--model": ("model", dict(help="diffusers pipeline folder (model_index.json, unet/, ...) or a single-file SD "
+                                   "1.x/2.x .safetensors checkpoint; default: the embedded toy prior")),
+    "--prediction-type": ("prediction_type", dict(choices=["auto", "epsilon", "v_prediction"],
+                          help="override what the model predicts (default auto: the folder's scheduler, or "
+                               "detected from a single file's weights)")),
+    "--phi-model": ("phi_model", dict(help="a second model (folder or single file) for φ, as the official recipe "
+                                           "(SD2.1-768 v for φ, SD2.1-base as --model); default: φ on --model")),
     "--prompt": ("prompt", dict(help="text prompt")),
     "--negative-prompt": ("negative_prompt", dict(help="negative prompt for classifier-free guidance (default '')")),
     "--seed": ("seed", dict(type=_int, help="random seed (default 0)")),
@@ -104,8 +109,8 @@ SETTINGS_3D: Settings = {
     "--camera-embedding": ("phi.camera_embedding", dict(type=_on_off, metavar="on|off",
                            help="condition the LoRA φ on the camera (default on)")),
 }
-PATH_SETTINGS = ("--model", "--reference")
-PHI_ONLY = ("--phi", "--gamma", "--phi-noise", "--lora-rank", "--phi-lr", "--ti-tokens", "--ti-init",
+PATH_SETTINGS = ("--model", "--phi-model", "--reference")
+PHI_ONLY = ("--phi", "--phi-model", "--gamma", "--phi-noise", "--lora-rank", "--phi-lr", "--ti-tokens", "--ti-init",
             "--camera-embedding")
 
 
@@ -318,7 +323,7 @@ def _train(args: argparse.Namespace, run_class, settings: Settings, base: Callab
 
     from .checkpoint import load_checkpoint
     from .images import save_png
-    from .prior import inspect_pipeline_folder
+    from .prior import check_model_path
     from .runs import config_from_dict
 
     given = _given(args, settings)
@@ -335,7 +340,9 @@ def _train(args: argparse.Namespace, run_class, settings: Settings, base: Callab
             data["steps"] = args.steps
         config = config_from_dict(run_class.config_class, data)
         config.validate()
-        inspect_pipeline_folder(config.model)
+        check_model_path(config.model)
+        if config.phi_model:
+            check_model_path(config.phi_model, "--phi-model")
     out = ensure_writable_dir(args.out)
     _quiet_libraries()
     from tqdm import tqdm
@@ -345,6 +352,9 @@ def _train(args: argparse.Namespace, run_class, settings: Settings, base: Callab
     else:
         run = run_class(config, device=args.device)
     config = run.config
+    for role, model in (("model", run.prior), ("φ model", run.phi.prior if run.phi is not None else None)):
+        if model is not None and model.detected and (role == "model" or model is not run.prior):
+            sys.stderr.write(f"{role}: {model.detected}\n")
     preview_every = args.preview_every or max(1, config.steps // 10)
     checkpoint_every = args.checkpoint_every or preview_every
     (out / "run.json").write_text(json.dumps({"command": args.command, "config": dataclasses.asdict(config),

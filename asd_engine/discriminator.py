@@ -94,6 +94,10 @@ class _Discriminator:
         with self._active(camera) as embeddings:
             return self.prior.model_output(x_t, t, embeddings)
 
+    def base_output(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """φ's model without φ (adapters off, no φ tokens) on the prompt: ``[B, C, h, w]`` native (under no_grad)."""
+        return self.prior.model_output(x_t, t, self.base_embeddings)
+
     def train_step(self, x_t: torch.Tensor, t: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
                    camera: torch.Tensor | None = None,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,6 +177,7 @@ class LoraDiscriminator(_Discriminator):
             nn.init.zeros_(self.camera_mlp.linear_2.bias)
         self._set_enabled(False)
         self.embeddings = prior.encode_prompt([prompt])  # [1, L, D], φ sees the view-independent prompt
+        self.base_embeddings = self.embeddings
         self._make_optimizer(config.lr, weight_decay=0.01)
 
     def parameters(self) -> list[nn.Parameter]:
@@ -250,6 +255,7 @@ class TextualInversionDiscriminator(_Discriminator):
             init = embedding_layer.weight[init_ids].float().mean(0)
         self.token_embeddings = nn.Parameter(init.repeat(config.num_tokens, 1).clone())  # [num_tokens, D]
         self.prompt_ids = prior.tokenize([config.prompt_template.format(phi=" ".join(self.tokens), prompt=prompt)])
+        self.base_embeddings = prior.encode_prompt([prompt])
         self._make_optimizer(config.lr, weight_decay=0.0)
 
     def parameters(self) -> list[nn.Parameter]:

@@ -150,14 +150,18 @@ def distill_step(x0: torch.Tensor, prior, phi, conditioning: Conditioning, confi
     if not config.uses_phi:
         eps_phi = eps
     else:
+        # φ may sit on a second model (the official recipe: SD2.1-768 v for φ, SD2.1-base for the prior). Its outputs
+        # and targets are in its own native space; the γ term then compares with its own base model, as theirs does.
+        phi_prior = phi.prior
+        separate = phi_prior is not prior
         if config.phi_noise == "shared":
-            t2, eps2, x_t2, prior2 = t, eps, x_t, prior_cond
+            t2, eps2, x_t2, prior2 = t, eps, x_t, None if separate else prior_cond
         else:
             with torch.no_grad():
-                eps_phi = prior.to_eps(phi.model_output(x_t, t, camera), x_t, t)
+                eps_phi = phi_prior.to_eps(phi.model_output(x_t, t, camera), x_t, t)
             t2, eps2 = sample_timesteps_and_noise(x0.shape, 0, prior.num_train_timesteps - 1, generator, x0.device)
             x_t2, prior2 = prior.add_noise(x0_detached, eps2, t2), None
-        target2 = prior.training_target(x0_detached, eps2, t2)
+        target2 = phi_prior.training_target(x0_detached, eps2, t2)
         batch, x_phi, t_phi, cam_phi = x0.shape[0], x_t2, t2, camera
         if reference is not None:  # Eq. 5's real terms: same t and eps on the real samples, one φ forward
             x_r = prior.add_noise(reference, eps2, t2)
@@ -165,7 +169,12 @@ def distill_step(x0: torch.Tensor, prior, phi, conditioning: Conditioning, confi
             cam_phi = None if camera is None else torch.cat([camera, torch.zeros_like(camera)])
         with torch.no_grad():  # the prior's conditional prediction where the γ/η terms need it and it is missing
             need = ([] if gamma == 0.0 or prior2 is not None else [x_t2]) + ([] if reference is None else [x_r])
-            if need:
+            if need and separate:
+                extra = phi.base_output(torch.cat(need), torch.cat([t2] * len(need)))
+                if gamma != 0.0:
+                    prior2, extra = extra[:batch], extra[batch:]
+                prior_real = extra if reference is not None else None
+            elif need:
                 extra = prior.model_output(torch.cat(need), torch.cat([t2] * len(need)),
                                            conditioning.cond.expand(batch, -1, -1).repeat(len(need), 1, 1))
                 if gamma != 0.0 and prior2 is None:
@@ -176,10 +185,10 @@ def distill_step(x0: torch.Tensor, prior, phi, conditioning: Conditioning, confi
             if reference is None:
                 return discriminator_loss(out, target2, prior2, gamma)
             return discriminator_loss(out[:batch], target2, prior2, gamma, out[batch:],
-                                      prior.training_target(reference, eps2, t2), prior_real, config.eta)
+                                      phi_prior.training_target(reference, eps2, t2), prior_real, config.eta)
 
         phi_out, phi_loss = phi.train_step(x_phi, t_phi, loss_fn, cam_phi, generator)
         if config.phi_noise == "shared":
-            eps_phi = prior.to_eps(phi_out[:batch], x_t, t)
+            eps_phi = phi_prior.to_eps(phi_out[:batch], x_t, t)
     grad = generator_gradient(eps_cfg, eps_phi, loss_weight(prior.alphas_cumprod, t, config.weighting))
     return StepResult(surrogate_loss(x0, grad), phi_loss, t, float(grad.norm()))

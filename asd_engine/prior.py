@@ -52,7 +52,8 @@ def inspect_pipeline_folder(path: str | os.PathLike, input_name: str = "--model"
                              "give the folder of a diffusers pipeline (the one holding model_index.json)")
     if not folder.is_dir():
         raise UserInputError(input_name, f"'{folder}' is a file, not a pipeline folder",
-                             "give the folder of a diffusers pipeline (the one holding model_index.json)")
+                             "give the folder of a diffusers pipeline (the one holding model_index.json), or a "
+                             "single-file Stable Diffusion 1.x/2.x .safetensors checkpoint")
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise UserInputError(input_name, f"'{folder}' is not a diffusers pipeline folder (no model_index.json)",
@@ -83,6 +84,16 @@ def inspect_pipeline_folder(path: str | os.PathLike, input_name: str = "--model"
     return PipelineFolder(folder, components)
 
 
+def check_model_path(path: str | os.PathLike, input_name: str = "--model") -> None:
+    """Cheap validity check of a model path (a pipeline folder, or a single file's header); loads no weights."""
+    from .single_file import classify, inspect_single_file, is_single_file
+
+    if is_single_file(path):
+        classify(inspect_single_file(path, input_name), input_name)
+    else:
+        inspect_pipeline_folder(path, input_name)
+
+
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Frozen, eval mode, on ``device``; cast only when needed (diffusers warns about needless casts)."""
     if next(module.parameters()).dtype != dtype:
@@ -108,9 +119,31 @@ class DiffusionPrior:
                                  f"use a model whose scheduler prediction_type is one of {SUPPORTED_PREDICTIONS}")
         self.num_train_timesteps: int = int(scheduler.config.num_train_timesteps)
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)  # [T]
-        self.source: str | None = None
+        self.source: str | None = None      # the folder or file it was loaded from
+        self.detected: str | None = None    # for single files: family and prediction type, and what decided them
 
     # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+             dtype: torch.dtype = torch.float32, input_name: str = "--model",
+             prediction_type: str = "auto") -> "DiffusionPrior":
+        """A diffusers pipeline folder, or a single-file SD 1.x/2.x ``.safetensors`` checkpoint; offline.
+
+        ``prediction_type`` ("auto", "epsilon", "v_prediction") overrides what the model says about itself.
+        """
+        from .single_file import PREDICTION_CHOICES, is_single_file, load_single_file
+
+        if prediction_type not in PREDICTION_CHOICES:
+            raise UserInputError("prediction_type", f"'{prediction_type}' is not a prediction type",
+                                 f"use one of {', '.join(PREDICTION_CHOICES)}")
+        if is_single_file(path):
+            return load_single_file(path, prediction_type, device=device, dtype=dtype, input_name=input_name)
+        prior = cls.from_pretrained(path, device=device, dtype=dtype, input_name=input_name)
+        if prediction_type != "auto" and prediction_type != prior.prediction_type:
+            prior.prediction_type = prediction_type
+            prior.detected = f"{Path(path).name}: {prediction_type} (set by the user; the folder says otherwise)"
+        return prior
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: torch.dtype = torch.float32, input_name: str = "--model") -> "DiffusionPrior":
@@ -136,6 +169,21 @@ class DiffusionPrior:
         prior = cls(unet, text_encoder, tokenizer, scheduler, vae, device=resolve_device(device), dtype=dtype)
         prior.source = str(folder.path)
         return prior
+
+    def check_shares_space(self, other: "DiffusionPrior", input_name: str) -> None:
+        """φ on a second model must see the same noisy inputs: same model space and noise schedule."""
+        problems = []
+        if other.num_train_timesteps != self.num_train_timesteps or not torch.allclose(
+                other.alphas_cumprod.cpu(), self.alphas_cumprod.cpu(), atol=1e-6):
+            problems.append("a different noise schedule")
+        if (other.latent_space, other.vae_scale_factor, other.unet.config.in_channels) != (
+                self.latent_space, self.vae_scale_factor, self.unet.config.in_channels):
+            problems.append("a different model space (VAE / channels)")
+        elif self.vae is not None and other.vae.config.scaling_factor != self.vae.config.scaling_factor:
+            problems.append("a different latent scaling factor")
+        if problems:
+            raise UserInputError(input_name, f"its model has {' and '.join(problems)} than the prior",
+                                 "use a φ model of the same family as the prior (e.g. SD2.1-768 with SD2.1-base)")
 
     # ------------------------------------------------------------------ geometry
     @property

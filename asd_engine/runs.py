@@ -51,7 +51,9 @@ class RunConfig:
     """Settings every run has; :class:`Distill2DConfig` and :class:`TextTo3DConfig` extend it."""
 
     prompt: str
-    model: str | None = None
+    model: str | None = None              # pipeline folder or single-file checkpoint; None: the embedded prior
+    prediction_type: str = "auto"         # override of the model's epsilon / v_prediction
+    phi_model: str | None = None          # a second model for φ (official: SD2.1-768 v); None: φ on the prior
     negative_prompt: str = ""
     steps: int = 500
     seed: int = 0
@@ -89,19 +91,25 @@ class DistillationRun:
     config_class: type = object
 
     def __init__(self, config, prior: DiffusionPrior | None = None, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, phi_prior: DiffusionPrior | None = None) -> None:
         config.validate()
         if prior is None:
             if config.model is None:  # the embedded toy prior is the default everywhere
                 from .toy_prior import default_prior_path
 
                 config.model = str(default_prior_path())
-            prior = DiffusionPrior.from_pretrained(config.model, device=device, dtype=dtype)
+            prior = DiffusionPrior.load(config.model, device=device, dtype=dtype,
+                                        prediction_type=config.prediction_type)
         self.config, self.prior, self.step = config, prior, 0
         torch.manual_seed(config.seed)  # peft's LoRA init draws from the global RNG
         self.rng = torch.Generator().manual_seed(config.seed)  # every random draw of the run comes from here
         self._build()
-        self.phi = (build_discriminator(prior, config.prompt, config.phi, with_camera=self.has_cameras)
+        if config.distill.uses_phi and phi_prior is None and config.phi_model:
+            phi_prior = DiffusionPrior.load(config.phi_model, device=prior.device, dtype=prior.dtype,
+                                            input_name="--phi-model")
+        if phi_prior is not None and config.distill.uses_phi:
+            prior.check_shares_space(phi_prior, "--phi-model")
+        self.phi = (build_discriminator(phi_prior or prior, config.prompt, config.phi, with_camera=self.has_cameras)
                     if config.distill.uses_phi else None)
 
     has_cameras = False
@@ -151,14 +159,15 @@ class DistillationRun:
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike, overrides: dict[str, Any] | None = None,
                         prior: DiffusionPrior | None = None, device: str | torch.device | None = None,
-                        dtype: torch.dtype = torch.float32):
+                        dtype: torch.dtype = torch.float32, phi_prior: DiffusionPrior | None = None):
         """Rebuild a run from its checkpoint; ``overrides`` may change ``steps`` (the new total)."""
         tensors, meta = ckpt.load_checkpoint(directory)
         if meta.get("kind") != cls.kind:
             raise UserInputError("--resume", f"'{directory}' is a {meta.get('kind')} checkpoint",
                                  f"resume a {cls.kind} run from one of its own checkpoints")
         data = {**meta["config"], **(overrides or {})}
-        run = cls(config_from_dict(cls.config_class, data), prior=prior, device=device, dtype=dtype)
+        run = cls(config_from_dict(cls.config_class, data), prior=prior, device=device, dtype=dtype,
+                  phi_prior=phi_prior)
         if meta["step"] > run.config.steps:
             raise UserInputError("--steps", f"the checkpoint is already at step {meta['step']}",
                                  f"use --steps ≥ {meta['step']} (the total, not the number of extra steps)")

@@ -52,6 +52,7 @@ class DiscriminatorSpec:
 
     phi: PhiConfig = field(default_factory=PhiConfig)
     gamma: float = -0.75
+    phi_prior: DiffusionPrior | None = None   # a second model for φ (official: SD2.1-768 v); None: the prior
 
 
 def parse_resolution_schedule(text: str, input_name: str = "resolution_schedule") -> list[tuple[int, int]] | None:
@@ -94,23 +95,26 @@ def make_run(prior: DiffusionPrior, generator: ImageGeneratorSpec | NeRFGenerato
             if have != value:
                 raise UserInputError(name, f"'{value}' differs from the checkpoint's '{have}'",
                                      "set it back to the checkpoint's value to resume, or disconnect 'resume'")
-        return run_class.from_checkpoint(resume, overrides={"steps": steps}, prior=prior)
+        return run_class.from_checkpoint(resume, overrides={"steps": steps}, prior=prior,
+                                         phi_prior=discriminator.phi_prior if discriminator else None)
     discriminator = discriminator or DiscriminatorSpec()
+    phi_prior = discriminator.phi_prior if method != "sds" else None
+    models = dict(model=prior.source, prediction_type=prior.prediction_type,
+                  phi_model=phi_prior.source if phi_prior is not None else None)
     gamma = 0.0 if method != "asd" else discriminator.gamma
     distill_fields = dict(method=method, guidance_scale=guidance_scale, gamma=gamma, weighting=weighting,
                           t_min=t_min, t_max=t_max, phi_noise=phi_noise)
     if generator.kind == "nerf":
-        config = preset_config(generator.preset, prompt, model=prior.source, negative_prompt=negative_prompt,
-                               steps=steps, seed=generator.seed, batch_size=generator.batch_size,
-                               phi=discriminator.phi)
+        config = preset_config(generator.preset, prompt, negative_prompt=negative_prompt, steps=steps,
+                               seed=generator.seed, batch_size=generator.batch_size, phi=discriminator.phi, **models)
         if generator.resolution_schedule:
             config.resolution_schedule = list(generator.resolution_schedule)
         config.distill = dataclasses.replace(config.distill, **distill_fields)
     else:
-        config = Distill2DConfig(prompt=prompt, model=prior.source, negative_prompt=negative_prompt, steps=steps,
+        config = Distill2DConfig(prompt=prompt, **models, negative_prompt=negative_prompt, steps=steps,
                                  seed=generator.seed, size=generator.size, parameterization=generator.parameterization,
                                  lr=generator.lr, distill=DistillConfig(**distill_fields), phi=discriminator.phi)
-    return run_class(config, prior=prior)
+    return run_class(config, prior=prior, phi_prior=phi_prior)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from asd_engine.discriminator import PhiConfig, build_discriminator
 from asd_engine.distill import (Conditioning, DistillConfig, discriminator_loss, distill_step, generator_gradient,
@@ -213,3 +214,57 @@ def test_config_validation():
                 DistillConfig(t_anneal_step=-1)):
         with pytest.raises(UserInputError):
             bad.validate()
+
+
+def _run_steps_phi_on(prior, phi_prior, config, steps=3):
+    torch.manual_seed(0)
+    phi = build_discriminator(phi_prior, PROMPT, PhiConfig(kind="lora", lr=1e-2))
+    x0, cond = _setup(prior)
+    rng = torch.Generator().manual_seed(3)
+    grads, losses = [], []
+    for step in range(steps):
+        x0.grad = None
+        result = distill_step(x0, prior, phi, cond, config, step, rng)
+        result.generator_loss.backward()
+        grads.append(x0.grad.clone())
+        losses.append(result.phi_loss)
+    return grads, losses, phi
+
+
+@pytest.mark.parametrize("phi_noise", ["fresh", "shared"])
+def test_phi_on_a_second_copy_of_the_prior_is_the_same_algorithm(tiny_eps_dir, phi_noise):
+    """φ on a separate model that happens to equal the prior: every gradient and φ loss as with φ on the prior
+    (the γ term then reads φ's base model, which equals the prior here)."""
+    prior_a, prior_b = _two_identical_priors(tiny_eps_dir)
+    config = DistillConfig(method="asd", gamma=-0.75, phi_noise=phi_noise)
+    grads_same, losses_same, _ = _run_steps_phi_on(prior_a, prior_a, config)
+    prior_c, prior_d = _two_identical_priors(tiny_eps_dir)
+    grads_two, losses_two, phi = _run_steps_phi_on(prior_c, prior_d, config)
+    assert phi.prior is prior_d and not any("lora" in n for n, _ in prior_c.unet.named_parameters())
+    for a, b in zip(grads_same + losses_same, grads_two + losses_two):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_phi_on_a_v_prediction_model_uses_its_own_targets(tiny_eps_dir, tiny_v_latent_dir):
+    """The official pairing: an ε prior with φ on a v model. φ's loss is measured against v targets (its own
+    space) and its prediction is converted to ε with its own parameterisation."""
+    prior = DiffusionPrior.from_pretrained(tiny_eps_dir, device="cpu")
+    phi_prior = DiffusionPrior.from_pretrained(tiny_v_latent_dir, device="cpu")
+    prior.check_shares_space(phi_prior, "--phi-model")
+    config = DistillConfig(method="asd", gamma=0.0)
+    torch.manual_seed(0)
+    phi = build_discriminator(phi_prior, PROMPT, PhiConfig(kind="lora"))
+    x0, cond = _setup(prior, batch=1)
+    rng = torch.Generator().manual_seed(2)
+    _, _, t2, eps2 = _replay(rng.get_state(), x0, prior, config)
+    x_t2 = prior.add_noise(x0.detach(), eps2, t2)
+    with torch.no_grad():
+        expected = F.mse_loss(phi.model_output(x_t2, t2), phi_prior.training_target(x0.detach(), eps2, t2))
+    result = distill_step(x0, prior, phi, cond, config, 0, rng)
+    assert torch.allclose(result.phi_loss, expected, atol=1e-6)
+
+
+def test_phi_model_must_share_the_priors_space(tiny_eps_dir, tiny_v_dir):
+    prior = DiffusionPrior.from_pretrained(tiny_eps_dir, device="cpu")
+    with pytest.raises(UserInputError, match="--phi-model.*model space"):
+        prior.check_shares_space(DiffusionPrior.from_pretrained(tiny_v_dir, device="cpu"), "--phi-model")
