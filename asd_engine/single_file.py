@@ -58,10 +58,11 @@ class CheckpointInfo:
     family: str = ""                 # "sd1" or "sd2"
     prediction_type: str = ""        # "epsilon" or "v_prediction"
     prediction_source: str = ""      # which signal decided the prediction type
+    label: str = ""                  # what to call it when there is no file
 
     @property
     def name(self) -> str:
-        return self.path.name if self.path else "the checkpoint"
+        return self.path.name if self.path else self.label or "the checkpoint"
 
     def describe(self) -> str:
         family = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x"}[self.family]
@@ -161,13 +162,13 @@ def _count(keys, prefix: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- v or epsilon
-def detect_prediction(info: CheckpointInfo, override: str = "auto",
-                      read_tensor=None, input_name: str = "prediction_type") -> str:
+def detect_prediction(info: CheckpointInfo, override: str = "auto", read_tensor=None,
+                      input_name: str = "prediction_type", override_source: str = "set by the user") -> str:
     """Set ``info.prediction_type``/``prediction_source``; ``read_tensor(key)`` loads one tensor (heuristic only)."""
     if override not in PREDICTION_CHOICES:
         raise UserInputError(input_name, f"'{override}' is not a prediction type", f"use one of {PREDICTION_CHOICES}")
     if override != "auto":
-        info.prediction_type, info.prediction_source = override, "set by the user"
+        info.prediction_type, info.prediction_source = override, override_source
         return override
     stated = info.metadata.get("modelspec.prediction_type", "").strip().lower()
     architecture = info.metadata.get("modelspec.architecture", "").lower()
@@ -237,7 +238,8 @@ def _unet_fields(shapes: dict[str, tuple[int, ...]], family: str) -> dict:
     return {"in_channels": shapes[UNET + "input_blocks.0.0.weight"][1], "out_channels": shapes[UNET + "out.2.weight"][0],
             "block_out_channels": channels, "layers_per_block": layers, "down_block_types": down,
             "up_block_types": up, "cross_attention_dim": cross[1], "use_linear_projection": len(proj_in) == 2,
-            "transformer_layers_per_block": max(depth, 1), "attention_head_dim": heads}
+            "transformer_layers_per_block": max(depth, 1), "attention_head_dim": heads,
+            "mid_block_type": "UNetMidBlock2DCrossAttn" if attention(UNET + "middle_block.") else None}
 
 
 def _vae_fields(shapes: dict[str, tuple[int, ...]]) -> dict:
@@ -304,8 +306,17 @@ def _converters():
     return convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 
 
+def _empty(build):
+    """Build a module with its parameters on the meta device (no random init: seconds for a full SD); buffers stay
+    real. The weights are then assigned, not copied."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return build()
+
+
 def _load_strict(module: torch.nn.Module, weights: dict[str, torch.Tensor], part: str, name: str,
-                 input_name: str) -> None:
+                 input_name: str, dtype: torch.dtype) -> None:
     expected = module.state_dict()
     missing = sorted(set(expected) - set(weights))
     if missing:
@@ -315,21 +326,23 @@ def _load_strict(module: torch.nn.Module, weights: dict[str, torch.Tensor], part
     if wrong:
         raise UserInputError(input_name, f"'{name}' has {part} weights of unexpected shape (e.g. {wrong[0]}: "
                              f"{tuple(weights[wrong[0]].shape)})", f"use {SUPPORTED}")
-    module.load_state_dict({k: weights[k] for k in expected}, strict=True)
+    # One dtype per module whatever the file mixes (ComfyUI exports fp32 UNets next to fp16 text encoders).
+    module.load_state_dict({k: weights[k].to(dtype) for k in expected}, strict=True, assign=True)
 
 
-def build_components(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, input_name: str = "--model"):
-    """``(unet, text_encoder, tokenizer, scheduler, vae)`` from an LDM-layout ``state_dict`` (fp32 modules)."""
+def build_components(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, input_name: str = "--model",
+                     dtype: torch.dtype = torch.float32):
+    """``(unet, text_encoder, tokenizer, scheduler, vae)`` from an LDM-layout ``state_dict``, modules in ``dtype``."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     unet_conv, vae_conv, clip_conv, open_clip_conv = _converters()
     configs = derive_configs(info)
-    unet = UNet2DConditionModel.from_config(configs["unet"])
-    _load_strict(unet, unet_conv(state_dict, unet.config), "UNet", info.name, input_name)
-    vae = AutoencoderKL.from_config(configs["vae"])
-    _load_strict(vae, vae_conv(state_dict, vae.config), "VAE", info.name, input_name)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    unet = _empty(lambda: UNet2DConditionModel.from_config(configs["unet"]))
+    _load_strict(unet, unet_conv(state_dict, unet.config), "UNet", info.name, input_name, dtype)
+    vae = _empty(lambda: AutoencoderKL.from_config(configs["vae"]))
+    _load_strict(vae, vae_conv(state_dict, vae.config), "VAE", info.name, input_name, dtype)
+    text_encoder = _empty(lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])))
     layers = configs["text_encoder"]["num_hidden_layers"]
     if info.family == "sd1":
         weights = clip_conv(state_dict)
@@ -339,7 +352,7 @@ def build_components(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, 
                                                 if k.startswith(OPEN_CLIP) and not k.startswith(unused)})
     if not hasattr(text_encoder, "text_model"):  # transformers ≥ 5.6 dropped the "text_model." level
         weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
-    _load_strict(text_encoder, weights, "text encoder", info.name, input_name)
+    _load_strict(text_encoder, weights, "text encoder", info.name, input_name, dtype)
     scheduler = DDPMScheduler.from_config(configs["scheduler"])
     return unet, text_encoder, clip_tokenizer(info.family), scheduler, vae
 
@@ -360,18 +373,20 @@ def load_single_file(path: str | os.PathLike, prediction_type: str = "auto", dev
 
     detect_prediction(info, prediction_type, read_tensor)
     with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; these weights must take part in autograd
-        components = build_components(load_file(str(info.path)), info, input_name)
+        components = build_components(load_file(str(info.path)), info, input_name, dtype)
     return _prior(components, info, str(info.path), device, dtype)
 
 
 def prior_from_state_dict(state_dict: dict[str, torch.Tensor], prediction_type: str = "auto", device=None,
-                          dtype: torch.dtype = torch.float32, source: str = "state dict", input_name: str = "model"):
-    """The same as :func:`load_single_file` for a state dict already in memory (ComfyUI's Load Checkpoint)."""
-    info = CheckpointInfo(None, {k: tuple(v.shape) for k, v in state_dict.items()})
+                          dtype: torch.dtype = torch.float32, source: str = "state dict", input_name: str = "model",
+                          prediction_source: str = "set by the user") -> DiffusionPrior:
+    """The same as :func:`load_single_file` for a state dict already in memory (ComfyUI's Load Checkpoint);
+    ``prediction_source`` says where a given ``prediction_type`` came from."""
+    info = CheckpointInfo(None, {k: tuple(v.shape) for k, v in state_dict.items()}, label=source)
     classify(info, input_name)
-    detect_prediction(info, prediction_type, state_dict.__getitem__)
+    detect_prediction(info, prediction_type, state_dict.__getitem__, override_source=prediction_source)
     with torch.inference_mode(False):
-        components = build_components(state_dict, info, input_name)
+        components = build_components(state_dict, info, input_name, dtype)
     return _prior(components, info, source, device, dtype)
 
 

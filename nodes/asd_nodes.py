@@ -8,6 +8,7 @@ output nodes. Custom types are pack-prefixed: ASD_PRIOR, ASD_PHI, ASD_GENERATOR,
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 import torch
@@ -37,9 +38,13 @@ def engine_call(method):
     return wrapper
 
 
+PREDICTION_TYPES = ["auto", "epsilon", "v_prediction"]
+
+
 class ASDLoadPrior:
-    DESCRIPTION = ("Loads a frozen diffusion prior (a diffusers Stable Diffusion 1.x/2.x pipeline folder from "
-                   "models/asd or models/diffusers, or the embedded 32 px toy prior) for score distillation.")
+    DESCRIPTION = ("Loads a frozen diffusion prior for score distillation: the embedded 32 px toy prior, a diffusers "
+                   "Stable Diffusion 1.x/2.x pipeline folder from models/asd or models/diffusers, or a single-file "
+                   "SD 1.x / 2.x (v) .safetensors checkpoint from models/checkpoints.")
     CATEGORY = "ASD/loaders"
     RETURN_TYPES = ("ASD_PRIOR",)
     RETURN_NAMES = ("prior",)
@@ -50,19 +55,64 @@ class ASDLoadPrior:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": (host.model_choices() or [host.EMBEDDED_PRIOR],
-                      {"tooltip": "A pipeline folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/)."}),
+                      {"tooltip": "A pipeline folder (model_index.json, unet/, ...) or a single-file SD 1.x/2.x "
+                                  ".safetensors checkpoint (family and v-prediction are detected from the weights)."}),
+            "precision": (list(PRECISIONS), {"default": "fp32",
+                          "tooltip": "Weights' precision of the frozen prior; φ always trains in fp32."}),
+            "prediction_type": (PREDICTION_TYPES, {"default": "auto", "tooltip":
+                                "auto: the folder's scheduler, or detected from the checkpoint (the console says "
+                                "which signal decided); set it when a 768-v model is not detected."}),
+        }}
+
+    @engine_call
+    def load(self, model: str, precision: str, prediction_type: str = "auto"):
+        from ..asd_engine.devices import default_device
+
+        path = host.model_path(model)
+        device = default_device()
+        files = [path] if path.is_file() else list(path.rglob("*.safetensors"))
+        host.free_memory_for(sum(f.stat().st_size for f in files), device)
+        prior = DiffusionPrior.load(path, device=device, dtype=PRECISIONS[precision], input_name="model",
+                                    prediction_type=prediction_type)
+        if prior.detected:
+            logging.info("[ASD] Load SD Model: %s", prior.detected)
+        return (prior,)
+
+
+class ASDPriorFromCheckpoint:
+    DESCRIPTION = ("Makes an ASD prior from the MODEL, CLIP and VAE of the core Load Checkpoint node (SD 1.x / 2.x), "
+                   "so the checkpoint you already load feeds ASD. LoRAs applied to MODEL/CLIP upstream are baked in. "
+                   "The prior is a second copy of the weights in memory.")
+    CATEGORY = "ASD/loaders"
+    RETURN_TYPES = ("ASD_PRIOR",)
+    RETURN_NAMES = ("prior",)
+    OUTPUT_TOOLTIPS = ("The frozen prior; φ adapters are added to it per training run, never copied.",)
+    FUNCTION = "convert"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "From Load Checkpoint (its prediction type, incl. a ModelSamplingDiscrete "
+                                           "override, is used)."}),
+            "clip": ("CLIP", {"tooltip": "From the same Load Checkpoint."}),
+            "vae": ("VAE", {"tooltip": "From the same Load Checkpoint."}),
             "precision": (list(PRECISIONS), {"default": "fp32",
                           "tooltip": "Weights' precision of the frozen prior; φ always trains in fp32."}),
         }}
 
     @engine_call
-    def load(self, model: str, precision: str):
+    def convert(self, model, clip, vae, precision: str):
         from ..asd_engine.devices import default_device
+        from ..asd_engine.single_file import prior_from_state_dict
 
-        path = host.model_path(model)
+        state, prediction = host.checkpoint_state_dict(model, clip, vae)
         device = default_device()
-        host.free_memory_for(sum(f.stat().st_size for f in path.rglob("*.safetensors")), device)
-        return (DiffusionPrior.from_pretrained(path, device=device, dtype=PRECISIONS[precision], input_name="model"),)
+        host.free_memory_for(sum(v.numel() * v.element_size() for v in state.values()), device)
+        prior = prior_from_state_dict(state, prediction, device=device, dtype=PRECISIONS[precision],
+                                      source="Load Checkpoint", input_name="model",
+                                      prediction_source="ComfyUI's model sampling")
+        logging.info("[ASD] Prior from checkpoint: %s", prior.detected)
+        return (prior,)
 
 
 class ASDDiscriminator:
@@ -86,14 +136,17 @@ class ASDDiscriminator:
                       "tooltip": "ASD's γ in the discriminator loss (official -0.75; 0 turns ASD into VSD)."}),
             "camera_embedding": ("BOOLEAN", {"default": True,
                                  "tooltip": "Condition the LoRA φ on the camera (3D runs, as the official code)."}),
+        }, "optional": {
+            "phi_model": ("ASD_PRIOR", {"tooltip": "A second model for φ (the official recipe: SD2.1-768 v for φ, "
+                                                   "SD2.1-base as the prior). Empty: φ lives on the prior itself."}),
         }}
 
     @engine_call
-    def build(self, phi_type, lora_rank, ti_tokens, learning_rate, gamma, camera_embedding):
+    def build(self, phi_type, lora_rank, ti_tokens, learning_rate, gamma, camera_embedding, phi_model=None):
         phi = PhiConfig(kind=phi_type, lora_rank=lora_rank, num_tokens=ti_tokens,
                         lr=learning_rate or None, camera_embedding=camera_embedding)
         phi.validate()
-        return (specs.DiscriminatorSpec(phi=phi, gamma=gamma),)
+        return (specs.DiscriminatorSpec(phi=phi, gamma=gamma, phi_prior=phi_model),)
 
 
 class ASDNeRFGenerator:
@@ -344,6 +397,7 @@ class ASDLoadCheckpoint:
 
 NODE_CLASS_MAPPINGS = {
     "ASDLoadPrior": ASDLoadPrior,
+    "ASDPriorFromCheckpoint": ASDPriorFromCheckpoint,
     "ASDDiscriminator": ASDDiscriminator,
     "ASDNeRFGenerator": ASDNeRFGenerator,
     "ASDImageGenerator": ASDImageGenerator,
@@ -355,6 +409,7 @@ NODE_CLASS_MAPPINGS = {
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ASDLoadPrior": "Load SD Model (ASD)",
+    "ASDPriorFromCheckpoint": "ASD Prior from Checkpoint",
     "ASDDiscriminator": "ASD Discriminator (LoRA/TI)",
     "ASDNeRFGenerator": "NeRF Generator (ASD)",
     "ASDImageGenerator": "Image Generator (ASD)",

@@ -62,22 +62,64 @@ def _pipeline_folders() -> dict[str, Path]:
     return found
 
 
+def _checkpoint_files() -> list[str]:
+    """ComfyUI's ``models/checkpoints`` files. Pickle files are listed too, so that choosing one explains why it is
+    refused (and how to convert it) instead of the file silently missing from the list."""
+    if not in_comfyui():
+        return []
+    import folder_paths
+
+    return list(folder_paths.get_filename_list("checkpoints"))
+
+
 def model_choices() -> list[str]:
-    """The embedded prior first (when shipped), then every pipeline folder ComfyUI knows."""
+    """The embedded prior first (when shipped), then pipeline folders, then single-file checkpoints."""
     names = [EMBEDDED_PRIOR] if (default_prior_path() / "model_index.json").is_file() else []
-    return names + sorted(_pipeline_folders())
+    return names + sorted(_pipeline_folders()) + sorted(_checkpoint_files())
 
 
 def model_path(name: str) -> Path:
     if name == EMBEDDED_PRIOR:
         return default_prior_path()
     folders = _pipeline_folders()
-    if name not in folders:
+    if name in folders:
+        return folders[name]
+    if name in _checkpoint_files():
+        import folder_paths
+
+        return Path(folder_paths.get_full_path("checkpoints", name))
+    from ..asd_engine.errors import UserInputError
+
+    raise UserInputError("model", f"'{name}' is neither a pipeline folder in models/asd or models/diffusers nor a "
+                         "file in models/checkpoints", "put the model there and refresh the page")
+
+
+def checkpoint_state_dict(model, clip, vae) -> tuple[dict[str, torch.Tensor], str]:
+    """Core Load Checkpoint's MODEL / CLIP / VAE → (state dict in the original single-file layout, prediction type).
+
+    ComfyUI writes exactly this layout when it saves a checkpoint; patches (e.g. LoRAs applied by core nodes) are
+    baked in first. The tensors are copied out of inference mode so the engine can train φ against them; the
+    prediction type comes from the model's sampling object, so a ModelSamplingDiscrete node upstream is respected.
+    """
+    import comfy.model_management
+    import comfy.model_sampling
+
+    comfy.model_management.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
+    exported = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    with torch.inference_mode(False):
+        state = {k: v.detach().to("cpu", copy=True) for k, v in exported.items()}
+    sampling = model.get_model_object("model_sampling")
+    # V_PREDICTION subclasses EPS, so it is tested first.
+    if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
+        prediction = "v_prediction"
+    elif isinstance(sampling, comfy.model_sampling.EPS):
+        prediction = "epsilon"
+    else:
         from ..asd_engine.errors import UserInputError
 
-        raise UserInputError("model", f"'{name}' is not a pipeline folder in models/asd or models/diffusers",
-                             "put a diffusers pipeline folder there (with model_index.json) and refresh")
-    return folders[name]
+        raise UserInputError("model", f"its sampling is {type(sampling).__name__}",
+                             "connect a Stable Diffusion 1.x/2.x checkpoint (epsilon or v-prediction)")
+    return state, prediction
 
 
 def free_memory_for(prior_bytes: int, device: torch.device) -> None:

@@ -74,8 +74,8 @@ def start_host(base: Path, timeout: float = 180.0) -> ComfyHost:
     if not link.exists():
         link.symlink_to(ROOT, target_is_directory=True)
     config = base / "extra_model_paths.yaml"
-    config.write_text(f"asd_tests:\n  base_path: {base}\n  custom_nodes: {custom_nodes}\n")
-    for folder in ("output", "temp", "user", "input"):
+    config.write_text(f"asd_tests:\n  base_path: {base}\n  custom_nodes: {custom_nodes}\n  checkpoints: checkpoints\n")
+    for folder in ("output", "temp", "user", "input", "checkpoints"):
         (base / folder).mkdir(exist_ok=True)
     port = _free_port()
     log = base / "comfyui.log"

@@ -73,3 +73,41 @@ def build_tiny_sd(out: Path, family: str = "sd1", prediction_type: str = "epsilo
     file = out / f"{family}.safetensors"
     save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(file), metadata=metadata)
     return folder, file
+
+
+def build_comfy_sd1_checkpoint(path: Path, seed: int = 0) -> Path:
+    """The smallest SD1 single file ComfyUI's core Load Checkpoint accepts cleanly (fp16, ~420 MiB).
+
+    ComfyUI recognises SD1.5 by model_channels 320 and a 768-wide context, builds the VAE and the 12-layer CLIP-L
+    from fixed configs (so those are full size), and allows a UNet of one level without a middle block.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):  # shapes only: random values are drawn directly in fp16 (seconds, not minutes)
+        unet = UNet2DConditionModel(
+            sample_size=8, down_block_types=("CrossAttnDownBlock2D",), up_block_types=("UpBlock2D",),
+            mid_block_type=None, block_out_channels=(320,), layers_per_block=1, cross_attention_dim=768,
+            attention_head_dim=8)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
+            pad_token_id=49407))
+    shapes = {**unet_to_ldm(unet.state_dict(), unet.config), **vae_to_ldm(vae.state_dict(), vae.config),
+              **clip_l_to_ldm(text_encoder.state_dict())}
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, meta in shapes.items():
+        if "position_ids" in key:
+            continue
+        scale = 0.02 if meta.ndim > 1 else 0.1  # norms ≈ 1 ± 0.1, biases ≈ 0 ± 0.1
+        value = torch.randn(meta.shape, generator=g) * scale
+        if key.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight", "norm_out.weight",
+                         "layer_norm1.weight", "layer_norm2.weight", "final_layer_norm.weight", "in_layers.0.weight",
+                         "out_layers.0.weight", "out.0.weight")):
+            value = value + 1.0
+        state[key] = value
+    save_file({k: v.half().contiguous() for k, v in state.items()}, str(path))
+    return path

@@ -158,6 +158,62 @@ def test_a_bad_graph_yields_node_errors_through_the_client(host, tmp_path, capsy
     assert len(host.get_json("/history")) == before  # nothing of the graph ran
 
 
+@pytest.fixture(scope="module")
+def tiny_sd15(host):
+    """A ComfyUI-loadable SD1 single file (fp16, ~420 MiB) in the host's models/checkpoints."""
+    from single_file_models import build_comfy_sd1_checkpoint
+
+    return build_comfy_sd1_checkpoint(host.base / "checkpoints" / "tiny_sd15.safetensors")
+
+
+def test_prior_from_core_load_checkpoint_computes_what_comfyui_computes(tiny_sd15):
+    """In ComfyUI's own Python, under inference mode as nodes run: core Load Checkpoint → our adapter → a prior
+    whose text embeddings and UNet output equal ComfyUI's own, and equal our single-file loader's on the file."""
+    import subprocess
+
+    from comfy_host import comfyui_path
+
+    comfy = comfyui_path()
+    result = subprocess.run([str(comfy / ".venv" / "bin" / "python"), str(ROOT / "tests" / "host_adapter_check.py"),
+                             str(comfy), str(ROOT), str(tiny_sd15)], capture_output=True, text=True, timeout=900,
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["prediction"] == "epsilon" and "Stable Diffusion 1.x, epsilon" in report["detected"]
+    assert report["params_requiring_no_inference"]
+    assert report["text_vs_comfyui"] < 1e-4 and report["unet_vs_comfyui"] < 1e-4, report
+    assert report["unet_nodes_vs_file"] == 0.0 and report["vae_nodes_vs_file"] == 0.0, report
+
+
+def test_core_load_checkpoint_feeds_the_train_loop(host, tiny_sd15, tmp_path):
+    graph = _fast(comfy_client.load_workflow(WORKFLOWS / "api" / "image_2d_asd.json"))
+    graph["10"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_sd15.name}}
+    graph["1"] = {"class_type": "ASDPriorFromCheckpoint",
+                  "inputs": {"model": ["10", 0], "clip": ["10", 1], "vae": ["10", 2], "precision": "fp32"}}
+    graph["3"]["inputs"]["size"] = 64
+    graph["4"]["inputs"]["steps"] = 2
+    _, status, files = _run(host, graph, tmp_path)
+    assert status == "success", status + host.log_text()[-3000:]
+    assert any(p.suffix == ".png" for p in files)
+    assert "[ASD] Prior from checkpoint: Load Checkpoint: Stable Diffusion 1.x, epsilon (ComfyUI's model sampling)" \
+        in host.log_text()
+
+
+def test_load_sd_model_lists_checkpoint_files_and_refuses_pickles(host, tiny_sd15, tmp_path):
+    (host.base / "checkpoints" / "old.ckpt").write_bytes(b"not opened")
+    choices = host.get_json("/object_info/ASDLoadPrior")["ASDLoadPrior"]["input"]["required"]["model"][0]
+    assert tiny_sd15.name in choices and "old.ckpt" in choices
+    graph = _fast(comfy_client.load_workflow(WORKFLOWS / "api" / "image_2d_asd.json"))
+    graph["1"]["inputs"]["model"] = tiny_sd15.name
+    graph["3"]["inputs"]["size"] = 64
+    graph["4"]["inputs"]["steps"] = 2
+    _, status, _ = _run(host, graph, tmp_path / "ok")
+    assert status == "success", status
+    graph["1"]["inputs"]["model"] = "old.ckpt"
+    _, status, _ = _run(host, graph, tmp_path / "bad")
+    assert status.startswith("error: node 1") and "'old.ckpt' is a pickle checkpoint" in status, status
+
+
 def _ui_tools() -> str | None:
     """Why the browser test cannot run, or None."""
     import os

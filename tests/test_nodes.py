@@ -7,7 +7,7 @@ import inspect
 import pytest
 import torch
 
-CORE_TYPES = {"IMAGE", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN"}
+CORE_TYPES = {"IMAGE", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN", "MODEL", "CLIP", "VAE"}
 
 
 def _inputs(cls):

@@ -72,7 +72,7 @@ TOY_PRIOR = "asd-toy-prior (embedded, 32 px)"
 def prior_and_phi(camera_embedding: bool) -> dict:
     """Nodes 1 (Load SD Model, the embedded prior) and 2 (φ: LoRA rank 4, γ -0.75) that every graph starts with."""
     return {
-        1: ("ASDLoadPrior", "Load SD Model", (40, 60), {"model": TOY_PRIOR, "precision": "fp32"}),
+        1: ("ASDLoadPrior", "Load SD Model", (40, 60), {"model": TOY_PRIOR, "precision": "fp32", "prediction_type": "auto"}),
         2: ("ASDDiscriminator", "ASD Discriminator (LoRA/TI)", (40, 240),
             {"phi_type": "lora", "lora_rank": 4, "ti_tokens": 1, "learning_rate": 0.0, "gamma": -0.75,
              "camera_embedding": camera_embedding}),
