@@ -66,6 +66,12 @@ COMMON_SETTINGS: Settings = {
                                "detected from a single file's weights)")),
     "--phi-model": ("phi_model", dict(help="a second model (folder or single file) for φ, as the official recipe "
                                            "(SD2.1-768 v for φ, SD2.1-base as --model); default: φ on --model")),
+    "--precision": ("precision", dict(choices=["auto", "fp32", "fp16", "bf16"],
+                    help="frozen models' precision (default auto: fp16 on CUDA, fp32 elsewhere); θ and φ train in fp32")),
+    "--attention-slicing": ("attention_slicing", dict(type=_on_off, metavar="on|off",
+                            help="UNet attention one head at a time, for GPUs without memory-efficient SDPA (default off)")),
+    "--vae-checkpointing": ("vae_checkpointing", dict(type=_on_off, metavar="on|off",
+                            help="recompute the VAE encoder in backward (default: on in low-vram, else off)")),
     "--prompt": ("prompt", dict(help="text prompt")),
     "--negative-prompt": ("negative_prompt", dict(help="negative prompt for classifier-free guidance (default '')")),
     "--seed": ("seed", dict(type=_int, help="random seed (default 0)")),

@@ -170,6 +170,17 @@ class DiffusionPrior:
         prior.source = str(folder.path)
         return prior
 
+    def set_memory_options(self, attention_slicing: bool = False, vae_checkpointing: bool = False) -> None:
+        """Turn on memory savers (never off: a prior shared between runs keeps what any of them asked for).
+        Attention already runs through PyTorch's scaled_dot_product_attention (diffusers' default processor), whose
+        CUDA kernels do not materialise the attention matrix; slicing (one head at a time, diffusers' "max") is for
+        devices without those kernels, where it replaces SDPA. VAE checkpointing recomputes the encoder's blocks
+        during backward, which is where a 512 px render's gradient otherwise stores gigabytes of activations."""
+        if attention_slicing:
+            self.unet.set_attention_slice("max")
+        if vae_checkpointing and self.vae is not None:
+            self.vae.enable_gradient_checkpointing()
+
     def check_shares_space(self, other: "DiffusionPrior", input_name: str) -> None:
         """φ on a second model must see the same noisy inputs: same model space and noise schedule."""
         problems = []

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt
+from .devices import resolve_device
 from .discriminator import PhiConfig, build_discriminator
 from .distill import DistillConfig
 from .errors import UserInputError
@@ -46,6 +47,16 @@ def config_from_dict(cls: type, data: dict[str, Any]):
     return cls(**kwargs)
 
 
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The frozen models' dtype: ``auto`` is fp16 on CUDA (as Stable Diffusion runs there) and fp32 elsewhere."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return PRECISIONS[precision]
+
+
 @dataclass
 class RunConfig:
     """Settings every run has; :class:`Distill2DConfig` and :class:`TextTo3DConfig` extend it."""
@@ -54,6 +65,10 @@ class RunConfig:
     model: str | None = None              # pipeline folder or single-file checkpoint; None: the embedded prior
     prediction_type: str = "auto"         # override of the model's epsilon / v_prediction
     phi_model: str | None = None          # a second model for φ (official: SD2.1-768 v); None: φ on the prior
+    # Memory (frozen models only; θ and φ always train in fp32): "auto" = fp16 on CUDA, fp32 elsewhere.
+    precision: str = "auto"
+    attention_slicing: bool = False       # UNet attention in slices: lower peak, a little slower
+    vae_checkpointing: bool = False       # recompute the VAE encoder in backward instead of storing activations
     negative_prompt: str = ""
     steps: int = 500
     seed: int = 0
@@ -65,6 +80,9 @@ class RunConfig:
             raise UserInputError("--prompt", "the prompt is empty", "describe what to make, e.g. 'a red cube'")
         if self.steps <= 0:
             raise UserInputError("--steps", f"{self.steps} is not a positive step count", "use an integer ≥ 1")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise UserInputError("--precision", f"'{self.precision}' is not a precision",
+                                 f"use auto or one of {', '.join(PRECISIONS)}")
         self.distill.validate()
         if self.distill.uses_phi:
             self.phi.validate()
@@ -91,15 +109,19 @@ class DistillationRun:
     config_class: type = object
 
     def __init__(self, config, prior: DiffusionPrior | None = None, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, phi_prior: DiffusionPrior | None = None) -> None:
+                 dtype: torch.dtype | None = None, phi_prior: DiffusionPrior | None = None) -> None:
         config.validate()
         if prior is None:
             if config.model is None:  # the embedded toy prior is the default everywhere
                 from .toy_prior import default_prior_path
 
                 config.model = str(default_prior_path())
+            device = resolve_device(device)
+            if dtype is None:
+                dtype = resolve_precision(config.precision, device)
             prior = DiffusionPrior.load(config.model, device=device, dtype=dtype,
                                         prediction_type=config.prediction_type)
+        prior.set_memory_options(attention_slicing=config.attention_slicing, vae_checkpointing=config.vae_checkpointing)
         self.config, self.prior, self.step = config, prior, 0
         torch.manual_seed(config.seed)  # peft's LoRA init draws from the global RNG
         self.rng = torch.Generator().manual_seed(config.seed)  # every random draw of the run comes from here
@@ -159,7 +181,7 @@ class DistillationRun:
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike, overrides: dict[str, Any] | None = None,
                         prior: DiffusionPrior | None = None, device: str | torch.device | None = None,
-                        dtype: torch.dtype = torch.float32, phi_prior: DiffusionPrior | None = None):
+                        dtype: torch.dtype | None = None, phi_prior: DiffusionPrior | None = None):
         """Rebuild a run from its checkpoint; ``overrides`` may change ``steps`` (the new total)."""
         tensors, meta = ckpt.load_checkpoint(directory)
         if meta.get("kind") != cls.kind:

@@ -142,3 +142,25 @@ def test_corrupt_weights_give_a_user_error(tmp_path, tiny_eps_dir):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(UserInputError, match="could not load"):
         DiffusionPrior.from_pretrained(folder, device="cpu")
+
+
+def test_memory_options_and_half_precision_keep_training_working(tiny_eps_dir):
+    """low-vram's savers (and attention slicing) on a bf16 prior: φ and the image still train in fp32, the VAE
+    encoder recomputes in backward, attention runs sliced."""
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    from asd_engine.distill_2d import Distill2D, Distill2DConfig
+    from asd_engine.runs import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
+    assert resolve_precision("auto", torch.device("cuda")) == torch.float16
+    config = Distill2DConfig(prompt="a red cube", model=str(tiny_eps_dir), steps=2, parameterization="pixel",
+                             precision="bf16", attention_slicing=True, vae_checkpointing=True)
+    run = Distill2D(config, device="cpu")
+    assert run.prior.dtype == torch.bfloat16 and run.prior.vae.encoder.gradient_checkpointing
+    assert all(isinstance(p, SlicedAttnProcessor) for p in run.prior.unet.attn_processors.values())
+    run.run()
+    assert all(p.dtype == torch.float32 for p in run.phi.parameters())
+    assert torch.isfinite(run.images()).all()
+    with pytest.raises(UserInputError, match="--precision"):
+        Distill2DConfig(prompt="a", precision="fp8").validate()
