@@ -364,6 +364,7 @@ def _train(args: argparse.Namespace, run_class, settings: Settings, base: Callab
     preview_every = args.preview_every or max(1, config.steps // 10)
     checkpoint_every = args.checkpoint_every or preview_every
     (out / "run.json").write_text(json.dumps({"command": args.command, "config": dataclasses.asdict(config),
+                                              "model_detected": run.prior.detected,
                                               "resumed_from": args.resume, "device": str(run.prior.device),
                                               "torch": torch.__version__}, indent=2))
     stop = {"requested": False}

@@ -17,9 +17,9 @@ from ..asd_engine import specs
 from ..asd_engine.discriminator import PhiConfig
 from ..asd_engine.errors import UserInputError
 from ..asd_engine.prior import DiffusionPrior
+from ..asd_engine.runs import PRECISIONS
 from . import comfy_bridge as host
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 METHODS = ["asd", "vsd", "sds"]
 WEIGHTINGS = ["sds", "uniform", "sigma_over_alpha"]
 PRESETS = ["toy-cpu", "quality", "low-vram"]
@@ -41,14 +41,35 @@ def engine_call(method):
 PREDICTION_TYPES = ["auto", "epsilon", "v_prediction"]
 
 
-class ASDLoadPrior:
-    DESCRIPTION = ("Loads a frozen diffusion prior for score distillation: the embedded 32 px toy prior, a diffusers "
-                   "Stable Diffusion 1.x/2.x pipeline folder from models/asd or models/diffusers, or a single-file "
-                   "SD 1.x / 2.x (v) .safetensors checkpoint from models/checkpoints.")
+class _PriorNode:
+    """What the two prior loaders share: output, category, the precision input, and the device/memory steps."""
+
     CATEGORY = "ASD/loaders"
     RETURN_TYPES = ("ASD_PRIOR",)
     RETURN_NAMES = ("prior",)
     OUTPUT_TOOLTIPS = ("The frozen prior; φ adapters are added to it per training run, never copied.",)
+    PRECISION_INPUT = (list(PRECISIONS), {"default": "fp32",
+                       "tooltip": "Weights' precision of the frozen prior; φ always trains in fp32."})
+
+    @staticmethod
+    def _device_with_room(size_bytes: int) -> torch.device:
+        from ..asd_engine.devices import default_device
+
+        device = default_device()
+        host.free_memory_for(size_bytes, device)
+        return device
+
+    @staticmethod
+    def _report(node: str, prior: DiffusionPrior) -> tuple[DiffusionPrior]:
+        if prior.detected:  # ComfyUI's console: which family and ε/v, and which signal decided
+            logging.info("[ASD] %s: %s", node, prior.detected)
+        return (prior,)
+
+
+class ASDLoadPrior(_PriorNode):
+    DESCRIPTION = ("Loads a frozen diffusion prior for score distillation: the embedded 32 px toy prior, a diffusers "
+                   "Stable Diffusion 1.x/2.x pipeline folder from models/asd or models/diffusers, or a single-file "
+                   "SD 1.x / 2.x (v) .safetensors checkpoint from models/checkpoints.")
     FUNCTION = "load"
 
     @classmethod
@@ -57,8 +78,7 @@ class ASDLoadPrior:
             "model": (host.model_choices() or [host.EMBEDDED_PRIOR],
                       {"tooltip": "A pipeline folder (model_index.json, unet/, ...) or a single-file SD 1.x/2.x "
                                   ".safetensors checkpoint (family and v-prediction are detected from the weights)."}),
-            "precision": (list(PRECISIONS), {"default": "fp32",
-                          "tooltip": "Weights' precision of the frozen prior; φ always trains in fp32."}),
+            "precision": cls.PRECISION_INPUT,
             "prediction_type": (PREDICTION_TYPES, {"default": "auto", "tooltip":
                                 "auto: the folder's scheduler, or detected from the checkpoint (the console says "
                                 "which signal decided); set it when a 768-v model is not detected."}),
@@ -66,27 +86,17 @@ class ASDLoadPrior:
 
     @engine_call
     def load(self, model: str, precision: str, prediction_type: str = "auto"):
-        from ..asd_engine.devices import default_device
-
         path = host.model_path(model)
-        device = default_device()
         files = [path] if path.is_file() else list(path.rglob("*.safetensors"))
-        host.free_memory_for(sum(f.stat().st_size for f in files), device)
-        prior = DiffusionPrior.load(path, device=device, dtype=PRECISIONS[precision], input_name="model",
-                                    prediction_type=prediction_type)
-        if prior.detected:
-            logging.info("[ASD] Load SD Model: %s", prior.detected)
-        return (prior,)
+        device = self._device_with_room(sum(f.stat().st_size for f in files))
+        return self._report("Load SD Model", DiffusionPrior.load(
+            path, device=device, dtype=PRECISIONS[precision], input_name="model", prediction_type=prediction_type))
 
 
-class ASDPriorFromCheckpoint:
+class ASDPriorFromCheckpoint(_PriorNode):
     DESCRIPTION = ("Makes an ASD prior from the MODEL, CLIP and VAE of the core Load Checkpoint node (SD 1.x / 2.x), "
                    "so the checkpoint you already load feeds ASD. LoRAs applied to MODEL/CLIP upstream are baked in. "
                    "The prior is a second copy of the weights in memory.")
-    CATEGORY = "ASD/loaders"
-    RETURN_TYPES = ("ASD_PRIOR",)
-    RETURN_NAMES = ("prior",)
-    OUTPUT_TOOLTIPS = ("The frozen prior; φ adapters are added to it per training run, never copied.",)
     FUNCTION = "convert"
 
     @classmethod
@@ -96,23 +106,18 @@ class ASDPriorFromCheckpoint:
                                            "override, is used)."}),
             "clip": ("CLIP", {"tooltip": "From the same Load Checkpoint."}),
             "vae": ("VAE", {"tooltip": "From the same Load Checkpoint."}),
-            "precision": (list(PRECISIONS), {"default": "fp32",
-                          "tooltip": "Weights' precision of the frozen prior; φ always trains in fp32."}),
+            "precision": cls.PRECISION_INPUT,
         }}
 
     @engine_call
     def convert(self, model, clip, vae, precision: str):
-        from ..asd_engine.devices import default_device
         from ..asd_engine.single_file import prior_from_state_dict
 
         state, prediction = host.checkpoint_state_dict(model, clip, vae)
-        device = default_device()
-        host.free_memory_for(sum(v.numel() * v.element_size() for v in state.values()), device)
-        prior = prior_from_state_dict(state, prediction, device=device, dtype=PRECISIONS[precision],
-                                      source="Load Checkpoint", input_name="model",
-                                      prediction_source="ComfyUI's model sampling")
-        logging.info("[ASD] Prior from checkpoint: %s", prior.detected)
-        return (prior,)
+        device = self._device_with_room(sum(v.numel() * v.element_size() for v in state.values()))
+        return self._report("Prior from checkpoint", prior_from_state_dict(
+            state, prediction, device=device, dtype=PRECISIONS[precision], source="Load Checkpoint",
+            input_name="model", prediction_source="ComfyUI's model sampling"))
 
 
 class ASDDiscriminator:

@@ -160,9 +160,9 @@ def _two_identical_priors(path):
     return DiffusionPrior.from_pretrained(path, device="cpu"), DiffusionPrior.from_pretrained(path, device="cpu")
 
 
-def _run_steps(prior, config, steps=3):
+def _run_steps(prior, config, steps=3, phi_prior=None, return_phi=False):
     torch.manual_seed(0)  # φ's LoRA init
-    phi = build_discriminator(prior, PROMPT, PhiConfig(kind="lora", lr=1e-2))
+    phi = build_discriminator(phi_prior or prior, PROMPT, PhiConfig(kind="lora", lr=1e-2))
     x0, cond = _setup(prior)
     rng = torch.Generator().manual_seed(3)
     grads, losses = [], []
@@ -172,7 +172,7 @@ def _run_steps(prior, config, steps=3):
         result.generator_loss.backward()
         grads.append(x0.grad.clone())
         losses.append(result.phi_loss)
-    return grads, losses, phi.state_tensors()
+    return grads, losses, phi if return_phi else phi.state_tensors()
 
 
 def test_asd_with_gamma_zero_is_exactly_vsd(tiny_eps_dir):
@@ -216,30 +216,15 @@ def test_config_validation():
             bad.validate()
 
 
-def _run_steps_phi_on(prior, phi_prior, config, steps=3):
-    torch.manual_seed(0)
-    phi = build_discriminator(phi_prior, PROMPT, PhiConfig(kind="lora", lr=1e-2))
-    x0, cond = _setup(prior)
-    rng = torch.Generator().manual_seed(3)
-    grads, losses = [], []
-    for step in range(steps):
-        x0.grad = None
-        result = distill_step(x0, prior, phi, cond, config, step, rng)
-        result.generator_loss.backward()
-        grads.append(x0.grad.clone())
-        losses.append(result.phi_loss)
-    return grads, losses, phi
-
-
 @pytest.mark.parametrize("phi_noise", ["fresh", "shared"])
 def test_phi_on_a_second_copy_of_the_prior_is_the_same_algorithm(tiny_eps_dir, phi_noise):
     """φ on a separate model that happens to equal the prior: every gradient and φ loss as with φ on the prior
     (the γ term then reads φ's base model, which equals the prior here)."""
     prior_a, prior_b = _two_identical_priors(tiny_eps_dir)
     config = DistillConfig(method="asd", gamma=-0.75, phi_noise=phi_noise)
-    grads_same, losses_same, _ = _run_steps_phi_on(prior_a, prior_a, config)
+    grads_same, losses_same, _ = _run_steps(prior_a, config)
     prior_c, prior_d = _two_identical_priors(tiny_eps_dir)
-    grads_two, losses_two, phi = _run_steps_phi_on(prior_c, prior_d, config)
+    grads_two, losses_two, phi = _run_steps(prior_c, config, phi_prior=prior_d, return_phi=True)
     assert phi.prior is prior_d and not any("lora" in n for n, _ in prior_c.unet.named_parameters())
     for a, b in zip(grads_same + losses_same, grads_two + losses_two):
         assert torch.allclose(a, b, atol=1e-6)
