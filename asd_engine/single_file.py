@@ -133,11 +133,17 @@ def classify(info: CheckpointInfo, input_name: str = "--model") -> str:
     if len(cross) != 1:
         raise refuse("a UNet without (or with mixed) cross-attention")
     cross_dim = cross.pop()
-    if has(CLIP_L):
-        family, width = "sd1", _clip_l_shapes(shapes)["token_embedding"][1]
-    elif has(OPEN_CLIP):
-        family, width = "sd2", shapes[OPEN_CLIP + "token_embedding.weight"][1]
-    else:
+    try:
+        if has(CLIP_L):
+            family, width = "sd1", _clip_l_shapes(shapes)["token_embedding"][1]
+        elif has(OPEN_CLIP):
+            family, width = "sd2", shapes[OPEN_CLIP + "token_embedding.weight"][1]
+        else:
+            family = None
+    except KeyError as exc:
+        raise UserInputError(input_name, f"'{name}' has an incomplete text encoder (no {exc})",
+                             "download or copy the file again") from None
+    if family is None:
         raise UserInputError(input_name, f"'{name}' has no text encoder (neither cond_stage_model.transformer.* "
                              "nor cond_stage_model.model.*)", "use a full checkpoint that includes its text encoder")
     if width != cross_dim:
@@ -199,10 +205,18 @@ def family_config(family: str) -> dict:
     return json.loads((ASSETS / "sd_configs" / f"{family}.json").read_text())
 
 
-def derive_configs(info: CheckpointInfo) -> dict[str, dict]:
+def derive_configs(info: CheckpointInfo, input_name: str = "--model") -> dict[str, dict]:
     """diffusers/transformers configs for ``unet``, ``vae``, ``text_encoder``, ``scheduler`` (+ ``tokenizer``
     settings) of a classified checkpoint. Everything the shapes determine comes from the shapes; what they cannot
     tell (normalisation groups, activation, head counts) follows the family's rule, e.g. SD2's 64-wide heads."""
+    try:
+        return _derive_configs(info)
+    except (KeyError, StopIteration, ValueError, IndexError) as exc:
+        raise UserInputError(input_name, f"'{info.name}' has an unexpected layout (looked for {exc!s:.120})",
+                             f"use {SUPPORTED}") from None
+
+
+def _derive_configs(info: CheckpointInfo) -> dict[str, dict]:
     base = family_config(info.family)
     configs = {k: dict(v) for k, v in base.items() if not k.startswith("_") and k != "v_prediction_overrides"}
     if info.prediction_type == "v_prediction":
@@ -337,7 +351,7 @@ def build_components(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, 
     from transformers import CLIPTextConfig, CLIPTextModel
 
     unet_conv, vae_conv, clip_conv, open_clip_conv = _converters()
-    configs = derive_configs(info)
+    configs = derive_configs(info, input_name)
     unet = _empty(lambda: UNet2DConditionModel.from_config(configs["unet"]))
     _load_strict(unet, unet_conv(state_dict, unet.config), "UNet", info.name, input_name, dtype)
     vae = _empty(lambda: AutoencoderKL.from_config(configs["vae"]))
@@ -350,8 +364,10 @@ def build_components(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, 
         unused = f"{OPEN_CLIP}transformer.resblocks.{layers}."
         weights = open_clip_conv(text_encoder, {k: v for k, v in state_dict.items()
                                                 if k.startswith(OPEN_CLIP) and not k.startswith(unused)})
-    if not hasattr(text_encoder, "text_model"):  # transformers ≥ 5.6 dropped the "text_model." level
-        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    # transformers ≥ 5.6 dropped the "text_model." level of CLIPTextModel; very old SD1 files never had it.
+    weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    if hasattr(text_encoder, "text_model"):
+        weights = {f"text_model.{k}": v for k, v in weights.items()}
     _load_strict(text_encoder, weights, "text encoder", info.name, input_name, dtype)
     scheduler = DDPMScheduler.from_config(configs["scheduler"])
     return unet, text_encoder, clip_tokenizer(info.family), scheduler, vae

@@ -201,3 +201,22 @@ def test_cli_runs_on_a_single_file_and_says_what_it_detected(sd2_v, tmp_path):
                           "--prompt", "a", "--steps", "1", "--out", str(tmp_path / "bad")],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "--model: 'x.ckpt' is a pickle checkpoint" in bad.stderr
+
+
+def test_incomplete_files_name_what_is_missing_and_old_text_encoder_keys_load(sd1, tmp_path):
+    from safetensors.torch import load_file
+
+    folder, file = sd1
+    state = load_file(str(file))
+    missing = dict(state)
+    del missing["model.diffusion_model.out.2.bias"]
+    save_file(missing, str(tmp_path / "incomplete.safetensors"))
+    with pytest.raises(UserInputError, match="'incomplete.safetensors' is incomplete: its UNet lacks 1 weights"):
+        DiffusionPrior.load(tmp_path / "incomplete.safetensors", device="cpu")
+    # Early SD1 files name the text encoder without the "text_model." level.
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+           for k, v in state.items()}
+    save_file(old, str(tmp_path / "old.safetensors"))
+    prompts = ["a photo of a cat"]
+    assert torch.equal(DiffusionPrior.load(tmp_path / "old.safetensors", device="cpu").encode_prompt(prompts),
+                       DiffusionPrior.load(folder, device="cpu").encode_prompt(prompts))
