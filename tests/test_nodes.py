@@ -104,3 +104,20 @@ def test_2d_chain_and_user_errors(pack, nodes, tiny_eps_dir, tmp_path, monkeypat
         nodes["ASDNeRFGenerator"].build("toy-cpu", "64:32", 1, 0)
     with pytest.raises(RuntimeError, match="checkpoint"):
         nodes["ASDLoadCheckpoint"].load(str(tmp_path / "nothing"))
+
+
+def test_phi_on_a_second_model_through_the_nodes(pack, nodes, tiny_eps_dir, tiny_v_latent_dir, tmp_path, monkeypatch):
+    """The official pairing as a graph: an ε prior, φ on a v-prediction model wired into ASD Discriminator."""
+    monkeypatch.chdir(tmp_path)
+    prior, phi_model = _node_prior(pack, tiny_eps_dir), _node_prior(pack, tiny_v_latent_dir)
+    (phi,) = nodes["ASDDiscriminator"].build("lora", 4, 1, 0.0, -0.75, False, phi_model=phi_model)
+    (generator,) = nodes["ASDImageGenerator"].build(64, "latent", 0.0, 0)
+    with torch.inference_mode():
+        result, _, checkpoint = nodes["ASDTrainLoop"].train(
+            prior, generator, "a red cube", "", "asd", 2, 7.5, "sds", 0.02, 0.98, "fresh", "pair", phi=phi)
+        assert result.step == 2 and result.config.phi_model == str(tiny_v_latent_dir)
+        assert not any("lora_" in k for k in prior.unet.state_dict()) and not any(
+            "lora_" in k for k in phi_model.unet.state_dict())  # φ lived on the second model and was removed
+        resumed, _, _ = nodes["ASDTrainLoop"].train(prior, generator, "a red cube", "", "asd", 3, 7.5, "sds",
+                                                   0.02, 0.98, "fresh", "pair", phi=phi, resume=checkpoint)
+    assert resumed.step == 3
