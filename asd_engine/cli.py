@@ -358,8 +358,9 @@ def _train(args: argparse.Namespace, run_class, settings: Settings, base: Callab
     else:
         run = run_class(config, device=args.device)
     config = run.config
-    for role, model in (("model", run.prior), ("φ model", run.phi.prior if run.phi is not None else None)):
-        if model is not None and model.detected and (role == "model" or model is not run.prior):
+    phi_model = run.phi.prior if run.phi is not None and run.phi.prior is not run.prior else None
+    for role, model in (("model", run.prior), ("φ model", phi_model)):
+        if model is not None and model.detected:
             sys.stderr.write(f"{role}: {model.detected}\n")
     preview_every = args.preview_every or max(1, config.steps // 10)
     checkpoint_every = args.checkpoint_every or preview_every

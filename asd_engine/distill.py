@@ -169,14 +169,10 @@ def distill_step(x0: torch.Tensor, prior, phi, conditioning: Conditioning, confi
             cam_phi = None if camera is None else torch.cat([camera, torch.zeros_like(camera)])
         with torch.no_grad():  # the prior's conditional prediction where the γ/η terms need it and it is missing
             need = ([] if gamma == 0.0 or prior2 is not None else [x_t2]) + ([] if reference is None else [x_r])
-            if need and separate:
-                extra = phi.base_output(torch.cat(need), torch.cat([t2] * len(need)))
-                if gamma != 0.0:
-                    prior2, extra = extra[:batch], extra[batch:]
-                prior_real = extra if reference is not None else None
-            elif need:
-                extra = prior.model_output(torch.cat(need), torch.cat([t2] * len(need)),
-                                           conditioning.cond.expand(batch, -1, -1).repeat(len(need), 1, 1))
+            if need:
+                x_need, t_need = torch.cat(need), torch.cat([t2] * len(need))
+                extra = (phi.base_output(x_need, t_need) if separate else prior.model_output(
+                    x_need, t_need, conditioning.cond.expand(batch, -1, -1).repeat(len(need), 1, 1)))
                 if gamma != 0.0 and prior2 is None:
                     prior2, extra = extra[:batch], extra[batch:]
                 prior_real = extra if reference is not None else None

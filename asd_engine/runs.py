@@ -126,11 +126,12 @@ class DistillationRun:
         torch.manual_seed(config.seed)  # peft's LoRA init draws from the global RNG
         self.rng = torch.Generator().manual_seed(config.seed)  # every random draw of the run comes from here
         self._build()
-        if config.distill.uses_phi and phi_prior is None and config.phi_model:
-            phi_prior = DiffusionPrior.load(config.phi_model, device=prior.device, dtype=prior.dtype,
-                                            input_name="--phi-model")
-        if phi_prior is not None and config.distill.uses_phi:
-            prior.check_shares_space(phi_prior, "--phi-model")
+        if config.distill.uses_phi:
+            if phi_prior is None and config.phi_model:
+                phi_prior = DiffusionPrior.load(config.phi_model, device=prior.device, dtype=prior.dtype,
+                                                input_name="--phi-model")
+            if phi_prior is not None:
+                prior.check_shares_space(phi_prior, "--phi-model")
         self.phi = (build_discriminator(phi_prior or prior, config.prompt, config.phi, with_camera=self.has_cameras)
                     if config.distill.uses_phi else None)
 

@@ -374,23 +374,16 @@ def build_components(state_dict: dict[str, torch.Tensor], info: CheckpointInfo, 
 
 
 def load_single_file(path: str | os.PathLike, prediction_type: str = "auto", device=None,
-                     dtype: torch.dtype = torch.float32, input_name: str = "--model"):
+                     dtype: torch.dtype = torch.float32, input_name: str = "--model") -> DiffusionPrior:
     """A :class:`DiffusionPrior` from a single-file checkpoint; ``prior.source`` is the file, ``prior.detected``
     says what was detected and from which signal."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     info = inspect_single_file(path, input_name)
-    classify(info, input_name)
-
-    def read_tensor(key: str) -> torch.Tensor:
-        with safe_open(str(info.path), framework="pt") as handle:
-            return handle.get_tensor(key)
-
-    detect_prediction(info, prediction_type, read_tensor)
+    classify(info, input_name)  # refuse what is not supported before reading gigabytes
     with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; these weights must take part in autograd
-        components = build_components(load_file(str(info.path)), info, input_name, dtype)
-    return _prior(components, info, str(info.path), device, dtype)
+        state_dict = load_file(str(info.path))
+    return _build_prior(info, state_dict, prediction_type, str(info.path), device, dtype, input_name)
 
 
 def prior_from_state_dict(state_dict: dict[str, torch.Tensor], prediction_type: str = "auto", device=None,
@@ -400,14 +393,16 @@ def prior_from_state_dict(state_dict: dict[str, torch.Tensor], prediction_type: 
     ``prediction_source`` says where a given ``prediction_type`` came from."""
     info = CheckpointInfo(None, {k: tuple(v.shape) for k, v in state_dict.items()}, label=source)
     classify(info, input_name)
+    return _build_prior(info, state_dict, prediction_type, source, device, dtype, input_name, prediction_source)
+
+
+def _build_prior(info: CheckpointInfo, state_dict: dict[str, torch.Tensor], prediction_type: str, source: str,
+                 device, dtype: torch.dtype, input_name: str,
+                 prediction_source: str = "set by the user") -> DiffusionPrior:
+    """Detection, conversion and the prior, shared by files and in-memory state dicts (``info`` classified)."""
     detect_prediction(info, prediction_type, state_dict.__getitem__, override_source=prediction_source)
     with torch.inference_mode(False):
-        components = build_components(state_dict, info, input_name, dtype)
-    return _prior(components, info, source, device, dtype)
-
-
-def _prior(components, info: CheckpointInfo, source: str, device, dtype: torch.dtype) -> DiffusionPrior:
-    unet, text_encoder, tokenizer, scheduler, vae = components
+        unet, text_encoder, tokenizer, scheduler, vae = build_components(state_dict, info, input_name, dtype)
     prior = DiffusionPrior(unet, text_encoder, tokenizer, scheduler, vae, device=resolve_device(device), dtype=dtype)
     prior.source, prior.detected = source, info.describe()
     return prior

@@ -3,7 +3,7 @@ what ComfyUI itself computes and with our single-file loader on the same file. P
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import sys
@@ -19,13 +19,13 @@ comfy.options.enable_args_parsing()
 import comfy.sd  # noqa: E402
 import torch  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("asd_pack", pack_dir / "__init__.py", submodule_search_locations=[str(pack_dir)])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["asd_pack"] = pack
-spec.loader.exec_module(pack)
-from asd_pack.asd_engine.prior import DiffusionPrior  # noqa: E402
-from asd_pack.asd_engine.single_file import prior_from_state_dict  # noqa: E402
-from asd_pack.nodes import comfy_bridge  # noqa: E402
+sys.path.insert(0, str(pack_dir / "workflows"))
+from make_workflows import load_pack  # noqa: E402  (the pack loader the tests and the workflow generator share)
+
+pack = load_pack()
+DiffusionPrior = importlib.import_module(pack.__name__ + ".asd_engine.prior").DiffusionPrior
+prior_from_state_dict = importlib.import_module(pack.__name__ + ".asd_engine.single_file").prior_from_state_dict
+comfy_bridge = importlib.import_module(pack.__name__ + ".nodes.comfy_bridge")
 
 with torch.inference_mode():  # as ComfyUI runs nodes
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)
