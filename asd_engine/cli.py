@@ -76,12 +76,18 @@ COMMON_SETTINGS: Settings = {
     "--negative-prompt": ("negative_prompt", dict(help="negative prompt for classifier-free guidance (default '')")),
     "--seed": ("seed", dict(type=_int, help="random seed (default 0)")),
     "--method": ("distill.method", dict(choices=["asd", "vsd", "sds"], help="distillation method (default asd)")),
-    "--cfg": ("distill.guidance_scale", dict(type=float, help="classifier-free guidance scale (default 7.5)")),
+    "--cfg": ("distill.guidance_scale", dict(type=float, help="classifier-free guidance scale (default: from the "
+                                                          "prior's recipe; 7.5 for Stable Diffusion, 3 for the toy prior)")),
     "--gamma": ("distill.gamma", dict(type=float, help="ASD's γ in the φ loss (default -0.75; VSD is γ = 0)")),
     "--weighting": ("distill.weighting", dict(choices=["sds", "uniform", "sigma_over_alpha"],
                     help="w(t): sds = 1-ᾱ (default), uniform, sigma_over_alpha = √((1-ᾱ)/ᾱ)")),
-    "--t-min": ("distill.t_min", dict(type=float, help="lowest timestep as a fraction of T (default 0.02)")),
-    "--t-max": ("distill.t_max", dict(type=float, help="highest timestep as a fraction of T (default 0.98)")),
+    "--t-min": ("distill.t_min", dict(type=float, help="lowest timestep as a fraction of T (default: from the "
+                                                      "prior's recipe; official 0.02)")),
+    "--t-max": ("distill.t_max", dict(type=float, help="highest timestep as a fraction of T (default: from the "
+                                                      "prior's recipe; official 0.98)")),
+    "--train-background": ("background", dict(choices=["random", "white", "black"], help=
+                           "what renders are composited over in training, and what 2D pixels start as (default: "
+                           "from the prior's recipe; random for Stable Diffusion, white for the toy prior)")),
     "--t-anneal-step": ("distill.t_anneal_step", dict(type=_int,
                         help="from this step on use --t-max-annealed (2D default: never; 3D: per preset)")),
     "--t-max-annealed": ("distill.t_max_annealed", dict(type=float, help="t_max after annealing (default 0.5)")),
@@ -89,7 +95,8 @@ COMMON_SETTINGS: Settings = {
                     help="φ step with its own t', eps' (fresh, default) or the generator's (shared, one UNet call less)")),
     "--phi": ("phi.kind", dict(choices=["lora", "ti"], help="discriminator φ: LoRA (default) or textual inversion")),
     "--lora-rank": ("phi.lora_rank", dict(type=_int, help="LoRA rank of φ (default 4)")),
-    "--phi-lr": ("phi.lr", dict(type=float, help="φ learning rate (default 1e-4 LoRA, 5e-3 TI)")),
+    "--phi-lr": ("phi.lr", dict(type=float, help="φ learning rate (default: LoRA from the prior's recipe, official "
+                                                "1e-4, toy prior 1e-3; TI 5e-3)")),
     "--ti-tokens": ("phi.num_tokens", dict(type=_int, help="number of TI tokens of φ (default 1)")),
     "--ti-init": ("phi.init_word", dict(help="word whose embedding initialises the TI tokens (default 'object')")),
 }
@@ -114,6 +121,8 @@ SETTINGS_3D: Settings = {
                        help="append ', front/side/back/overhead view' per camera (default on)")),
     "--camera-embedding": ("phi.camera_embedding", dict(type=_on_off, metavar="on|off",
                            help="condition the LoRA φ on the camera (default on)")),
+    "--lambda-sparsity": ("lambda_sparsity", dict(type=float, help="weight of the sparsity regulariser (default: "
+                                                                  "from the prior's recipe; official 10)")),
 }
 PATH_SETTINGS = ("--model", "--phi-model", "--reference")
 PHI_ONLY = ("--phi", "--phi-model", "--gamma", "--phi-noise", "--lora-rank", "--phi-lr", "--ti-tokens", "--ti-init",
@@ -191,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_int, help="steps per run (default 600 in 3d, 300 in 2d)")
     p.add_argument("--mode", choices=["3d", "2d"], default="3d")
     p.add_argument("--phi-noise", choices=["fresh", "shared"], default="fresh")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default %(default)s)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: from the prior's recipe)")
     p.add_argument("--model", help="prior folder (default: the embedded toy prior)")
     p.add_argument("--out", required=True, help="output folder; a rerun with the same folder skips finished runs")
 
@@ -329,7 +338,7 @@ def _train(args: argparse.Namespace, run_class, settings: Settings, base: Callab
 
     from .checkpoint import load_checkpoint
     from .images import save_png
-    from .prior import check_model_path
+    from .loading import check_model_path
     from .runs import config_from_dict
 
     given = _given(args, settings)
@@ -364,7 +373,9 @@ def _train(args: argparse.Namespace, run_class, settings: Settings, base: Callab
             sys.stderr.write(f"{role}: {model.detected}\n")
     preview_every = args.preview_every or max(1, config.steps // 10)
     checkpoint_every = args.checkpoint_every or preview_every
+    # config.from_recipe names the values that came from the prior's recipe (all others: the user or the preset)
     (out / "run.json").write_text(json.dumps({"command": args.command, "config": dataclasses.asdict(config),
+                                              "recipe": dataclasses.asdict(run.prior.recipe),
                                               "model_detected": run.prior.detected,
                                               "resumed_from": args.resume, "device": str(run.prior.device),
                                               "torch": torch.__version__}, indent=2))

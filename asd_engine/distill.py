@@ -28,15 +28,16 @@ PHI_NOISE = ("fresh", "shared")
 
 @dataclass
 class DistillConfig:
-    """Distillation settings; defaults follow the official ASD configs (DESIGN §2b). ASD and VSD share all but γ."""
+    """Distillation settings; defaults follow the official ASD configs (DESIGN §2b). ASD and VSD share all but γ.
+    ``None`` (guidance scale, t range): "from the prior's recipe", filled when a run is built (:mod:`.recipe`)."""
 
     method: str = "asd"
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None   # None: the prior's recipe (official: 7.5)
     gamma: float = -0.75          # ASD's γ in L'_D; VSD is γ = 0
     eta: float = 0.5              # η of the real-sample term (Eq. 5), used only with reference images
     weighting: str = "sds"        # w(t): "sds" = 1 - ᾱ_t, "uniform" = 1, "sigma_over_alpha" = √((1 - ᾱ_t)/ᾱ_t)
-    t_min: float = 0.02           # generator timesteps are uniform integers in [t_min·T, t_max(step)·T]
-    t_max: float = 0.98
+    t_min: float | None = None    # generator timesteps are uniform integers in [t_min·T, t_max(step)·T] (official
+    t_max: float | None = None    # 0.02 and 0.98; None: the prior's recipe)
     t_max_annealed: float = 0.5   # t_max from step `t_anneal_step` on (official 3D recipe: 980 → 500 at step 5000)
     t_anneal_step: int | None = None  # absolute step, so a resumed or extended run keeps the same schedule
     phi_noise: str = "fresh"      # "fresh": φ step draws its own t', eps' (official); "shared": reuses t, eps
@@ -49,9 +50,12 @@ class DistillConfig:
                 raise UserInputError(flag, f"unknown value '{value}'", f"use one of {', '.join(allowed)}")
         if self.t_anneal_step is not None and self.t_anneal_step < 0:
             raise UserInputError("--t-anneal-step", f"{self.t_anneal_step} is negative", "use a step ≥ 0 or leave it out")
-        if not 0.0 <= self.t_min < self.t_max <= 1.0 or not self.t_min < self.t_max_annealed <= 1.0:
+        t_min, t_max = self.t_min or 0.0, 1.0 if self.t_max is None else self.t_max  # None: checked once resolved
+        if not 0.0 <= t_min < t_max <= 1.0 or not t_min < self.t_max_annealed <= 1.0:
             raise UserInputError("--t-range", f"t_min={self.t_min}, t_max={self.t_max}, "
                                  f"t_max_annealed={self.t_max_annealed}", "use 0 ≤ t_min < t_max ≤ 1 and t_min < t_max_annealed")
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            raise UserInputError("--cfg", f"{self.guidance_scale} is negative", "use a guidance scale ≥ 0")
         if self.method == "vsd" and self.gamma != 0.0:
             raise UserInputError("--gamma", f"VSD is ASD with γ = 0, got γ = {self.gamma}",
                                  "use --method asd to set γ, or leave --gamma out for VSD")
@@ -120,6 +124,8 @@ class StepResult:
     phi_loss: torch.Tensor | None   # scalar, detached (φ was already updated), None for SDS
     t: torch.Tensor                 # [B] generator timesteps
     grad_norm: float                # ‖grad‖ of Eq. 3 over the batch
+    phi_drift: float | None = None  # ‖eps_phi - eps_prior_cond‖/‖eps_prior_cond‖ at x_t (free: both are computed);
+    # 0 means φ is still the prior, and ASD's γ term does nothing
 
 
 def sample_timesteps_and_noise(shape: torch.Size, lo: int, hi: int, generator: torch.Generator,
@@ -132,11 +138,11 @@ def sample_timesteps_and_noise(shape: torch.Size, lo: int, hi: int, generator: t
 
 def distill_step(x0: torch.Tensor, prior, phi, conditioning: Conditioning, config: DistillConfig, step: int,
                  generator: torch.Generator, reference: torch.Tensor | None = None) -> StepResult:
-    """One step of Alg. 1 on the rendered/optimised ``x0 [B, C, h, w]`` (model space, differentiable).
-
-    Updates φ in place (step 7) and returns the generator's surrogate loss (step 6) for the caller to backward.
-    ``reference [B, C, h, w]``: real samples in model space; enables the full L_D.
-    """
+    """One step of Alg. 1 on the rendered/optimised ``x0 [B, C, h, w]`` (model space, differentiable). Updates φ in
+    place (step 7), returns the generator's surrogate loss (step 6) for the caller to backward.
+    ``reference [B, C, h, w]``: real samples in model space; enables the full L_D."""
+    if config.guidance_scale is None or config.t_min is None or config.t_max is None:
+        raise ValueError("distill_step needs a resolved config: use recipe.with_recipe(config, prior.recipe)")
     lo, hi = time_schedule(step, config, prior.num_train_timesteps)
     t, eps = sample_timesteps_and_noise(x0.shape, lo, hi, generator, x0.device)
     x0_detached = x0.detach()
@@ -187,4 +193,7 @@ def distill_step(x0: torch.Tensor, prior, phi, conditioning: Conditioning, confi
         if config.phi_noise == "shared":
             eps_phi = phi_prior.to_eps(phi_out[:batch], x_t, t)
     grad = generator_gradient(eps_cfg, eps_phi, loss_weight(prior.alphas_cumprod, t, config.weighting))
-    return StepResult(surrogate_loss(x0, grad), phi_loss, t, float(grad.norm()))
+    drift = None  # φ on a second model has another base: no like-for-like drift
+    if config.uses_phi and phi.prior is prior:
+        drift = float((eps_phi - (e := prior.to_eps(prior_cond, x_t, t))).norm() / e.norm().clamp_min(1e-12))
+    return StepResult(surrogate_loss(x0, grad), phi_loss, t, float(grad.norm()), drift)

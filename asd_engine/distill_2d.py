@@ -51,7 +51,7 @@ class Distill2D(DistillationRun):
         if config.size is None:
             config.size = int(prior.unet.config.sample_size) * prior.vae_scale_factor
         prior.check_image_size(config.size)
-        self.image = ImageGenerator(prior, config.size, config.parameterization, self.rng)
+        self.image = ImageGenerator(prior, config.size, config.parameterization, self.rng, config.background)
         lr = config.lr if config.lr is not None else DEFAULT_LR[config.parameterization]
         self.optimizer = torch.optim.Adam(self.image.parameters(), lr=lr)
         self.conditioning = Conditioning(cond=prior.encode_prompt([config.prompt]),
@@ -75,9 +75,7 @@ class Distill2D(DistillationRun):
         result.generator_loss.backward()
         self.optimizer.step()
         self.step += 1
-        return StepInfo(self.step, self.config.steps, result.generator_loss.item(),
-                        None if result.phi_loss is None else result.phi_loss.item(), int(result.t[0]),
-                        result.grad_norm)
+        return StepInfo.of(self.step, self.config.steps, result)
 
     @torch.no_grad()
     def images(self) -> torch.Tensor:

@@ -24,20 +24,25 @@ PARAMETERIZATIONS = ("latent", "pixel")
 class ImageGenerator(nn.Module):
     """One image optimised directly. ``forward(rng) → x0 [1, C, h, w]`` in the prior's model space."""
 
-    def __init__(self, prior: DiffusionPrior, size: int, parameterization: str, rng: torch.Generator) -> None:
+    def __init__(self, prior: DiffusionPrior, size: int, parameterization: str, rng: torch.Generator,
+                 background: str = "random") -> None:
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
             raise UserInputError("--param", f"unknown parameterisation '{parameterization}'",
                                  f"use one of {', '.join(PARAMETERIZATIONS)}")
         self.prior = prior
         self.encodes = parameterization == "pixel" and prior.latent_space
-        if self.encodes:  # RGB in [0, 1]: mid-grey with a little noise
-            init = 0.5 + 0.1 * torch.randn((1, 3, size, size), generator=rng)
+        # Pixels start as the background the prior saw (its recipe): mid-grey for "random" (SD saw everything), white
+        # for the toy prior, whose training images are a shape on white; any other start is read as object and
+        # grows into a frame-filling one. A little noise breaks the symmetry.
+        start = {"random": 0.5, "white": 1.0, "black": 0.0}[background]
+        if self.encodes:  # RGB in [0, 1]
+            init = start + 0.1 * torch.randn((1, 3, size, size), generator=rng)
         elif prior.latent_space:  # VAE latents: unit Gaussian, what the diffusion model calls pure noise
             init = torch.randn((1, *prior.sample_shape(size)), generator=rng)
-        else:  # pixel-space prior ([-1, 1]): the same mid-grey start as above; a unit Gaussian would be a noise
-            # image with a third of its pixels beyond the clip range, and the residue shows as salt-and-pepper
-            init = 0.2 * torch.randn((1, *prior.sample_shape(size)), generator=rng)
+        else:  # pixel-space prior ([-1, 1]): the same start as above; a unit Gaussian would be a noise image with a
+            # third of its pixels beyond the clip range, and the residue shows as salt-and-pepper
+            init = (2.0 * start - 1.0) + 0.2 * torch.randn((1, *prior.sample_shape(size)), generator=rng)
         self.param = nn.Parameter(init.to(prior.device))
 
     def forward(self, rng: torch.Generator | None = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 
 from .devices import resolve_device
 from .errors import UserInputError
+from .recipe import OFFICIAL, Recipe, apply_aliases, read_recipe
 
 PIPELINE_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 SUPPORTED_PREDICTIONS = ("epsilon", "v_prediction")
@@ -84,16 +85,6 @@ def inspect_pipeline_folder(path: str | os.PathLike, input_name: str = "--model"
     return PipelineFolder(folder, components)
 
 
-def check_model_path(path: str | os.PathLike, input_name: str = "--model") -> None:
-    """Cheap validity check of a model path (a pipeline folder, or a single file's header); loads no weights."""
-    from .single_file import classify, inspect_single_file, is_single_file
-
-    if is_single_file(path):
-        classify(inspect_single_file(path, input_name), input_name)
-    else:
-        inspect_pipeline_folder(path, input_name)
-
-
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Frozen, eval mode, on ``device``; cast only when needed (diffusers warns about needless casts)."""
     if next(module.parameters()).dtype != dtype:
@@ -121,29 +112,9 @@ class DiffusionPrior:
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)  # [T]
         self.source: str | None = None      # the folder or file it was loaded from
         self.detected: str | None = None    # for single files: family and prediction type, and what decided them
+        self.recipe: Recipe = OFFICIAL       # its distillation defaults (a pipeline folder may carry its own)
 
     # ------------------------------------------------------------------ loading
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-             dtype: torch.dtype = torch.float32, input_name: str = "--model",
-             prediction_type: str = "auto") -> "DiffusionPrior":
-        """A diffusers pipeline folder, or a single-file SD 1.x/2.x ``.safetensors`` checkpoint; offline.
-
-        ``prediction_type`` ("auto", "epsilon", "v_prediction") overrides what the model says about itself.
-        """
-        from .single_file import PREDICTION_CHOICES, is_single_file, load_single_file
-
-        if prediction_type not in PREDICTION_CHOICES:
-            raise UserInputError("prediction_type", f"'{prediction_type}' is not a prediction type",
-                                 f"use one of {', '.join(PREDICTION_CHOICES)}")
-        if is_single_file(path):
-            return load_single_file(path, prediction_type, device=device, dtype=dtype, input_name=input_name)
-        prior = cls.from_pretrained(path, device=device, dtype=dtype, input_name=input_name)
-        if prediction_type != "auto" and prediction_type != prior.prediction_type:
-            prior.prediction_type = prediction_type
-            prior.detected = f"{Path(path).name}: {prediction_type} (set by the user; the folder says otherwise)"
-        return prior
-
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: torch.dtype = torch.float32, input_name: str = "--model") -> "DiffusionPrior":
@@ -168,6 +139,7 @@ class DiffusionPrior:
                                  "check that its weights and configs are complete (safetensors files, config.json)") from None
         prior = cls(unet, text_encoder, tokenizer, scheduler, vae, device=resolve_device(device), dtype=dtype)
         prior.source = str(folder.path)
+        prior.recipe = read_recipe(folder.path)
         return prior
 
     def set_memory_options(self, attention_slicing: bool = False, vae_checkpointing: bool = False) -> None:
@@ -240,7 +212,8 @@ class DiffusionPrior:
 
     # ------------------------------------------------------------------ text
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """``[B, L]`` token ids, padded/truncated to the tokenizer's max length."""
+        """``[B, L]`` token ids, padded/truncated to the tokenizer's max length (after the recipe's word aliases)."""
+        prompts = [apply_aliases(p, self.recipe.prompt_aliases) for p in prompts]
         return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids.to(self.device)
 

@@ -64,7 +64,7 @@ class QualitySettings:
     mode: str = "3d"
     model: str | None = None          # None: the embedded prior
     phi_noise: str = "fresh"
-    guidance_scale: float = 7.5       # the paper's CFG for ASD/VSD (and this engine's default)
+    guidance_scale: float | None = None  # None: the prior's recipe (toy prior: 3; the paper's SD recipe: 7.5)
 
 
 def _grid(rows: list[list[torch.Tensor]]) -> torch.Tensor:
@@ -107,7 +107,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 record = json.loads(line)
                 done[_run_key(record)] = record
     prior = DiffusionPrior.from_pretrained(settings.model or default_prior_path(), device=device)
-    judge = None  # built on the first 2D run that needs it (rendering its mask bank takes a while)
+    judges = None  # built on the first 2D run that needs them (rendering their mask banks takes a while)
     runs, grid_rows = [], []
     for method in settings.methods:
         row = []
@@ -128,19 +128,27 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                     spec = ImageGeneratorSpec(size=None, seed=seed)
                 run = make_run(prior, spec, prompt, steps, method=method, phi_noise=settings.phi_noise,
                                guidance_scale=settings.guidance_scale)
+                drift: list[float] = []
                 with torch.enable_grad():
-                    run.run()
+                    run.run(on_step=lambda info: drift.append(info.phi_drift))
                 seconds = time.perf_counter() - started
-                record = dict(identity, seconds=seconds)
+                # the values the run actually used (from the prior's recipe unless the harness set them)
+                used = dict(cfg=run.config.distill.guidance_scale, background=run.config.background,
+                            phi_lr=run.config.phi.lr if run.phi is not None else None)
+                record = dict(identity, seconds=seconds, used=used)
+                if drift and drift[-1] is not None:  # φ's distance from the prior over the last tenth of the run
+                    record["phi_drift"] = statistics.fmean(drift[-max(1, len(drift) // 10):])
                 if settings.mode == "3d":
                     record.update(evaluate_nerf(run.nerf, shape, colour))
                     picture = run.preview()[0]
                 else:
                     picture = run.images()
-                    judge = judge or ToyJudge()
-                    judged_shape, judged_colour = judge(picture)
-                    record.update(shape_right=SHAPES[int(judged_shape)] == shape if judged_shape >= 0 else False,
-                                  colour_right=list(COLOURS)[int(judged_colour)] == colour if judged_colour >= 0 else False)
+                    judges = judges or {"": ToyJudge(), "_cropped": ToyJudge(scale_normalised=True)}
+                    for suffix, judge in judges.items():  # as rendered, and scale-normalised (bounding-box crops)
+                        judged_shape, judged_colour = judge(picture)
+                        record[f"shape_right{suffix}"] = bool(judged_shape >= 0 and SHAPES[int(judged_shape)] == shape)
+                        record[f"colour_right{suffix}"] = bool(
+                            judged_colour >= 0 and list(COLOURS)[int(judged_colour)] == colour)
                     picture = torch.nn.functional.interpolate(picture, scale_factor=2, mode="nearest")[0]
                 if run.phi is not None and hasattr(run.phi, "remove"):
                     run.phi.remove()
@@ -165,9 +173,10 @@ def summarise(runs: list[dict], mode: str) -> dict[str, dict[str, float]]:
     for method in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == method]
         seeds = sorted({r["seed"] for r in mine})
-        keys = ("iou", "colour_error") if mode == "3d" else ("shape_right", "colour_right")
-        if mode == "3d" and all("area_ratio" in r for r in mine):  # journals from before it was measured lack it
-            keys += ("area_ratio",)
+        keys = ("iou", "colour_error", "area_ratio") if mode == "3d" else (
+            "shape_right", "colour_right", "shape_right_cropped", "colour_right_cropped")
+        keys += ("phi_drift",)
+        keys = tuple(k for k in keys if all(k in r for r in mine))  # journals from older versions lack some
         entry = {}
         for key in keys:
             values = [float(r[key]) for r in mine if r.get(key) == r.get(key)]  # drop NaNs
@@ -182,17 +191,23 @@ def summarise(runs: list[dict], mode: str) -> dict[str, dict[str, float]]:
 def markdown_table(result: dict) -> str:
     mode = result["settings"]["mode"]
     if mode == "3d":
-        lines = ["| method | silhouette IoU ↑ | ± over seeds | colour error ↓ | ± over seeds | area ratio (1 = right) | s / run |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines = ["| method | silhouette IoU ↑ | ± over seeds | colour error ↓ | ± over seeds | area ratio (1 = right) "
+                 "| φ drift | s / run |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for method, s in result["summary"].items():
-            area = f"{s['area_ratio']:.2f}" if "area_ratio" in s else "—"
             lines.append(f"| {method} | {s['iou']:.3f} | {s['iou_seed_std']:.3f} | {s['colour_error']:.3f} | "
-                         f"{s['colour_error_seed_std']:.3f} | {area} | {s['seconds_per_run']:.0f} |")
+                         f"{s['colour_error_seed_std']:.3f} | {_cell(s, 'area_ratio', '{:.2f}')} | "
+                         f"{_cell(s, 'phi_drift', '{:.3f}')} | {s['seconds_per_run']:.0f} |")
     else:
-        lines = ["| method | shape right ↑ | ± over seeds | colour right ↑ | ± over seeds | s / run |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines = ["| method | shape right ↑ | ± over seeds | colour right ↑ | ± over seeds | shape right, scale-normalised ↑ "
+                 "| colour right, scale-normalised ↑ | φ drift | s / run |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for method, s in result["summary"].items():
             lines.append(f"| {method} | {100 * s['shape_right']:.0f} % | {100 * s['shape_right_seed_std']:.0f} | "
                          f"{100 * s['colour_right']:.0f} % | {100 * s['colour_right_seed_std']:.0f} | "
-                         f"{s['seconds_per_run']:.0f} |")
+                         f"{_cell(s, 'shape_right_cropped', '{:.0%}')} | {_cell(s, 'colour_right_cropped', '{:.0%}')} | "
+                         f"{_cell(s, 'phi_drift', '{:.3f}')} | {s['seconds_per_run']:.0f} |")
     return "\n".join(lines)
+
+
+def _cell(summary: dict, key: str, fmt: str) -> str:
+    return fmt.format(summary[key]) if key in summary else "—"

@@ -22,7 +22,9 @@ from .devices import resolve_device
 from .discriminator import PhiConfig, build_discriminator
 from .distill import DistillConfig
 from .errors import UserInputError
+from .loading import load_prior
 from .prior import DiffusionPrior
+from .recipe import BACKGROUNDS, resolve_recipe
 
 
 def config_from_dict(cls: type, data: dict[str, Any]):
@@ -72,14 +74,21 @@ class RunConfig:
     negative_prompt: str = ""
     steps: int = 500
     seed: int = 0
+    # What the generator is composited over while training (3D) or starts as (2D pixels): "random", "white" or
+    # "black"; None: the prior's recipe (official: "random"; the toy prior saw only white).
+    background: str | None = None
     distill: DistillConfig = field(default_factory=DistillConfig)
     phi: PhiConfig = field(default_factory=PhiConfig)
+    from_recipe: list[str] = field(default_factory=list)  # the fields the prior's recipe filled (set when built)
 
     def validate(self) -> None:
         if not self.prompt.strip():
             raise UserInputError("--prompt", "the prompt is empty", "describe what to make, e.g. 'a red cube'")
         if self.steps <= 0:
             raise UserInputError("--steps", f"{self.steps} is not a positive step count", "use an integer ≥ 1")
+        if self.background is not None and self.background not in BACKGROUNDS:
+            raise UserInputError("--background", f"'{self.background}' is not a training background",
+                                 f"use one of {', '.join(BACKGROUNDS)}")
         if self.precision not in ("auto", *PRECISIONS):
             raise UserInputError("--precision", f"'{self.precision}' is not a precision",
                                  f"use auto or one of {', '.join(PRECISIONS)}")
@@ -99,6 +108,13 @@ class StepInfo:
     t: int                    # generator timestep of this step (first of the batch)
     grad_norm: float          # ‖w(t)(eps_cfg - eps_phi)‖
     extras: dict[str, float] = field(default_factory=dict)  # e.g. regularisers, render resolution
+    phi_drift: float | None = None  # ‖eps_phi - eps_prior‖ / ‖eps_prior‖ (see distill.StepResult); None for SDS
+
+    @classmethod
+    def of(cls, step: int, total: int, result, extras: dict[str, float] | None = None) -> "StepInfo":
+        """From a :class:`~asd_engine.distill.StepResult`."""
+        return cls(step, total, result.generator_loss.item(), None if result.phi_loss is None else result.phi_loss.item(),
+                   int(result.t[0]), result.grad_norm, extras or {}, result.phi_drift)
 
 
 class DistillationRun:
@@ -119,8 +135,11 @@ class DistillationRun:
             device = resolve_device(device)
             if dtype is None:
                 dtype = resolve_precision(config.precision, device)
-            prior = DiffusionPrior.load(config.model, device=device, dtype=dtype,
-                                        prediction_type=config.prediction_type)
+            prior = load_prior(config.model, device=device, dtype=dtype, prediction_type=config.prediction_type)
+        # Every value the user left open comes from the prior's own recipe, once, here; the config then holds
+        # concrete values (stored in checkpoints, so a resumed run keeps them) and says which ones were filled.
+        config.from_recipe = sorted(set(config.from_recipe) | set(resolve_recipe(config, prior.recipe)))
+        config.validate()
         prior.set_memory_options(attention_slicing=config.attention_slicing, vae_checkpointing=config.vae_checkpointing)
         self.config, self.prior, self.step = config, prior, 0
         torch.manual_seed(config.seed)  # peft's LoRA init draws from the global RNG
@@ -128,7 +147,7 @@ class DistillationRun:
         self._build()
         if config.distill.uses_phi:
             if phi_prior is None and config.phi_model:
-                phi_prior = DiffusionPrior.load(config.phi_model, device=prior.device, dtype=prior.dtype,
+                phi_prior = load_prior(config.phi_model, device=prior.device, dtype=prior.dtype,
                                                 input_name="--phi-model")
             if phi_prior is not None:
                 prior.check_shares_space(phi_prior, "--phi-model")

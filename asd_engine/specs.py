@@ -8,6 +8,7 @@ Views / Export Mesh / Save Checkpoint. Keeping this here keeps the nodes to pars
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -76,10 +77,12 @@ def parse_resolution_schedule(text: str, input_name: str = "resolution_schedule"
 
 
 def make_run(prior: DiffusionPrior, generator: ImageGeneratorSpec | NeRFGeneratorSpec, prompt: str, steps: int,
-             negative_prompt: str = "", method: str = "asd", guidance_scale: float = 7.5, weighting: str = "sds",
-             t_min: float = 0.02, t_max: float = 0.98, phi_noise: str = "fresh",
-             discriminator: DiscriminatorSpec | None = None, resume: str | os.PathLike | None = None) -> DistillationRun:
-    """A ready-to-run 2D or 3D distillation on ``prior``; with ``resume``, continue that checkpoint to ``steps``."""
+             negative_prompt: str = "", method: str = "asd", guidance_scale: float | None = None,
+             weighting: str = "sds", t_min: float | None = None, t_max: float | None = None, phi_noise: str = "fresh",
+             discriminator: DiscriminatorSpec | None = None, resume: str | os.PathLike | None = None,
+             background: str | None = None) -> DistillationRun:
+    """A ready-to-run 2D or 3D distillation on ``prior``; with ``resume``, continue that checkpoint to ``steps``.
+    ``None`` for guidance scale, t range and background means "from the prior's recipe" (``prior.recipe``)."""
     from .distill_2d import Distill2D, Distill2DConfig
     from .text_to_3d import TextTo3D, preset_config
 
@@ -106,14 +109,17 @@ def make_run(prior: DiffusionPrior, generator: ImageGeneratorSpec | NeRFGenerato
                           t_min=t_min, t_max=t_max, phi_noise=phi_noise)
     if generator.kind == "nerf":
         config = preset_config(generator.preset, prompt, negative_prompt=negative_prompt, steps=steps,
-                               seed=generator.seed, batch_size=generator.batch_size, phi=discriminator.phi, **models)
+                               seed=generator.seed, batch_size=generator.batch_size, phi=discriminator.phi,
+                               background=background, **models)
         if generator.resolution_schedule:
             config.resolution_schedule = list(generator.resolution_schedule)
         config.distill = dataclasses.replace(config.distill, **distill_fields)
     else:
         config = Distill2DConfig(prompt=prompt, **models, negative_prompt=negative_prompt, steps=steps,
                                  seed=generator.seed, size=generator.size, parameterization=generator.parameterization,
-                                 lr=generator.lr, distill=DistillConfig(**distill_fields), phi=discriminator.phi)
+                                 lr=generator.lr, distill=DistillConfig(**distill_fields),
+                                 phi=copy.deepcopy(discriminator.phi),  # the run fills it from the recipe
+                                 background=background)
     return run_class(config, prior=prior, phi_prior=phi_prior)
 
 

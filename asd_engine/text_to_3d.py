@@ -52,7 +52,7 @@ class TextTo3DConfig(RunConfig):
     lr_grid: float = 1e-2
     lr_mlp: float = 1e-3
     lr_background: float = 1e-3
-    lambda_sparsity: float = 10.0         # mean √(opacity² + 0.01)
+    lambda_sparsity: float | None = None  # mean √(opacity² + 0.01); None: the prior's recipe (official 10)
     lambda_opacity_entropy: float = 1000.0  # mean binary entropy of the opacity, from `opacity_entropy_from` on
     opacity_entropy_from: int = 10_000
     cameras: CameraRanges = field(default_factory=CameraRanges)
@@ -89,7 +89,6 @@ def preset_config(preset: str, prompt: str, **overrides: Any) -> TextTo3DConfig:
                                    per_level_scale=1.3459, hidden_dim=32)  # finest level 128
         config.render = RenderConfig(samples_per_ray=96, grid_warmup_steps=64, grid_update_every=8)
         config.distill = DistillConfig(t_anneal_step=300)
-        config.lambda_sparsity = 1.0
         config.opacity_entropy_from = 300
         config.lambda_opacity_entropy = 10.0
     for key, value in overrides.items():
@@ -124,7 +123,10 @@ class TextTo3D(DistillationRun):
         self.nerf.update_grid(step, self.rng)
         side = self.resolution(step)
         cameras = sample_cameras(config.batch_size, config.cameras, side, side, self.rng)
-        render = self.nerf.render(cameras, self.rng, training=True)
+        # "random": the learned background, swapped for a random solid colour at times (official); or the solid
+        # colour a narrow prior saw in training (the toy prior reads any other background as part of the object)
+        background = "learned" if config.background == "random" else config.background
+        render = self.nerf.render(cameras, self.rng, training=True, background=background)
         images = render.rgb.permute(0, 3, 1, 2)                                  # [B, 3, H, W]
         if side != self.prior_resolution:
             images = F.interpolate(images, size=(self.prior_resolution,) * 2, mode="bilinear", align_corners=False)
@@ -144,9 +146,7 @@ class TextTo3D(DistillationRun):
         loss.backward()
         self.optimizer.step()
         self.step += 1
-        return StepInfo(self.step, config.steps, result.generator_loss.item(),
-                        None if result.phi_loss is None else result.phi_loss.item(), int(result.t[0]),
-                        result.grad_norm, extras)
+        return StepInfo.of(self.step, config.steps, result, extras)
 
     @torch.no_grad()
     def preview(self, views: int = 4, size: int = 64) -> torch.Tensor:

@@ -131,16 +131,37 @@ def _chromaticity(rgb: torch.Tensor) -> torch.Tensor:
     return rgb / rgb.sum(-1, keepdim=True).clamp_min(1e-6)
 
 
+def crop_to_box(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """Scale-normalise silhouettes: each mask ``[B, H, W]`` (bool) cropped to the square around its bounding box
+    (the longer side, centred, so aspect ratios survive: a tall cylinder stays tall) and resized to ``size``².
+    Returns ``[B, size, size]`` bool; an empty mask stays empty."""
+    out = torch.zeros(masks.shape[0], size, size, dtype=torch.bool)
+    for i, mask in enumerate(masks):
+        rows, cols = mask.any(1).nonzero().squeeze(-1), mask.any(0).nonzero().squeeze(-1)
+        if len(rows) == 0:
+            continue
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        side = max(r1 - r0, c1 - c0)
+        square = torch.zeros(side, side)
+        dr, dc = (side - (r1 - r0)) // 2, (side - (c1 - c0)) // 2
+        square[dr:dr + r1 - r0, dc:dc + c1 - c0] = mask[r0:r1, c0:c1].float()
+        out[i] = F.interpolate(square[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0] > 0.5
+    return out
+
+
 class ToyJudge:
     """Tells which shape and colour an image shows, using ground-truth renders only.
 
     Colour: nearest *per-class mean chromaticity of true renders* (rgb / (r + g + b) of the mean foreground
     colour: white-light shading scales the albedo, which chromaticity ignores, so lit and shaded views agree). Shape: nearest neighbour (by IoU) of the binarised foreground
     mask in a bank of true masks from the trainer's camera distribution. The background is estimated from the
-    image border (median), not assumed white.
+    image border (median), not assumed white. ``scale_normalised``: both the mask and the bank are first cropped
+    to their bounding squares (:func:`crop_to_box`), so a right shape at the wrong size still counts as right.
     """
 
-    def __init__(self, size: int = 32, bank_per_shape: int = 300, seed: int = 1234) -> None:
+    def __init__(self, size: int = 32, bank_per_shape: int = 300, seed: int = 1234,
+                 scale_normalised: bool = False) -> None:
+        self.scale_normalised = scale_normalised
         g = torch.Generator().manual_seed(seed)
         masks, labels, colour_sums = [], [], torch.zeros(len(COLOURS), 3)
         counts = torch.zeros(len(COLOURS))
@@ -149,7 +170,7 @@ class ToyJudge:
             cams = sample_cameras(bank_per_shape, CameraRanges(), size, size, g)
             cols = torch.randint(len(COLOURS), (bank_per_shape,), generator=g).tolist()
             images, alpha = render_shapes([shape] * bank_per_shape, [names[c] for c in cols], cams)
-            masks.append(alpha[:, 0] > 0.5)
+            masks.append(self._normalise(alpha[:, 0] > 0.5, size))
             labels += [s] * bank_per_shape
             for image, a, c in zip(images, alpha, cols):
                 fg = a[0] > 0.5
@@ -159,6 +180,9 @@ class ToyJudge:
         self.bank_labels = torch.tensor(labels)
         self.colour_means = colour_sums / counts[:, None]      # [C, 3]
         self.size = size
+
+    def _normalise(self, masks: torch.Tensor, size: int) -> torch.Tensor:
+        return crop_to_box(masks, size) if self.scale_normalised else masks
 
     def foreground(self, images: torch.Tensor) -> torch.Tensor:
         """``images [B, 3, H, W]`` → foreground masks ``[B, H, W]`` (far from the border's median colour)."""
@@ -171,7 +195,7 @@ class ToyJudge:
         if images.shape[-1] != self.size:
             images = F.interpolate(images, size=(self.size, self.size), mode="area")
         fg = self.foreground(images)
-        flat = fg.flatten(1).float()
+        flat = self._normalise(fg, self.size).flatten(1).float()
         inter = flat @ self.bank.T
         union = flat.sum(1, keepdim=True) + self.bank.sum(1)[None] - inter
         shape = self.bank_labels[(inter / union.clamp_min(1)).argmax(1)]

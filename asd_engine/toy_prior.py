@@ -28,9 +28,15 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .cameras import VIEWS
+from .recipe import Recipe, write_recipe
 from .toy_data import COLOURS, SHAPES, caption, sample_batch
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "toy-prior"
+# Its distillation recipe, written beside its weights (asd_recipe.json). Measured, not guessed: docs/quality.md.
+# White, because every training image is a shape on white (any other background reads as "object"); CFG 3, as its
+# own samples are drawn (7.5 inflates silhouettes and saturates colour); "an"/"the" → "a", its captions' only article.
+TOY_RECIPE = Recipe(name="toy prior", background="white", guidance_scale=3.0, t_min=0.02, t_max=0.98, lora_lr=1e-3,
+                    lambda_sparsity=1.0, prompt_aliases={"an": "a", "the": "a"})
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -127,6 +133,7 @@ def save_pipeline(folder: Path, unet, text_encoder, tokenizer, scheduler, config
              "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_recipe(folder, TOY_RECIPE)
     (folder / "toy_prior.json").write_text(json.dumps({"training": asdict(config), **(extra or {})}, indent=2))
     return folder
 

@@ -16,6 +16,7 @@ import torch
 from ..asd_engine import specs
 from ..asd_engine.discriminator import PhiConfig
 from ..asd_engine.errors import UserInputError
+from ..asd_engine.loading import load_prior
 from ..asd_engine.prior import DiffusionPrior
 from ..asd_engine.runs import PRECISIONS
 from . import comfy_bridge as host
@@ -89,7 +90,7 @@ class ASDLoadPrior(_PriorNode):
         path = host.model_path(model)
         files = [path] if path.is_file() else list(path.rglob("*.safetensors"))
         device = self._device_with_room(sum(f.stat().st_size for f in files))
-        return self._report("Load SD Model", DiffusionPrior.load(
+        return self._report("Load SD Model", load_prior(
             path, device=device, dtype=PRECISIONS[precision], input_name="model", prediction_type=prediction_type))
 
 
@@ -136,7 +137,8 @@ class ASDDiscriminator:
             "lora_rank": ("INT", {"default": 4, "min": 1, "max": 128, "tooltip": "LoRA rank (official: 4)."}),
             "ti_tokens": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Number of textual-inversion tokens."}),
             "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-5,
-                              "tooltip": "φ's AdamW learning rate; 0 = default (LoRA 1e-4, TI 5e-3)."}),
+                              "tooltip": "φ's AdamW learning rate; 0 = default: from the prior's recipe for LoRA "
+                                         "(Stable Diffusion 1e-4, toy prior 1e-3), 5e-3 for TI."}),
             "gamma": ("FLOAT", {"default": -0.75, "min": -2.0, "max": 0.0, "step": 0.05,
                       "tooltip": "ASD's γ in the discriminator loss (official -0.75; 0 turns ASD into VSD)."}),
             "camera_embedding": ("BOOLEAN", {"default": True,
@@ -224,13 +226,19 @@ class ASDTrainLoop:
                                 "tooltip": "Classifier-free guidance's negative prompt."}),
             "method": (METHODS, {"default": "asd", "tooltip": "asd, or the baselines vsd (= γ 0) and sds (no φ)."}),
             "steps": ("INT", {"default": 600, "min": 1, "max": 100_000, "tooltip": "Total steps (also when resuming)."}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1,
-                    "tooltip": "Classifier-free guidance scale of the prior."}),
+            "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                    "tooltip": "Classifier-free guidance scale of the prior; 0 = default: from the prior's recipe "
+                               "(Stable Diffusion 7.5, toy prior 3)."}),
             "weighting": (WEIGHTINGS, {"default": "sds", "tooltip": "w(t): 1-ᾱ (sds), 1, or √((1-ᾱ)/ᾱ)."}),
-            "t_min": ("FLOAT", {"default": 0.02, "min": 0.0, "max": 1.0, "step": 0.01,
-                      "tooltip": "Lowest timestep as a fraction of T."}),
-            "t_max": ("FLOAT", {"default": 0.98, "min": 0.0, "max": 1.0, "step": 0.01,
-                      "tooltip": "Highest timestep as a fraction of T (3D presets anneal it later)."}),
+            "t_min": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.01,
+                      "tooltip": "Lowest timestep as a fraction of T; -1 = default: from the prior's recipe (0.02)."}),
+            "t_max": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.01,
+                      "tooltip": "Highest timestep as a fraction of T (3D presets anneal it later); -1 = default: "
+                                 "from the prior's recipe (0.98)."}),
+            "background": (["from prior", "random", "white", "black"], {"default": "from prior", "tooltip":
+                           "What renders are composited over in training (3D) and 2D pixels start as. Default: from "
+                           "the prior's recipe (random colours for Stable Diffusion, white for the toy prior, which "
+                           "only saw white)."}),
             "noise_sharing": (["fresh", "shared"], {"default": "fresh", "tooltip":
                               "φ step with its own t' and noise (official) or the generator's (one UNet call less)."}),
             "filename_prefix": ("STRING", {"default": "asd", "tooltip": "Checkpoints go to output/asd/<prefix>_NNNNN."}),
@@ -241,10 +249,12 @@ class ASDTrainLoop:
 
     @engine_call
     def train(self, prior, generator, prompt, negative_prompt, method, steps, cfg, weighting, t_min, t_max,
-              noise_sharing, filename_prefix, phi=None, resume=None):
+              noise_sharing, filename_prefix, background="from prior", phi=None, resume=None):
+        # 0 / -1 / "from prior" are the widgets' way of saying None: the prior's recipe decides
         run = specs.make_run(prior, generator, prompt, steps, negative_prompt=negative_prompt, method=method,
-                             guidance_scale=cfg, weighting=weighting, t_min=t_min, t_max=t_max,
-                             phi_noise=noise_sharing, discriminator=phi, resume=resume)
+                             guidance_scale=cfg or None, weighting=weighting, t_min=None if t_min < 0 else t_min,
+                             t_max=None if t_max < 0 else t_max, phi_noise=noise_sharing, discriminator=phi,
+                             resume=resume, background=None if background == "from prior" else background)
         folder, _ = host.new_output_folder(filename_prefix)
         progress = Progress(run)
         try:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(pack_dir / "workflows"))
 from make_workflows import load_pack  # noqa: E402  (the pack loader the tests and the workflow generator share)
 
 pack = load_pack()
-DiffusionPrior = importlib.import_module(pack.__name__ + ".asd_engine.prior").DiffusionPrior
+load_prior = importlib.import_module(pack.__name__ + ".asd_engine.loading").load_prior
 prior_from_state_dict = importlib.import_module(pack.__name__ + ".asd_engine.single_file").prior_from_state_dict
 comfy_bridge = importlib.import_module(pack.__name__ + ".nodes.comfy_bridge")
 
@@ -33,7 +33,7 @@ with torch.inference_mode():  # as ComfyUI runs nodes
     from_nodes = prior_from_state_dict(state, prediction, device="cpu", source="Load Checkpoint",
                                        prediction_source="ComfyUI's model sampling")
     comfy_cond = clip.encode_from_tokens(clip.tokenize("a red cube")).float()
-from_file = DiffusionPrior.load(checkpoint, device="cpu")
+from_file = load_prior(checkpoint, device="cpu")
 
 g = torch.Generator().manual_seed(0)
 x_t, t = torch.randn((1, 4, 8, 8), generator=g), torch.tensor([500])

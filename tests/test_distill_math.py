@@ -11,8 +11,14 @@ from asd_engine.distill import (Conditioning, DistillConfig, discriminator_loss,
                                 loss_weight, sample_timesteps_and_noise, surrogate_loss, time_schedule)
 from asd_engine.errors import UserInputError
 from asd_engine.prior import DiffusionPrior
+from asd_engine.recipe import with_recipe
 
 PROMPT = "a red cube"
+
+
+def official_config(**fields) -> DistillConfig:
+    """A distillation config resolved with the official recipe (what a run on Stable Diffusion gets)."""
+    return with_recipe(DistillConfig(**fields))
 
 
 def _setup(prior, batch=2, seed=0):
@@ -57,11 +63,11 @@ def test_loss_weights_closed_form():
 
 
 def test_time_schedule_anneals_at_the_given_step():
-    cfg = DistillConfig(t_min=0.02, t_max=0.98, t_max_annealed=0.5, t_anneal_step=10)
+    cfg = official_config(t_min=0.02, t_max=0.98, t_max_annealed=0.5, t_anneal_step=10)
     assert time_schedule(9, cfg, 1000) == (20, 980)
     assert time_schedule(10, cfg, 1000) == (20, 500)
-    assert time_schedule(10_000, DistillConfig(), 1000) == (20, 980)  # no annealing unless asked
-    assert time_schedule(0, DistillConfig(t_min=0.0, t_max=1.0), 1000) == (0, 999)
+    assert time_schedule(10_000, official_config(), 1000) == (20, 980)  # no annealing unless asked
+    assert time_schedule(0, official_config(t_min=0.0, t_max=1.0), 1000) == (0, 999)
 
 
 def test_discriminator_loss_closed_form():
@@ -80,7 +86,7 @@ def test_discriminator_loss_closed_form():
 
 def test_sds_gradient_is_cfg_minus_the_noise(prior):
     x0, cond = _setup(prior)
-    config = DistillConfig(method="sds")
+    config = official_config(method="sds")
     rng = torch.Generator().manual_seed(5)
     state = rng.get_state()
     result = distill_step(x0, prior, None, cond, config, 0, rng)
@@ -99,7 +105,7 @@ def test_sds_gradient_is_cfg_minus_the_noise(prior):
 def test_asd_fresh_noise_step_matches_algorithm_1(prior, phi_kind):
     """Generator gets w (eps_cfg - eps_phi) with φ *before* its update; φ's loss is L'_D at fresh (t', eps')."""
     x0, cond = _setup(prior)
-    config = DistillConfig(method="asd", gamma=-0.75, weighting="uniform")
+    config = official_config(method="asd", gamma=-0.75, weighting="uniform")
     phi = build_discriminator(prior, PROMPT, PhiConfig(kind=phi_kind, lr=1e-2))
     rng = torch.Generator().manual_seed(7)
     state = rng.get_state()
@@ -122,7 +128,7 @@ def test_asd_fresh_noise_step_matches_algorithm_1(prior, phi_kind):
 
 def test_asd_shared_noise_uses_one_phi_forward_for_both_updates(prior):
     x0, cond = _setup(prior)
-    config = DistillConfig(method="asd", phi_noise="shared")
+    config = official_config(method="asd", phi_noise="shared")
     phi = build_discriminator(prior, PROMPT, PhiConfig(kind="lora", lr=1e-2))
     rng = torch.Generator().manual_seed(11)
     t, eps, _, _ = _replay(rng.get_state(), x0, prior, config)
@@ -149,7 +155,7 @@ def test_unet_calls_per_step(prior_eps):
         phi = build_discriminator(prior_eps, PROMPT, PhiConfig()) if method != "sds" else None
         calls = []
         hook = prior_eps.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
-        distill_step(x0, prior_eps, phi, cond, DistillConfig(method=method, gamma=0.0 if method == "vsd" else -0.75),
+        distill_step(x0, prior_eps, phi, cond, official_config(method=method, gamma=0.0 if method == "vsd" else -0.75),
                      0, torch.Generator().manual_seed(0))
         hook.remove()
         counts[method] = calls
@@ -177,8 +183,8 @@ def _run_steps(prior, config, steps=3, phi_prior=None, return_phi=False):
 
 def test_asd_with_gamma_zero_is_exactly_vsd(tiny_eps_dir):
     prior_a, prior_b = _two_identical_priors(tiny_eps_dir)
-    grads_a, losses_a, phi_a = _run_steps(prior_a, DistillConfig(method="asd", gamma=0.0))
-    grads_b, losses_b, phi_b = _run_steps(prior_b, DistillConfig(method="vsd", gamma=0.0))
+    grads_a, losses_a, phi_a = _run_steps(prior_a, official_config(method="asd", gamma=0.0))
+    grads_b, losses_b, phi_b = _run_steps(prior_b, official_config(method="vsd", gamma=0.0))
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
     assert all(torch.equal(a, b) for a, b in zip(losses_a, losses_b))
     assert all(torch.equal(phi_a[k], phi_b[k]) for k in phi_a)
@@ -186,15 +192,15 @@ def test_asd_with_gamma_zero_is_exactly_vsd(tiny_eps_dir):
 
 def test_asd_gamma_changes_the_discriminator(tiny_eps_dir):
     prior_a, prior_b = _two_identical_priors(tiny_eps_dir)
-    _, losses_a, phi_a = _run_steps(prior_a, DistillConfig(method="asd", gamma=-0.75))
-    _, losses_b, phi_b = _run_steps(prior_b, DistillConfig(method="vsd"))
+    _, losses_a, phi_a = _run_steps(prior_a, official_config(method="asd", gamma=-0.75))
+    _, losses_b, phi_b = _run_steps(prior_b, official_config(method="vsd"))
     assert not all(torch.equal(phi_a[k], phi_b[k]) for k in phi_a)
 
 
 def test_reference_images_add_the_real_sample_terms(prior_eps):
     x0, cond = _setup(prior_eps, batch=1)
     reference = torch.randn_like(x0).detach()
-    config = DistillConfig(method="asd", gamma=-0.75, eta=0.5)
+    config = official_config(method="asd", gamma=-0.75, eta=0.5)
     phi = build_discriminator(prior_eps, PROMPT, PhiConfig(kind="lora"))
     rng = torch.Generator().manual_seed(2)
     _, _, t2, eps2 = _replay(rng.get_state(), x0, prior_eps, config)
@@ -207,11 +213,18 @@ def test_reference_images_add_the_real_sample_terms(prior_eps):
     assert torch.allclose(result.phi_loss, expected, atol=1e-6)
 
 
+def test_unresolved_config_is_refused_by_distill_step(tiny_eps_dir):
+    prior = DiffusionPrior.from_pretrained(tiny_eps_dir, device="cpu")
+    x0, cond = _setup(prior, batch=1)
+    with pytest.raises(ValueError, match="with_recipe"):
+        distill_step(x0, prior, None, cond, DistillConfig(method="sds"), 0, torch.Generator().manual_seed(0))
+
+
 def test_config_validation():
-    DistillConfig().validate()
-    for bad in (DistillConfig(method="gan"), DistillConfig(weighting="x"), DistillConfig(phi_noise="x"),
-                DistillConfig(t_min=0.5, t_max=0.4), DistillConfig(method="vsd", gamma=-0.5),
-                DistillConfig(t_anneal_step=-1)):
+    official_config().validate()
+    for bad in (official_config(method="gan"), official_config(weighting="x"), official_config(phi_noise="x"),
+                official_config(t_min=0.5, t_max=0.4), official_config(method="vsd", gamma=-0.5),
+                official_config(t_anneal_step=-1)):
         with pytest.raises(UserInputError):
             bad.validate()
 
@@ -221,7 +234,7 @@ def test_phi_on_a_second_copy_of_the_prior_is_the_same_algorithm(tiny_eps_dir, p
     """φ on a separate model that happens to equal the prior: every gradient and φ loss as with φ on the prior
     (the γ term then reads φ's base model, which equals the prior here)."""
     prior_a, prior_b = _two_identical_priors(tiny_eps_dir)
-    config = DistillConfig(method="asd", gamma=-0.75, phi_noise=phi_noise)
+    config = official_config(method="asd", gamma=-0.75, phi_noise=phi_noise)
     grads_same, losses_same, _ = _run_steps(prior_a, config)
     prior_c, prior_d = _two_identical_priors(tiny_eps_dir)
     grads_two, losses_two, phi = _run_steps(prior_c, config, phi_prior=prior_d, return_phi=True)
@@ -236,7 +249,7 @@ def test_phi_on_a_v_prediction_model_uses_its_own_targets(tiny_eps_dir, tiny_v_l
     prior = DiffusionPrior.from_pretrained(tiny_eps_dir, device="cpu")
     phi_prior = DiffusionPrior.from_pretrained(tiny_v_latent_dir, device="cpu")
     prior.check_shares_space(phi_prior, "--phi-model")
-    config = DistillConfig(method="asd", gamma=0.0)
+    config = official_config(method="asd", gamma=0.0)
     torch.manual_seed(0)
     phi = build_discriminator(phi_prior, PROMPT, PhiConfig(kind="lora"))
     x0, cond = _setup(prior, batch=1)

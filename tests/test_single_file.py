@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from asd_engine.errors import UserInputError
-from asd_engine.prior import DiffusionPrior
+from asd_engine.loading import load_prior
+
 from asd_engine.single_file import (CheckpointInfo, V_HEURISTIC_KEY, classify, clip_tokenizer, derive_configs,
                                     detect_prediction, family_config, inspect_single_file)
 from single_file_models import build_tiny_sd
@@ -45,8 +46,8 @@ def no_network(monkeypatch):
 @pytest.mark.parametrize("model", ["sd1", "sd2_v"])
 def test_single_file_gives_the_same_predictions_as_the_diffusers_original(model, request, no_network):
     folder, file = request.getfixturevalue(model)
-    original = DiffusionPrior.load(folder, device="cpu")
-    loaded = DiffusionPrior.load(file, device="cpu")
+    original = load_prior(folder, device="cpu")
+    loaded = load_prior(file, device="cpu")
     assert loaded.prediction_type == original.prediction_type
     assert loaded.source == str(file)
     assert loaded.detected.startswith(f"{file.name}: Stable Diffusion {'2' if model == 'sd2_v' else '1'}.x, "
@@ -123,7 +124,7 @@ def test_prediction_type_signals_in_order():
 
 def test_override_from_the_loader(sd2_v):
     _, file = sd2_v
-    assert DiffusionPrior.load(file, device="cpu", prediction_type="epsilon").prediction_type == "epsilon"
+    assert load_prior(file, device="cpu", prediction_type="epsilon").prediction_type == "epsilon"
 
 
 def test_pickle_checkpoints_are_refused_without_unpickling(tmp_path):
@@ -137,7 +138,7 @@ def test_pickle_checkpoints_are_refused_without_unpickling(tmp_path):
         path = tmp_path / name
         path.write_bytes(pickle.dumps({"state_dict": Payload()}))
         with pytest.raises(UserInputError) as error:
-            DiffusionPrior.load(path, device="cpu")
+            load_prior(path, device="cpu")
         message = str(error.value)
         assert name in message
         assert ("convert it to .safetensors" in message) if not name.endswith(".safetensors") else "corrupt" in message
@@ -183,7 +184,7 @@ SD1_PARTS = {UNET + "input_blocks.0.0.weight": (32, 4, 3, 3), UNET + "input_bloc
 def test_unsupported_families_are_named(tmp_path, name, shapes, expected):
     path = _fake(tmp_path, name, shapes)
     with pytest.raises(UserInputError, match=expected) as error:
-        DiffusionPrior.load(path, device="cpu")
+        load_prior(path, device="cpu")
     assert path.name in str(error.value) and "\n" not in str(error.value)
 
 
@@ -212,11 +213,11 @@ def test_incomplete_files_name_what_is_missing_and_old_text_encoder_keys_load(sd
     del missing["model.diffusion_model.out.2.bias"]
     save_file(missing, str(tmp_path / "incomplete.safetensors"))
     with pytest.raises(UserInputError, match="'incomplete.safetensors' is incomplete: its UNet lacks 1 weights"):
-        DiffusionPrior.load(tmp_path / "incomplete.safetensors", device="cpu")
+        load_prior(tmp_path / "incomplete.safetensors", device="cpu")
     # Early SD1 files name the text encoder without the "text_model." level.
     old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
            for k, v in state.items()}
     save_file(old, str(tmp_path / "old.safetensors"))
     prompts = ["a photo of a cat"]
-    assert torch.equal(DiffusionPrior.load(tmp_path / "old.safetensors", device="cpu").encode_prompt(prompts),
-                       DiffusionPrior.load(folder, device="cpu").encode_prompt(prompts))
+    assert torch.equal(load_prior(tmp_path / "old.safetensors", device="cpu").encode_prompt(prompts),
+                       load_prior(folder, device="cpu").encode_prompt(prompts))

@@ -79,6 +79,9 @@ def prior_and_phi(camera_embedding: bool) -> dict:
     }
 
 
+# the Train Loop's widgets that defer to the prior's recipe (CFG, t range, training background), and w(t)
+RECIPE_DEFAULTS = {"cfg": 0.0, "weighting": "sds", "t_min": -1.0, "t_max": -1.0, "background": "from prior"}
+
 NERF_TOY = ("ASDNeRFGenerator", "NeRF Generator", (40, 520),
             {"preset": "toy-cpu", "resolution_schedule": "", "batch_size": 1, "seed": 0})
 
@@ -89,7 +92,7 @@ def text_to_3d() -> dict:
         3: NERF_TOY,
         4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
             {"prior": (1, 0), "generator": (3, 0), "prompt": "a red cube", "negative_prompt": "", "method": "asd",
-             "steps": 600, "cfg": 7.5, "weighting": "sds", "t_min": 0.02, "t_max": 0.98, "noise_sharing": "fresh",
+             "steps": 600, **RECIPE_DEFAULTS, "noise_sharing": "fresh",
              "filename_prefix": "asd_text_to_3d", "phi": (2, 0)}),
         5: ("ASDRenderViews", "Render Views", (820, 60),
             {"result": (4, 0), "views": 36, "size": 128, "elevation": 15.0, "distance": 1.5, "fov": 70.0,
@@ -112,7 +115,7 @@ def image_2d() -> dict:
             {"size": 32, "parameterization": "latent", "learning_rate": 0.0, "seed": 0}),
         4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
             {"prior": (1, 0), "generator": (3, 0), "prompt": "a blue torus", "negative_prompt": "", "method": "asd",
-             "steps": 300, "cfg": 7.5, "weighting": "sds", "t_min": 0.02, "t_max": 0.98, "noise_sharing": "fresh",
+             "steps": 300, **RECIPE_DEFAULTS, "noise_sharing": "fresh",
              "filename_prefix": "asd_2d", "phi": (2, 0)}),
         5: ("SaveImage", "Distilled image", (820, 60), {"images": (4, 1), "filename_prefix": "asd/image_2d"}),
     }
@@ -125,7 +128,7 @@ def compare_methods() -> dict:
         y = 60 + 420 * row
         graph[base] = ("ASDTrainLoop", f"Train Loop ({method.upper()})", (420, y),
                        {"prior": (1, 0), "generator": (3, 0), "prompt": "a red cube", "negative_prompt": "",
-                        "method": method, "steps": 600, "cfg": 7.5, "weighting": "sds", "t_min": 0.02, "t_max": 0.98,
+                        "method": method, "steps": 600, **RECIPE_DEFAULTS,
                         "noise_sharing": "fresh", "filename_prefix": f"asd_compare_{method}", "phi": (2, 0)})
         graph[base + 1] = ("ASDRenderViews", f"Render Views ({method.upper()})", (820, y),
                            {"result": (base, 0), "views": 36, "size": 128, "elevation": 15.0, "distance": 1.5,

@@ -1,0 +1,42 @@
+"""Loading a prior from any path a user gives: a diffusers pipeline folder or a single-file checkpoint.
+
+The one-way layering is ``prior`` (the interface and folder loading) ← ``single_file`` (LDM-layout files) ←
+``loading`` (this module, which picks between them); nothing lower imports anything higher.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UserInputError
+from .prior import DiffusionPrior, inspect_pipeline_folder
+from .single_file import PREDICTION_CHOICES, classify, inspect_single_file, is_single_file, load_single_file
+
+
+def check_model_path(path: str | os.PathLike, input_name: str = "--model") -> None:
+    """Cheap validity check of a model path (a pipeline folder, or a single file's header); loads no weights."""
+    if is_single_file(path):
+        classify(inspect_single_file(path, input_name), input_name)
+    else:
+        inspect_pipeline_folder(path, input_name)
+
+
+def load_prior(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+               input_name: str = "--model", prediction_type: str = "auto") -> DiffusionPrior:
+    """A diffusers pipeline folder, or a single-file SD 1.x/2.x ``.safetensors`` checkpoint; offline.
+
+    ``prediction_type`` ("auto", "epsilon", "v_prediction") overrides what the model says about itself.
+    """
+    if prediction_type not in PREDICTION_CHOICES:
+        raise UserInputError("prediction_type", f"'{prediction_type}' is not a prediction type",
+                             f"use one of {', '.join(PREDICTION_CHOICES)}")
+    if is_single_file(path):
+        return load_single_file(path, prediction_type, device=device, dtype=dtype, input_name=input_name)
+    prior = DiffusionPrior.from_pretrained(path, device=device, dtype=dtype, input_name=input_name)
+    if prediction_type != "auto" and prediction_type != prior.prediction_type:
+        prior.prediction_type = prediction_type
+        prior.detected = f"{Path(path).name}: {prediction_type} (set by the user; the folder says otherwise)"
+    return prior

@@ -1,0 +1,131 @@
+"""A prior's own distillation defaults ("recipe"): what background it saw, how hard to guide it, which timesteps
+teach something, how fast φ should move, how strongly to regularise.
+
+Why this is not a global default: the official ASD recipe (DESIGN §2b) suits Stable Diffusion, which has seen every
+kind of background and is sampled at CFG 7.5. A prior trained on narrow data needs its own: the embedded toy prior
+saw only white backgrounds and is sampled at CFG 3, and given the official recipe it asks the NeRF to fill the frame
+(measured in docs/quality.md). So the recipe travels *with the prior*: a small JSON file, ``asd_recipe.json``, in
+the pipeline folder (``train-toy-prior`` writes it). Folders and single files without one get :data:`OFFICIAL`.
+
+Run configs hold ``None`` for "from the prior"; :func:`resolve_recipe` fills those fields once, when a run is built,
+and records which fields it filled (``RunConfig.from_recipe``), so run.json and checkpoints say where every value
+came from, and a resumed run keeps the values it started with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserInputError
+
+RECIPE_FILE = "asd_recipe.json"
+BACKGROUNDS = ("random", "white", "black")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Distillation defaults of one prior. Defaults = the official ASD recipe for Stable Diffusion (DESIGN §2b)."""
+
+    name: str = "official ASD recipe (Stable Diffusion)"
+    # What the generator is composited over while training, and what a 2D pixel image starts as. "random": a learned
+    # background replaced by a random solid colour half of the time (the official recipe; SD saw every background);
+    # "white"/"black": that solid colour, for priors that only ever saw it.
+    background: str = "random"
+    guidance_scale: float = 7.5
+    t_min: float = 0.02
+    t_max: float = 0.98
+    lora_lr: float = 1e-4                 # φ's learning rate when φ is a LoRA (TI keeps its own default)
+    lambda_sparsity: float = 10.0         # 3D: weight of the sparsity term mean √(opacity² + 0.01)
+    # Whole words rewritten before tokenising, for priors that know a narrow grammar: the toy prior's captions all
+    # read "a <colour> <shape>", and "an" is no word it knows (its embedding moves further than a colour change).
+    prompt_aliases: dict[str, str] = field(default_factory=dict)
+
+    def validate(self, where: str = "recipe") -> None:
+        if self.background not in BACKGROUNDS:
+            raise UserInputError(where, f"background '{self.background}' is not one of {', '.join(BACKGROUNDS)}",
+                                 f"fix {RECIPE_FILE}")
+        if (not 0.0 <= self.t_min < self.t_max <= 1.0 or self.guidance_scale <= 0 or self.lora_lr <= 0
+                or self.lambda_sparsity < 0):
+            raise UserInputError(where, f"out-of-range values in {self}", f"fix {RECIPE_FILE}")
+
+
+OFFICIAL = Recipe()
+
+# recipe field → dotted run-config field (a run without that field, e.g. 2D and sparsity, skips it)
+RECIPE_FIELDS: dict[str, str] = {
+    "background": "background",
+    "guidance_scale": "distill.guidance_scale",
+    "t_min": "distill.t_min",
+    "t_max": "distill.t_max",
+    "lora_lr": "phi.lr",
+    "lambda_sparsity": "lambda_sparsity",
+}
+
+
+def apply_aliases(prompt: str, aliases: dict[str, str]) -> str:
+    """``prompt`` with every whole word found in ``aliases`` (case-insensitively) replaced by its alias."""
+    if not aliases:
+        return prompt
+    return re.sub(r"[^\W\d_]+", lambda m: aliases.get(m.group(0).lower(), m.group(0)), prompt)
+
+
+def read_recipe(folder: str | os.PathLike) -> Recipe:
+    """The recipe stored in a pipeline folder, or :data:`OFFICIAL` when it has none. Unknown keys are an error
+    (a typo would otherwise silently fall back to the official value)."""
+    path = Path(folder) / RECIPE_FILE
+    if not path.is_file():
+        return OFFICIAL
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserInputError("--model", f"'{path}' is not valid JSON ({exc})", f"fix or delete {RECIPE_FILE}") from None
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserInputError("--model", f"'{path}' has unknown keys {unknown}", f"use only {sorted(known)}")
+    recipe = Recipe(**{"name": f"recipe of {Path(folder).name}", **data})
+    recipe.validate(str(path))
+    return recipe
+
+
+def write_recipe(folder: str | os.PathLike, recipe: Recipe) -> Path:
+    path = Path(folder) / RECIPE_FILE
+    path.write_text(json.dumps(dataclasses.asdict(recipe), indent=2) + "\n")
+    return path
+
+
+def with_recipe(distill, recipe: Recipe = OFFICIAL):
+    """A :class:`~asd_engine.distill.DistillConfig` copy with its ``None`` fields taken from ``recipe`` (for
+    calling ``distill_step`` outside a run, which resolves its own config)."""
+    return dataclasses.replace(distill, **{name: getattr(recipe, name) for name in ("guidance_scale", "t_min", "t_max")
+                                           if getattr(distill, name) is None})
+
+
+def _get(config: Any, dotted: str) -> tuple[Any, str, bool]:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        config = getattr(config, name)
+    return config, leaf, hasattr(config, leaf)
+
+
+def resolve_recipe(config: Any, recipe: Recipe) -> list[str]:
+    """Fill every ``None`` field of ``config`` that the recipe covers; returns the dotted names it filled.
+
+    φ's learning rate comes from the recipe only for a LoRA φ (textual inversion keeps its own default)."""
+    filled = []
+    for key, dotted in RECIPE_FIELDS.items():
+        owner, leaf, present = _get(config, dotted)
+        value = getattr(recipe, key)
+        if not present or getattr(owner, leaf) is not None:
+            continue
+        if key == "lora_lr" and owner.kind != "lora":
+            continue
+        setattr(owner, leaf, value)
+        filled.append(dotted)
+    return filled

@@ -1,0 +1,137 @@
+"""The prior's recipe: Stable Diffusion folders without one get the official recipe, the toy prior its own, an
+explicit value always wins, and every entry point (library, CLI, nodes' specs, harness) goes through it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from asd_engine import cli
+from asd_engine.distill_2d import Distill2D, Distill2DConfig
+from asd_engine.errors import UserInputError
+from asd_engine.generators import ImageGenerator
+from asd_engine.prior import DiffusionPrior
+from asd_engine.quality import parse_toy_prompt
+from asd_engine.recipe import OFFICIAL, RECIPE_FILE, Recipe, apply_aliases, read_recipe, write_recipe
+from asd_engine.specs import ImageGeneratorSpec, NeRFGeneratorSpec, make_run
+from asd_engine.text_to_3d import TextTo3D, preset_config
+from asd_engine.toy_prior import TOY_RECIPE, default_prior_path
+
+RECIPE_VALUES = ("background", "distill.guidance_scale", "distill.t_min", "distill.t_max", "phi.lr")
+
+
+def _values(config) -> dict:
+    return {"background": config.background, "distill.guidance_scale": config.distill.guidance_scale,
+            "distill.t_min": config.distill.t_min, "distill.t_max": config.distill.t_max, "phi.lr": config.phi.lr}
+
+
+@pytest.mark.parametrize("preset", ["quality", "low-vram"])
+def test_sd_folder_without_a_recipe_gets_the_official_one(tiny_eps_dir, preset):
+    prior = DiffusionPrior.from_pretrained(tiny_eps_dir, device="cpu")
+    assert not (tiny_eps_dir / RECIPE_FILE).exists() and prior.recipe == OFFICIAL
+    run = TextTo3D(preset_config(preset, "a cat", steps=1, prior_resolution=32), prior=prior)
+    assert _values(run.config) == {"background": "random", "distill.guidance_scale": 7.5, "distill.t_min": 0.02,
+                                   "distill.t_max": 0.98, "phi.lr": 1e-4}
+    assert run.config.lambda_sparsity == 10.0 and run.phi.optimizer.param_groups[0]["lr"] == 1e-4
+    assert set(run.config.from_recipe) == {*RECIPE_VALUES, "lambda_sparsity"}
+    run.phi.remove()
+
+
+def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
+    prior = DiffusionPrior.from_pretrained(default_prior_path(), device="cpu")
+    assert prior.recipe == TOY_RECIPE == read_recipe(default_prior_path())
+    run = make_run(prior, NeRFGeneratorSpec(), "a red cube", 1)
+    assert _values(run.config) == {"background": "white", "distill.guidance_scale": TOY_RECIPE.guidance_scale,
+                                   "distill.t_min": TOY_RECIPE.t_min, "distill.t_max": TOY_RECIPE.t_max,
+                                   "phi.lr": TOY_RECIPE.lora_lr}
+    assert run.config.lambda_sparsity == TOY_RECIPE.lambda_sparsity
+    run.phi.remove()
+    run = make_run(prior, NeRFGeneratorSpec(), "a red cube", 1, guidance_scale=5.0, t_max=0.7, background="random")
+    assert (run.config.distill.guidance_scale, run.config.distill.t_max, run.config.background) == (5.0, 0.7, "random")
+    assert {"distill.guidance_scale", "distill.t_max", "background"}.isdisjoint(run.config.from_recipe)
+    assert "distill.t_min" in run.config.from_recipe
+    run.phi.remove()
+
+
+def test_textual_inversion_keeps_its_own_learning_rate(tiny_v_dir, tmp_path):
+    folder = shutil.copytree(tiny_v_dir, tmp_path / "model")
+    write_recipe(folder, Recipe(name="x", lora_lr=3e-3))
+    prior = DiffusionPrior.from_pretrained(folder, device="cpu")
+    lora = Distill2D(Distill2DConfig(prompt="a cat", steps=1, size=32), prior=prior)
+    assert lora.config.phi.lr == 3e-3
+    lora.phi.remove()
+    config = Distill2DConfig(prompt="a cat", steps=1, size=32)
+    config.phi.kind = "ti"
+    ti = Distill2D(config, prior=prior)
+    assert ti.config.phi.lr is None and "phi.lr" not in ti.config.from_recipe
+
+
+def test_resumed_run_keeps_the_values_it_started_with(tiny_v_dir, tmp_path):
+    folder = shutil.copytree(tiny_v_dir, tmp_path / "model")
+    write_recipe(folder, Recipe(name="first", guidance_scale=2.0, background="white"))
+    run = Distill2D(Distill2DConfig(prompt="a cat", steps=2, size=32, model=str(folder)))
+    run.run()
+    run.save_checkpoint(tmp_path / "ckpt")
+    run.phi.remove()
+    write_recipe(folder, Recipe(name="changed later", guidance_scale=9.0))
+    resumed = Distill2D.from_checkpoint(tmp_path / "ckpt", overrides={"steps": 3})
+    assert resumed.config.distill.guidance_scale == 2.0 and resumed.config.background == "white"
+    assert "distill.guidance_scale" in resumed.config.from_recipe
+
+
+def test_bad_recipe_files_are_named_errors(tiny_v_dir, tmp_path):
+    folder = shutil.copytree(tiny_v_dir, tmp_path / "model")
+    (folder / RECIPE_FILE).write_text(json.dumps({"guidance": 3}))
+    with pytest.raises(UserInputError, match="unknown keys"):
+        DiffusionPrior.from_pretrained(folder, device="cpu")
+    (folder / RECIPE_FILE).write_text(json.dumps({"background": "grey"}))
+    with pytest.raises(UserInputError, match="background"):
+        DiffusionPrior.from_pretrained(folder, device="cpu")
+    (folder / RECIPE_FILE).write_text("{")
+    with pytest.raises(UserInputError, match="not valid JSON"):
+        DiffusionPrior.from_pretrained(folder, device="cpu")
+
+
+def test_pixel_start_matches_the_background_the_prior_saw(tiny_v_dir):
+    prior = DiffusionPrior.from_pretrained(tiny_v_dir, device="cpu")
+    for background, mean in (("white", 1.0), ("random", 0.5), ("black", 0.0)):
+        image = ImageGenerator(prior, 32, "pixel", torch.Generator().manual_seed(0), background)
+        start = (image.param.detach() + 1.0) / 2.0  # pixel-space prior: θ is the image in [-1, 1]
+        assert abs(float(start.mean()) - mean) < 0.02
+
+
+def test_cli_records_each_value_and_where_it_came_from(tiny_v_dir, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["distill-2d", "--model", str(tiny_v_dir), "--prompt", "a cat", "--steps", "1", "--size", "32",
+                     "--cfg", "4", "--out", str(out)]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["distill"]["guidance_scale"] == 4.0
+    assert "distill.guidance_scale" not in record["config"]["from_recipe"]
+    assert {"background", "distill.t_min", "distill.t_max", "phi.lr"} <= set(record["config"]["from_recipe"])
+    assert record["recipe"]["name"] == OFFICIAL.name
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["text-to-3d"].format_help()
+    assert " ".join(help_text.split()).count("from the prior's recipe") >= 5  # cfg, t range, background, φ lr, sparsity
+
+
+def test_prompts_as_people_type_them():
+    aliases = TOY_RECIPE.prompt_aliases
+    assert apply_aliases("An Orange Cone", aliases) == "a Orange Cone"
+    assert apply_aliases("the blue torus, side view", aliases) == "a blue torus, side view"
+    assert apply_aliases("another banana", aliases) == "another banana"  # whole words only
+    prior = DiffusionPrior.from_pretrained(default_prior_path(), device="cpu")
+    same = prior.encode_prompt(["a orange cone", "an orange cone", "An Orange Cone", "The orange cone"])
+    assert all(torch.equal(same[0], e) for e in same[1:])
+    assert parse_toy_prompt("An Orange Cone") == ("cone", "orange")
+    with pytest.raises(UserInputError, match="colours: red"):
+        parse_toy_prompt("a pink cube")
+
+
+def test_harness_and_2d_spec_use_the_recipe():
+    prior = DiffusionPrior.from_pretrained(default_prior_path(), device="cpu")
+    run = make_run(prior, ImageGeneratorSpec(), "a blue sphere", 1)
+    assert run.config.background == "white" and run.config.distill.guidance_scale == TOY_RECIPE.guidance_scale
+    assert float(run.images().mean()) > 0.9  # the 2D image starts white, as the toy prior's training images are
+    run.phi.remove()
