@@ -78,7 +78,8 @@ COMMON_SETTINGS: Settings = {
     "--method": ("distill.method", dict(choices=["asd", "vsd", "sds"], help="distillation method (default asd)")),
     "--cfg": ("distill.guidance_scale", dict(type=float, help="classifier-free guidance scale (default: from the "
                                                           "prior's recipe; 7.5 for Stable Diffusion, 3 for the toy prior)")),
-    "--gamma": ("distill.gamma", dict(type=float, help="ASD's γ in the φ loss (default -0.75; VSD is γ = 0)")),
+    "--gamma": ("distill.gamma", dict(type=float, help="ASD's γ in the φ loss (default: from the prior's recipe; "
+                                                      "official -0.75; VSD is γ = 0)")),
     "--weighting": ("distill.weighting", dict(choices=["sds", "uniform", "sigma_over_alpha"],
                     help="w(t): sds = 1-ᾱ (default), uniform, sigma_over_alpha = √((1-ᾱ)/ᾱ)")),
     "--t-min": ("distill.t_min", dict(type=float, help="lowest timestep as a fraction of T (default: from the "
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/mesh.glb, OUT/mesh.obj, OUT/turntable.webp, OUT/views/, OUT/previews/, "
                                    "OUT/checkpoint/ and OUT/metrics.jsonl.")
     _add_settings(p, SETTINGS_3D)
-    _add_run_options(p, "total number of steps (default per preset: 600 toy-cpu, 25000 otherwise)",
+    _add_run_options(p, "total number of steps (default per preset: 300 toy-cpu, 25000 otherwise)",
                      steps_required=False)
     _add_export_options(p)
 
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mesh.glb, mesh.obj, turntable.webp and views/ into --out.")
     p.add_argument("--prompt", default="a red cube", help="a colour and a shape the toy prior knows (default %(default)s)")
     p.add_argument("--method", choices=["asd", "vsd", "sds"], default="asd")
-    p.add_argument("--steps", type=_int, help="total steps (default: the toy-cpu preset's 600)")
+    p.add_argument("--steps", type=_int, help="total steps (default: the toy-cpu preset's 300)")
     p.add_argument("--seed", type=_int, default=0)
     p.add_argument("--out", default="runs/demo", help="output folder (default %(default)s)")
 
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default="a red cube;a green torus;a blue sphere;a yellow cone",
                    help="semicolon-separated toy prompts (default %(default)s)")
     p.add_argument("--seeds", type=_int, default=3, help="seeds per prompt (default 3)")
-    p.add_argument("--steps", type=_int, help="steps per run (default 600 in 3d, 300 in 2d)")
+    p.add_argument("--steps", type=_int, help="steps per run (default: the toy-cpu preset's 300 in 3d, 150 in 2d)")
     p.add_argument("--mode", choices=["3d", "2d"], default="3d")
     p.add_argument("--phi-noise", choices=["fresh", "shared"], default="fresh")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: from the prior's recipe)")

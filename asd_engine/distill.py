@@ -33,7 +33,7 @@ class DistillConfig:
 
     method: str = "asd"
     guidance_scale: float | None = None   # None: the prior's recipe (official: 7.5)
-    gamma: float = -0.75          # ASD's γ in L'_D; VSD is γ = 0
+    gamma: float | None = None    # ASD's γ in L'_D (None: the prior's recipe, official -0.75); VSD is γ = 0
     eta: float = 0.5              # η of the real-sample term (Eq. 5), used only with reference images
     weighting: str = "sds"        # w(t): "sds" = 1 - ᾱ_t, "uniform" = 1, "sigma_over_alpha" = √((1 - ᾱ_t)/ᾱ_t)
     t_min: float | None = None    # generator timesteps are uniform integers in [t_min·T, t_max(step)·T] (official
@@ -56,7 +56,7 @@ class DistillConfig:
                                  f"t_max_annealed={self.t_max_annealed}", "use 0 ≤ t_min < t_max ≤ 1 and t_min < t_max_annealed")
         if self.guidance_scale is not None and self.guidance_scale < 0:
             raise UserInputError("--cfg", f"{self.guidance_scale} is negative", "use a guidance scale ≥ 0")
-        if self.method == "vsd" and self.gamma != 0.0:
+        if self.method == "vsd" and self.gamma not in (None, 0.0):
             raise UserInputError("--gamma", f"VSD is ASD with γ = 0, got γ = {self.gamma}",
                                  "use --method asd to set γ, or leave --gamma out for VSD")
 
@@ -141,7 +141,7 @@ def distill_step(x0: torch.Tensor, prior, phi, conditioning: Conditioning, confi
     """One step of Alg. 1 on the rendered/optimised ``x0 [B, C, h, w]`` (model space, differentiable). Updates φ in
     place (step 7), returns the generator's surrogate loss (step 6) for the caller to backward.
     ``reference [B, C, h, w]``: real samples in model space; enables the full L_D."""
-    if config.guidance_scale is None or config.t_min is None or config.t_max is None:
+    if None in (config.guidance_scale, config.t_min, config.t_max, config.gamma):
         raise ValueError("distill_step needs a resolved config: use recipe.with_recipe(config, prior.recipe)")
     lo, hi = time_schedule(step, config, prior.num_train_timesteps)
     t, eps = sample_timesteps_and_noise(x0.shape, lo, hi, generator, x0.device)

@@ -97,7 +97,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
     targets = [parse_toy_prompt(p) for p in settings.prompts]
     if settings.mode not in ("3d", "2d"):
         raise UserInputError("--mode", f"unknown mode '{settings.mode}'", "use 3d or 2d")
-    steps = settings.steps or (600 if settings.mode == "3d" else 300)
+    steps = settings.steps or (300 if settings.mode == "3d" else 150)  # 3d: the demo's (toy-cpu preset's) count
     out.mkdir(parents=True, exist_ok=True)
     journal = out / "runs.jsonl"
     done = {}
@@ -133,7 +133,8 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                     run.run(on_step=lambda info: drift.append(info.phi_drift))
                 seconds = time.perf_counter() - started
                 # the values the run actually used (from the prior's recipe unless the harness set them)
-                used = dict(cfg=run.config.distill.guidance_scale, background=run.config.background,
+                used = dict(cfg=run.config.distill.guidance_scale, gamma=run.config.distill.gamma,
+                            background=run.config.background,
                             phi_lr=run.config.phi.lr if run.phi is not None else None)
                 record = dict(identity, seconds=seconds, used=used)
                 if drift and drift[-1] is not None:  # φ's distance from the prior over the last tenth of the run

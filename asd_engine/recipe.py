@@ -38,6 +38,7 @@ class Recipe:
     # "white"/"black": that solid colour, for priors that only ever saw it.
     background: str = "random"
     guidance_scale: float = 7.5
+    gamma: float = -0.75                  # ASD's γ (VSD is ASD with γ = 0, SDS has no φ: both always get 0)
     t_min: float = 0.02
     t_max: float = 0.98
     lora_lr: float = 1e-4                 # φ's learning rate when φ is a LoRA (TI keeps its own default)
@@ -51,6 +52,7 @@ class Recipe:
             raise UserInputError(where, f"background '{self.background}' is not one of {', '.join(BACKGROUNDS)}",
                                  f"fix {RECIPE_FILE}")
         if (not 0.0 <= self.t_min < self.t_max <= 1.0 or self.guidance_scale <= 0 or self.lora_lr <= 0
+                or not -1.0 <= self.gamma <= 0.0
                 or self.lambda_sparsity < 0):
             raise UserInputError(where, f"out-of-range values in {self}", f"fix {RECIPE_FILE}")
 
@@ -61,6 +63,7 @@ OFFICIAL = Recipe()
 RECIPE_FIELDS: dict[str, str] = {
     "background": "background",
     "guidance_scale": "distill.guidance_scale",
+    "gamma": "distill.gamma",
     "t_min": "distill.t_min",
     "t_max": "distill.t_max",
     "lora_lr": "phi.lr",
@@ -103,8 +106,11 @@ def write_recipe(folder: str | os.PathLike, recipe: Recipe) -> Path:
 def with_recipe(distill, recipe: Recipe = OFFICIAL):
     """A :class:`~asd_engine.distill.DistillConfig` copy with its ``None`` fields taken from ``recipe`` (for
     calling ``distill_step`` outside a run, which resolves its own config)."""
-    return dataclasses.replace(distill, **{name: getattr(recipe, name) for name in ("guidance_scale", "t_min", "t_max")
-                                           if getattr(distill, name) is None})
+    values = {name: getattr(recipe, name) for name in ("guidance_scale", "gamma", "t_min", "t_max")
+              if getattr(distill, name) is None}
+    if "gamma" in values and distill.method != "asd":
+        values["gamma"] = 0.0
+    return dataclasses.replace(distill, **values)
 
 
 def _get(config: Any, dotted: str) -> tuple[Any, str, bool]:
@@ -126,6 +132,8 @@ def resolve_recipe(config: Any, recipe: Recipe) -> list[str]:
             continue
         if key == "lora_lr" and owner.kind != "lora":
             continue
+        if key == "gamma" and owner.method != "asd":
+            value = 0.0
         setattr(owner, leaf, value)
         filled.append(dotted)
     return filled

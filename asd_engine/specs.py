@@ -52,7 +52,7 @@ class DiscriminatorSpec:
     """φ's settings and ASD's γ (the γ is ignored by VSD, which is ASD with γ = 0, and by SDS)."""
 
     phi: PhiConfig = field(default_factory=PhiConfig)
-    gamma: float = -0.75
+    gamma: float | None = None                # None: the prior's recipe (official -0.75)
     phi_prior: DiffusionPrior | None = None   # a second model for φ (official: SD2.1-768 v); None: the prior
 
 

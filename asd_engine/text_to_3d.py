@@ -82,7 +82,7 @@ def preset_config(preset: str, prompt: str, **overrides: Any) -> TextTo3DConfig:
         config.render = RenderConfig(samples_per_ray=256, ray_chunk=8192)
         config.vae_checkpointing = True  # attention stays on SDPA: on CUDA it is already the memory-lean kernel
     elif preset == "toy-cpu":
-        config.steps = 600
+        config.steps = 300
         config.resolution_schedule = [(0, 32)]
         config.perp_neg = False
         config.nerf_field = FieldConfig(n_levels=8, log2_hashmap_size=15, base_resolution=16,

@@ -139,8 +139,9 @@ class ASDDiscriminator:
             "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-5,
                               "tooltip": "φ's AdamW learning rate; 0 = default: from the prior's recipe for LoRA "
                                          "(Stable Diffusion 1e-4, toy prior 1e-3), 5e-3 for TI."}),
-            "gamma": ("FLOAT", {"default": -0.75, "min": -2.0, "max": 0.0, "step": 0.05,
-                      "tooltip": "ASD's γ in the discriminator loss (official -0.75; 0 turns ASD into VSD)."}),
+            "gamma": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 1.0, "step": 0.05,
+                      "tooltip": "ASD's γ in the discriminator loss, -1 … 0 (0 turns ASD into VSD); 1 = default: from "
+                                 "the prior's recipe (Stable Diffusion: the official -0.75)."}),
             "camera_embedding": ("BOOLEAN", {"default": True,
                                  "tooltip": "Condition the LoRA φ on the camera (3D runs, as the official code)."}),
         }, "optional": {
@@ -153,7 +154,9 @@ class ASDDiscriminator:
         phi = PhiConfig(kind=phi_type, lora_rank=lora_rank, num_tokens=ti_tokens,
                         lr=learning_rate or None, camera_embedding=camera_embedding)
         phi.validate()
-        return (specs.DiscriminatorSpec(phi=phi, gamma=gamma, phi_prior=phi_model),)
+        if 0.0 < gamma < 1.0:
+            raise UserInputError("gamma", f"{gamma} is not a γ", "use -1 … 0, or 1 for the prior's recipe")
+        return (specs.DiscriminatorSpec(phi=phi, gamma=None if gamma == 1.0 else gamma, phi_prior=phi_model),)
 
 
 class ASDNeRFGenerator:
@@ -225,7 +228,7 @@ class ASDTrainLoop:
             "negative_prompt": ("STRING", {"multiline": True, "default": "",
                                 "tooltip": "Classifier-free guidance's negative prompt."}),
             "method": (METHODS, {"default": "asd", "tooltip": "asd, or the baselines vsd (= γ 0) and sds (no φ)."}),
-            "steps": ("INT", {"default": 600, "min": 1, "max": 100_000, "tooltip": "Total steps (also when resuming)."}),
+            "steps": ("INT", {"default": 300, "min": 1, "max": 100_000, "tooltip": "Total steps (also when resuming)."}),
             "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
                     "tooltip": "Classifier-free guidance scale of the prior; 0 = default: from the prior's recipe "
                                "(Stable Diffusion 7.5, toy prior 3)."}),

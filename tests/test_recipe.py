@@ -20,12 +20,13 @@ from asd_engine.specs import ImageGeneratorSpec, NeRFGeneratorSpec, make_run
 from asd_engine.text_to_3d import TextTo3D, preset_config
 from asd_engine.toy_prior import TOY_RECIPE, default_prior_path
 
-RECIPE_VALUES = ("background", "distill.guidance_scale", "distill.t_min", "distill.t_max", "phi.lr")
+RECIPE_VALUES = ("background", "distill.guidance_scale", "distill.gamma", "distill.t_min", "distill.t_max", "phi.lr")
 
 
 def _values(config) -> dict:
     return {"background": config.background, "distill.guidance_scale": config.distill.guidance_scale,
-            "distill.t_min": config.distill.t_min, "distill.t_max": config.distill.t_max, "phi.lr": config.phi.lr}
+            "distill.gamma": config.distill.gamma, "distill.t_min": config.distill.t_min,
+            "distill.t_max": config.distill.t_max, "phi.lr": config.phi.lr}
 
 
 @pytest.mark.parametrize("preset", ["quality", "low-vram"])
@@ -33,8 +34,8 @@ def test_sd_folder_without_a_recipe_gets_the_official_one(tiny_eps_dir, preset):
     prior = DiffusionPrior.from_pretrained(tiny_eps_dir, device="cpu")
     assert not (tiny_eps_dir / RECIPE_FILE).exists() and prior.recipe == OFFICIAL
     run = TextTo3D(preset_config(preset, "a cat", steps=1, prior_resolution=32), prior=prior)
-    assert _values(run.config) == {"background": "random", "distill.guidance_scale": 7.5, "distill.t_min": 0.02,
-                                   "distill.t_max": 0.98, "phi.lr": 1e-4}
+    assert _values(run.config) == {"background": "random", "distill.guidance_scale": 7.5, "distill.gamma": -0.75,
+                                   "distill.t_min": 0.02, "distill.t_max": 0.98, "phi.lr": 1e-4}
     assert run.config.lambda_sparsity == 10.0 and run.phi.optimizer.param_groups[0]["lr"] == 1e-4
     assert set(run.config.from_recipe) == {*RECIPE_VALUES, "lambda_sparsity"}
     run.phi.remove()
@@ -45,10 +46,13 @@ def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
     assert prior.recipe == TOY_RECIPE == read_recipe(default_prior_path())
     run = make_run(prior, NeRFGeneratorSpec(), "a red cube", 1)
     assert _values(run.config) == {"background": "white", "distill.guidance_scale": TOY_RECIPE.guidance_scale,
-                                   "distill.t_min": TOY_RECIPE.t_min, "distill.t_max": TOY_RECIPE.t_max,
-                                   "phi.lr": TOY_RECIPE.lora_lr}
+                                   "distill.gamma": TOY_RECIPE.gamma, "distill.t_min": TOY_RECIPE.t_min,
+                                   "distill.t_max": TOY_RECIPE.t_max, "phi.lr": TOY_RECIPE.lora_lr}
     assert run.config.lambda_sparsity == TOY_RECIPE.lambda_sparsity
     run.phi.remove()
+    vsd = make_run(prior, NeRFGeneratorSpec(), "a red cube", 1, method="vsd")
+    assert vsd.config.distill.gamma == 0.0  # VSD is ASD with γ = 0, whatever the recipe's γ
+    vsd.phi.remove()
     run = make_run(prior, NeRFGeneratorSpec(), "a red cube", 1, guidance_scale=5.0, t_max=0.7, background="random")
     assert (run.config.distill.guidance_scale, run.config.distill.t_max, run.config.background) == (5.0, 0.7, "random")
     assert {"distill.guidance_scale", "distill.t_max", "background"}.isdisjoint(run.config.from_recipe)

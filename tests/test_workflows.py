@@ -84,7 +84,7 @@ def test_client_overrides_by_id_title_and_class():
                                                    "ASDRenderViews.views=[3]", "Load SD Model.precision=fp32"])
     assert changed["4"]["inputs"]["steps"] == 12 and changed["4"]["inputs"]["prompt"] == "a blue torus"
     assert changed["5"]["inputs"]["views"] == [3]
-    assert graph["4"]["inputs"]["steps"] == 600  # the original is left alone
+    assert graph["4"]["inputs"]["steps"] == 300  # the original is left alone
     for bad, message in (("4.nope=1", "no input 'nope'"), ("99.steps=1", "no node '99'"), ("steps=1", "NODE.INPUT"),
                          ("SaveAnimatedWEBP.fps=1", None)):
         if message is None:

@@ -74,7 +74,7 @@ def prior_and_phi(camera_embedding: bool) -> dict:
     return {
         1: ("ASDLoadPrior", "Load SD Model", (40, 60), {"model": TOY_PRIOR, "precision": "fp32", "prediction_type": "auto"}),
         2: ("ASDDiscriminator", "ASD Discriminator (LoRA/TI)", (40, 240),
-            {"phi_type": "lora", "lora_rank": 4, "ti_tokens": 1, "learning_rate": 0.0, "gamma": -0.75,
+            {"phi_type": "lora", "lora_rank": 4, "ti_tokens": 1, "learning_rate": 0.0, "gamma": 1.0,
              "camera_embedding": camera_embedding}),
     }
 
@@ -92,7 +92,7 @@ def text_to_3d() -> dict:
         3: NERF_TOY,
         4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
             {"prior": (1, 0), "generator": (3, 0), "prompt": "a red cube", "negative_prompt": "", "method": "asd",
-             "steps": 600, **RECIPE_DEFAULTS, "noise_sharing": "fresh",
+             "steps": 300, **RECIPE_DEFAULTS, "noise_sharing": "fresh",
              "filename_prefix": "asd_text_to_3d", "phi": (2, 0)}),
         5: ("ASDRenderViews", "Render Views", (820, 60),
             {"result": (4, 0), "views": 36, "size": 128, "elevation": 15.0, "distance": 1.5, "fov": 70.0,
@@ -128,7 +128,7 @@ def compare_methods() -> dict:
         y = 60 + 420 * row
         graph[base] = ("ASDTrainLoop", f"Train Loop ({method.upper()})", (420, y),
                        {"prior": (1, 0), "generator": (3, 0), "prompt": "a red cube", "negative_prompt": "",
-                        "method": method, "steps": 600, **RECIPE_DEFAULTS,
+                        "method": method, "steps": 300, **RECIPE_DEFAULTS,
                         "noise_sharing": "fresh", "filename_prefix": f"asd_compare_{method}", "phi": (2, 0)})
         graph[base + 1] = ("ASDRenderViews", f"Render Views ({method.upper()})", (820, y),
                            {"result": (base, 0), "views": 36, "size": 128, "elevation": 15.0, "distance": 1.5,
