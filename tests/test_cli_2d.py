@@ -43,7 +43,7 @@ def test_20_step_run_writes_every_output(pipeline_dir, tmp_path, method):
     assert all(r["phi_loss"] is None or math.isfinite(r["phi_loss"]) for r in rows)
     meta = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
     assert meta["step"] == 20 and meta["config"]["distill"]["method"] == method
-    assert meta["config"]["distill"]["gamma"] == (0.0 if method == "vsd" else -0.75)
+    assert meta["config"]["distill"]["gamma"] == (-0.75 if method == "asd" else 0.0)  # official recipe; VSD/SDS: 0
 
 
 @pytest.mark.parametrize("extra", [["--phi", "ti", "--ti-tokens", "2"], ["--phi-noise", "shared"],

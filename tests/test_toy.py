@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from asd_engine.cameras import cameras_from_angles
 from asd_engine.errors import UserInputError
 from asd_engine.quality import markdown_table, parse_toy_prompt, summarise
-from asd_engine.toy_data import (COLOURS, SHAPES, ToyJudge, best_rotation_iou, colour_error, render_shapes,
-                                 sample_batch, shape_sdf, truth_views)
+from asd_engine.toy_data import (COLOURS, SHAPES, ToyJudge, best_rotation_iou, colour_error, crop_to_box,
+                                 render_shapes, sample_batch, shape_sdf, truth_views)
 from asd_engine.toy_prior import default_prior_path
 
 
@@ -54,6 +55,24 @@ def test_judge_is_right_on_true_renders():
     assert (colour == torch.tensor(batch.colours)).float().mean() > 0.95
     blank_shape, blank_colour = judge(torch.ones(2, 3, 32, 32))
     assert blank_shape.tolist() == [-1, -1] and blank_colour.tolist() == [-1, -1]
+
+
+def test_scale_normalised_judge_ignores_size_but_not_shape():
+    small, big = torch.zeros(1, 32, 32, dtype=torch.bool), torch.zeros(1, 32, 32, dtype=torch.bool)
+    small[0, 12:16, 10:14] = True
+    big[0, 2:30, 4:32] = True
+    assert torch.equal(crop_to_box(small, 16), crop_to_box(big, 16)) and bool(crop_to_box(big, 16).all())
+    tall = torch.zeros(1, 32, 32, dtype=torch.bool)
+    tall[0, 4:28, 12:20] = True  # aspect ratio survives: a tall box stays tall inside its bounding square
+    cropped = crop_to_box(tall, 16)[0]
+    assert cropped[:, 8].all() and not cropped[:, 0].any()
+    assert not crop_to_box(torch.zeros(1, 32, 32, dtype=torch.bool), 16).any()
+    # a true sphere drawn at half size is still a sphere to the scale-normalised judge
+    batch = sample_batch(40, 32, torch.Generator().manual_seed(3))
+    shrunk = torch.ones_like(batch.images)
+    shrunk[:, :, 8:24, 8:24] = F.interpolate(batch.images, size=(16, 16), mode="area")
+    judged, _ = ToyJudge(bank_per_shape=60, scale_normalised=True)(shrunk)
+    assert (judged == torch.tensor(batch.shapes)).float().mean() > 0.8
 
 
 def test_metrics_on_constructed_cases():
