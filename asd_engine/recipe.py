@@ -20,6 +20,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .errors import UserInputError
@@ -106,16 +107,17 @@ def write_recipe(folder: str | os.PathLike, recipe: Recipe) -> Path:
 def with_recipe(distill, recipe: Recipe = OFFICIAL):
     """A :class:`~asd_engine.distill.DistillConfig` copy with its ``None`` fields taken from ``recipe`` (for
     calling ``distill_step`` outside a run, which resolves its own config)."""
-    values = {name: getattr(recipe, name) for name in ("guidance_scale", "gamma", "t_min", "t_max")
-              if getattr(distill, name) is None}
-    if "gamma" in values and distill.method != "asd":
-        values["gamma"] = 0.0
-    return dataclasses.replace(distill, **values)
+    resolved = dataclasses.replace(distill)
+    resolve_recipe(SimpleNamespace(distill=resolved), recipe)  # the run's own rules; other fields are absent
+    return resolved
 
 
 def _get(config: Any, dotted: str) -> tuple[Any, str, bool]:
+    """``(owner, leaf name, present)`` of a dotted field; absent when the config has no such field or parent."""
     *parents, leaf = dotted.split(".")
     for name in parents:
+        if not hasattr(config, name):
+            return config, leaf, False
         config = getattr(config, name)
     return config, leaf, hasattr(config, leaf)
 

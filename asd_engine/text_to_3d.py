@@ -25,7 +25,7 @@ from .devices import resolve_device
 from .distill import DistillConfig, distill_step
 from .errors import UserInputError
 from .field import FieldConfig
-from .nerf import NeRFGenerator
+from .nerf import NeRFGenerator, NeRFRender
 from .prompts import ViewPrompts
 from .render import RenderConfig
 from .runs import DistillationRun, RunConfig, StepInfo, config_from_dict
@@ -98,6 +98,17 @@ def preset_config(preset: str, prompt: str, **overrides: Any) -> TextTo3DConfig:
     return config
 
 
+def sparsity_loss(opacity: torch.Tensor) -> torch.Tensor:
+    """Mean √(opacity² + 0.01) of ``opacity [B, H, W, 1]``: a smooth L1 pull towards empty space."""
+    return (opacity.square() + 0.01).sqrt().mean()
+
+
+def opacity_entropy(opacity: torch.Tensor) -> torch.Tensor:
+    """Mean binary entropy of ``opacity [B, H, W, 1]``: pushes every ray to fully empty or fully opaque."""
+    o = opacity.clamp(1e-4, 1.0 - 1e-4)
+    return -(o * o.log() + (1.0 - o) * (1.0 - o).log()).mean()
+
+
 class TextTo3D(DistillationRun):
     """A text-to-3D run; ``nerf`` is the generator θ."""
 
@@ -118,28 +129,31 @@ class TextTo3D(DistillationRun):
     def resolution(self, step: int) -> int:
         return [side for start, side in self.config.resolution_schedule if start <= step][-1]
 
+    def render_for_prior(self, cameras) -> tuple[NeRFRender, torch.Tensor]:
+        """A training render of ``cameras`` and its model-space ``x0 [B, C, h, w]`` (resized to the prior's size,
+        encoded with gradients)."""
+        # "random": the learned background, swapped for a random solid colour at times (official); or the solid
+        # colour a narrow prior saw in training (the toy prior reads any other background as part of the object)
+        background = "learned" if self.config.background == "random" else self.config.background
+        render = self.nerf.render(cameras, self.rng, training=True, background=background)
+        images = render.rgb.permute(0, 3, 1, 2)                                  # [B, 3, H, W]
+        if images.shape[-1] != self.prior_resolution:
+            images = F.interpolate(images, size=(self.prior_resolution,) * 2, mode="bilinear", align_corners=False)
+        return render, self.prior.encode_images(images, generator=self.rng)
+
     def train_step(self) -> StepInfo:
         config, step = self.config, self.step
         self.nerf.update_grid(step, self.rng)
         side = self.resolution(step)
         cameras = sample_cameras(config.batch_size, config.cameras, side, side, self.rng)
-        # "random": the learned background, swapped for a random solid colour at times (official); or the solid
-        # colour a narrow prior saw in training (the toy prior reads any other background as part of the object)
-        background = "learned" if config.background == "random" else config.background
-        render = self.nerf.render(cameras, self.rng, training=True, background=background)
-        images = render.rgb.permute(0, 3, 1, 2)                                  # [B, 3, H, W]
-        if side != self.prior_resolution:
-            images = F.interpolate(images, size=(self.prior_resolution,) * 2, mode="bilinear", align_corners=False)
-        x0 = self.prior.encode_images(images, generator=self.rng)
+        render, x0 = self.render_for_prior(cameras)
         result = distill_step(x0, self.prior, self.phi, self.prompts.conditioning(cameras), config.distill, step,
                               self.rng)
-        opacity = render.opacity
-        sparsity = (opacity.square() + 0.01).sqrt().mean()
+        sparsity = sparsity_loss(render.opacity)
         loss = result.generator_loss + config.lambda_sparsity * sparsity
         extras = {"resolution": float(side), "sparsity": sparsity.item(), "samples": float(render.samples)}
         if step >= config.opacity_entropy_from and config.lambda_opacity_entropy > 0:
-            o = opacity.clamp(1e-4, 1.0 - 1e-4)
-            entropy = -(o * o.log() + (1.0 - o) * (1.0 - o).log()).mean()
+            entropy = opacity_entropy(render.opacity)
             loss = loss + config.lambda_opacity_entropy * entropy
             extras["opacity_entropy"] = entropy.item()
         self.optimizer.zero_grad(set_to_none=True)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asd_engine.cameras import sample_cameras  # noqa: E402
 from asd_engine.distill import distill_step  # noqa: E402
-from asd_engine.text_to_3d import TextTo3D, preset_config  # noqa: E402
+from asd_engine.text_to_3d import TextTo3D, opacity_entropy, preset_config, sparsity_loss  # noqa: E402
 
 
 def gradient_norms(run: TextTo3D, probes: int) -> dict[str, list[float]]:
@@ -32,15 +32,12 @@ def gradient_norms(run: TextTo3D, probes: int) -> dict[str, list[float]]:
     norms: dict[str, list[float]] = {"distillation": [], "sparsity": [], "opacity_entropy": []}
     for _ in range(probes):
         cameras = sample_cameras(1, config.cameras, run.prior_resolution, run.prior_resolution, run.rng)
-        background = "learned" if config.background == "random" else config.background
-        render = nerf.render(cameras, run.rng, training=True, background=background)
-        x0 = run.prior.encode_images(render.rgb.permute(0, 3, 1, 2), generator=run.rng)
+        render, x0 = run.render_for_prior(cameras)
         result = distill_step(x0, run.prior, run.phi, run.prompts.conditioning(cameras), config.distill, run.step,
                               run.rng)
-        o = render.opacity.clamp(1e-4, 1.0 - 1e-4)
         terms = {"distillation": result.generator_loss,
-                 "sparsity": config.lambda_sparsity * (render.opacity.square() + 0.01).sqrt().mean(),
-                 "opacity_entropy": config.lambda_opacity_entropy * -(o * o.log() + (1 - o) * (1 - o).log()).mean()}
+                 "sparsity": config.lambda_sparsity * sparsity_loss(render.opacity),
+                 "opacity_entropy": config.lambda_opacity_entropy * opacity_entropy(render.opacity)}
         for name, term in terms.items():
             grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
             norms[name].append(float(torch.sqrt(sum((g.square().sum() for g in grads if g is not None),
