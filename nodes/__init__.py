@@ -1,12 +1,15 @@
 """ComfyUI node adapters over ``asd_engine``: parse inputs, call the engine, report progress, return outputs.
 
 Importing this package inside ComfyUI also installs ComfyUI's device choice into the engine and registers the
-``models/asd`` folder; in plain Python (tests) it only defines the node classes.
+``models/asd`` folder; in plain Python (tests) it only defines the node classes. Training nodes live in
+``asd_nodes.py``, the nodes that turn a NeRF into pictures and meshes in ``output_nodes.py``.
 """
 
-from . import comfy_bridge
-from .asd_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from . import asd_nodes, comfy_bridge, output_nodes
 
 comfy_bridge.setup()
+
+NODE_CLASS_MAPPINGS = {**asd_nodes.NODE_CLASS_MAPPINGS, **output_nodes.NODE_CLASS_MAPPINGS}
+NODE_DISPLAY_NAME_MAPPINGS = {**asd_nodes.NODE_DISPLAY_NAME_MAPPINGS, **output_nodes.NODE_DISPLAY_NAME_MAPPINGS}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

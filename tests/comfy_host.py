@@ -98,3 +98,38 @@ def start_host(base: Path, timeout: float = 180.0) -> ComfyHost:
             time.sleep(0.5)
     host.stop()
     raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s:\n{host.log_text()[-4000:]}")
+
+
+FAST = {  # per class type: inputs that make any workflow quick on a CPU
+    "ASDTrainLoop": {"steps": 3},
+    "ASDRenderViews": {"views": 3, "size": 32},
+    "ASDExportMesh": {"resolution": 32},
+    "ASDImageGenerator": {"size": 32},
+}
+
+
+def fast(graph: dict) -> dict:
+    """``graph`` with the :data:`FAST` inputs applied to every node of those types."""
+    for node in graph.values():
+        for name, value in FAST.get(node["class_type"], {}).items():
+            node["inputs"][name] = value
+    return graph
+
+
+def post(host: ComfyHost, route: str, payload: dict) -> dict:
+    request = urllib.request.Request(host.url + route, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = response.read()
+    return json.loads(body) if body else {}
+
+
+def run_graph(host: ComfyHost, graph: dict, out: Path) -> tuple[str, str, list[Path]]:
+    """Queue ``graph`` through the headless client and wait: (prompt id, status, downloaded files)."""
+    from asd_engine import comfy_client
+
+    client = comfy_client.Client(host.url)
+    client.connect()
+    prompt_id = client.queue(graph)
+    status = client.follow(prompt_id, log=open("/dev/null", "w"))
+    return prompt_id, status, client.download(prompt_id, out) if status == "success" else []

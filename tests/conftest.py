@@ -73,3 +73,24 @@ def pack(make_workflows):
     """The node pack imported as a package (the way ComfyUI imports it), without ComfyUI present: the generator's
     loader, so the tests and the workflow files see the same node classes."""
     return make_workflows.load_pack()
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory):
+    """One real ComfyUI server for every host test module (see tests/comfy_host.py); skips when none is built."""
+    from comfy_host import host_missing_reason, start_host
+
+    reason = host_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = start_host(tmp_path_factory.mktemp("comfyui-host"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(host):
+    """A ComfyUI-loadable SD1 single file (fp16, ~420 MiB) in the host's models/checkpoints."""
+    from single_file_models import build_comfy_sd1_checkpoint
+
+    return build_comfy_sd1_checkpoint(host.base / "checkpoints" / "tiny_sd15.safetensors")

@@ -1,6 +1,7 @@
 """Host tests: the pack inside a real ComfyUI (skipped with a clear message when no host is built here).
 
-One ComfyUI server is started for the module, loading this pack through ``extra_model_paths`` (never copied in).
+One ComfyUI server is started for the session (the ``host`` fixture in conftest.py, shared with the other host
+test modules), loading this pack through ``extra_model_paths`` (never copied in).
 Workflows run through the headless client with overrides that keep them to a few seconds on a CPU.
 """
 
@@ -8,53 +9,16 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from asd_engine import comfy_client
-from comfy_host import PACK_NAME, ROOT, host_missing_reason, start_host
+from comfy_host import PACK_NAME, ROOT, fast, host_missing_reason, run_graph
 
 reason = host_missing_reason()
 pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
 WORKFLOWS = ROOT / "workflows"
-FAST = {  # per class type: inputs that make any workflow quick on a CPU
-    "ASDTrainLoop": {"steps": 3},
-    "ASDRenderViews": {"views": 3, "size": 32},
-    "ASDExportMesh": {"resolution": 32},
-    "ASDImageGenerator": {"size": 32},
-}
-
-
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    host = start_host(tmp_path_factory.mktemp("comfyui-host"))
-    yield host
-    host.stop()
-
-
-def _fast(graph: dict) -> dict:
-    for node in graph.values():
-        for name, value in FAST.get(node["class_type"], {}).items():
-            node["inputs"][name] = value
-    return graph
-
-
-def _post(host, route: str, payload: dict) -> dict:
-    request = urllib.request.Request(host.url + route, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        body = response.read()
-    return json.loads(body) if body else {}
-
-
-def _run(host, graph: dict, out: Path) -> tuple[str, str, list[Path]]:
-    client = comfy_client.Client(host.url)
-    client.connect()
-    prompt_id = client.queue(graph)
-    status = client.follow(prompt_id, log=open("/dev/null", "w"))
-    return prompt_id, status, client.download(prompt_id, out) if status == "success" else []
 
 
 def test_pack_imports_inside_comfyui_without_errors(host):
@@ -96,8 +60,8 @@ def test_ui_workflows_match_their_api_twins_with_the_servers_own_input_order(hos
 
 @pytest.mark.parametrize("name", ["image_2d_asd", "text_to_3d_asd", "compare_sds_vsd_asd"])
 def test_each_api_workflow_runs_to_success(host, tmp_path, name):
-    graph = _fast(comfy_client.load_workflow(WORKFLOWS / "api" / f"{name}.json"))
-    _, status, files = _run(host, graph, tmp_path)
+    graph = fast(comfy_client.load_workflow(WORKFLOWS / "api" / f"{name}.json"))
+    _, status, files = run_graph(host, graph, tmp_path)
     assert status == "success", status
     suffixes = {p.suffix for p in files}
     if name == "image_2d_asd":
@@ -137,7 +101,7 @@ def test_interrupt_stops_training_quickly_and_the_checkpoint_resumes(host, tmp_p
                                        "filename_prefix": "resumed_test", "resume": ["20", 0]}},
         "10": {"class_type": "ASDSaveCheckpoint", "inputs": {"result": ["4", 0], "filename_prefix": "resumed_saved"}},
     }
-    _, status, _ = _run(host, resume, tmp_path)
+    _, status, _ = run_graph(host, resume, tmp_path)
     assert status == "success", status
     (saved,) = sorted((host.base / "output" / "asd").glob("resumed_saved_*"))
     assert json.loads((saved / "checkpoint" / "checkpoint.json").read_text())["step"] == meta["step"] + 2
@@ -156,14 +120,6 @@ def test_a_bad_graph_yields_node_errors_through_the_client(host, tmp_path, capsy
     assert "node 4 'ASD Train Loop'" in err and "node 3" in err
     time.sleep(1.0)
     assert len(host.get_json("/history")) == before  # nothing of the graph ran
-
-
-@pytest.fixture(scope="module")
-def tiny_sd15(host):
-    """A ComfyUI-loadable SD1 single file (fp16, ~420 MiB) in the host's models/checkpoints."""
-    from single_file_models import build_comfy_sd1_checkpoint
-
-    return build_comfy_sd1_checkpoint(host.base / "checkpoints" / "tiny_sd15.safetensors")
 
 
 def test_prior_from_core_load_checkpoint_computes_what_comfyui_computes(tiny_sd15):
@@ -186,13 +142,13 @@ def test_prior_from_core_load_checkpoint_computes_what_comfyui_computes(tiny_sd1
 
 
 def test_core_load_checkpoint_feeds_the_train_loop(host, tiny_sd15, tmp_path):
-    graph = _fast(comfy_client.load_workflow(WORKFLOWS / "api" / "image_2d_asd.json"))
+    graph = fast(comfy_client.load_workflow(WORKFLOWS / "api" / "image_2d_asd.json"))
     graph["10"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_sd15.name}}
     graph["1"] = {"class_type": "ASDPriorFromCheckpoint",
                   "inputs": {"model": ["10", 0], "clip": ["10", 1], "vae": ["10", 2], "precision": "fp32"}}
     graph["3"]["inputs"]["size"] = 64
     graph["4"]["inputs"]["steps"] = 2
-    _, status, files = _run(host, graph, tmp_path)
+    _, status, files = run_graph(host, graph, tmp_path)
     assert status == "success", status + host.log_text()[-3000:]
     assert any(p.suffix == ".png" for p in files)
     assert "[ASD] Prior from checkpoint: Load Checkpoint: Stable Diffusion 1.x, epsilon (ComfyUI's model sampling)" \
@@ -203,14 +159,14 @@ def test_load_sd_model_lists_checkpoint_files_and_refuses_pickles(host, tiny_sd1
     (host.base / "checkpoints" / "old.ckpt").write_bytes(b"not opened")
     choices = host.get_json("/object_info/ASDLoadPrior")["ASDLoadPrior"]["input"]["required"]["model"][0]
     assert tiny_sd15.name in choices and "old.ckpt" in choices
-    graph = _fast(comfy_client.load_workflow(WORKFLOWS / "api" / "image_2d_asd.json"))
+    graph = fast(comfy_client.load_workflow(WORKFLOWS / "api" / "image_2d_asd.json"))
     graph["1"]["inputs"]["model"] = tiny_sd15.name
     graph["3"]["inputs"]["size"] = 64
     graph["4"]["inputs"]["steps"] = 2
-    _, status, _ = _run(host, graph, tmp_path / "ok")
+    _, status, _ = run_graph(host, graph, tmp_path / "ok")
     assert status == "success", status
     graph["1"]["inputs"]["model"] = "old.ckpt"
-    _, status, _ = _run(host, graph, tmp_path / "bad")
+    _, status, _ = run_graph(host, graph, tmp_path / "bad")
     assert status.startswith("error: node 1") and "'old.ckpt' is a pickle checkpoint" in status, status
 
 
