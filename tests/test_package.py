@@ -18,7 +18,7 @@ def test_top_level_layout_is_exactly_the_cards():
     if not tracked:  # not a git checkout (e.g. an sdist): fall back to what is on disk
         tracked = [p.name for p in ROOT.iterdir()]
     top = {path.split("/")[0] for path in tracked if not path.startswith(".") or path.startswith(".ci")}
-    expected = {"__init__.py", "nodes", "asd_engine", "workflows", "tests", "requirements.txt", "README.md",
+    expected = {"__init__.py", "LICENSE", "NOTICE", "nodes", "asd_engine", "workflows", "tests", "requirements.txt", "README.md",
                 "pyproject.toml", ".ci", "benchmarks", "docs"}
     assert top <= expected, f"unexpected top-level entries: {sorted(top - expected)}"
     assert top == expected, f"missing top-level entries: {sorted(expected - top)}"
