@@ -1,19 +1,59 @@
-"""ComfyUI nodes that turn a trained NeRF into pictures and meshes (V1 API): Render Views, Export Mesh.
+"""ComfyUI nodes that turn a trained NeRF into pictures and meshes (V1 API): Render Views, Export Mesh, NeRF to Mesh,
+Save Coloured GLB.
 
-Kept apart from the training nodes in ``asd_nodes.py``; both are thin adapters over ``asd_engine.export``.
+Kept apart from the training nodes in ``asd_nodes.py``; all are thin adapters over ``asd_engine.export``. A result's
+NeRF may be cached on the CPU: the work runs on the engine's device and the NeRF goes back where it was. Meshes
+cross to other packs as core's ``MESH`` (vertices ``[B, N, 3]`` float, faces ``[B, M, 3]`` int, y-up like every
+mesh file the pack writes), with ``vertex_colors`` ``[B, N, 3]`` in [0, 1] added for Save Coloured GLB.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..asd_engine.devices import default_device
+from ..asd_engine.errors import UserInputError
 from . import comfy_bridge as host
 from .asd_nodes import engine_call
+
+RESULT_INPUT = ("ASD_RESULT", {"tooltip": "From ASD Train Loop or Load ASD Checkpoint (3D)."})
+RESOLUTION_INPUT = ("INT", {"default": 128, "min": 16, "max": 512, "tooltip": "Marching-cubes grid size."})
+THRESHOLD_INPUT = ("FLOAT", {"default": 25.0, "min": 0.0, "max": 1000.0, "step": 0.5,
+                             "tooltip": "Density isosurface (lowered with a warning if nothing reaches it)."})
 
 
 def _nerf_of(result, node: str):
     if result.kind != "nerf" or result.nerf is None:
-        raise RuntimeError(f"{node}: needs a text-to-3D result (NeRF Generator); a 2D run's image is the Train "
-                           f"Loop's 'preview' output")
+        raise UserInputError("result", f"{node} needs a text-to-3D result (NeRF Generator), not a 2D run's",
+                             "a 2D run's image is the Train Loop's 'preview' output")
     return result.nerf
+
+
+class _NodeProgress:
+    """The engine's ``on_progress`` for a node: ComfyUI's progress bar (made at the first report, when the engine
+    knows the total) and Cancel, raised as ComfyUI's interrupt from inside the engine's loop."""
+
+    def __init__(self) -> None:
+        self.bar: host.Progress | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        host.check_interrupt()
+        if self.bar is None:
+            self.bar = host.Progress(total)
+        self.bar.update(done, total)
+
+
+def _extract_mesh(result, node: str, resolution: int, threshold: float):
+    """The result's mesh (``trimesh.Trimesh``, engine z-up), extracted on the engine's device."""
+    from ..asd_engine.export import extract_mesh, on_device
+
+    nerf = _nerf_of(result, node)
+    with on_device(nerf, default_device()):
+        return extract_mesh(nerf, resolution=resolution, threshold=threshold, on_progress=_NodeProgress())
 
 
 class ASDRenderViews:
@@ -29,7 +69,7 @@ class ASDRenderViews:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "result": ("ASD_RESULT", {"tooltip": "From ASD Train Loop or Load ASD Checkpoint (3D)."}),
+            "result": RESULT_INPUT,
             "views": ("INT", {"default": 36, "min": 1, "max": 360, "tooltip": "Number of views around the object."}),
             "size": ("INT", {"default": 256, "min": 16, "max": 2048, "step": 8, "tooltip": "Image side in pixels."}),
             "elevation": ("FLOAT", {"default": 15.0, "min": -89.0, "max": 89.0, "tooltip": "Camera elevation, degrees."}),
@@ -41,10 +81,12 @@ class ASDRenderViews:
 
     @engine_call
     def render(self, result, views, size, elevation, distance, fov, background):
-        from ..asd_engine.export import render_turntable
+        from ..asd_engine.export import on_device, render_turntable
 
-        turntable = render_turntable(_nerf_of(result, "Render Views"), views=views, size=size, elevation=elevation,
-                                     distance=distance, fovy=fov, background=background)
+        nerf = _nerf_of(result, "Render Views")
+        with on_device(nerf, default_device()):
+            turntable = render_turntable(nerf, views=views, size=size, elevation=elevation, distance=distance,
+                                         fovy=fov, background=background, on_progress=_NodeProgress())
         return (turntable.rgb.contiguous(), turntable.depth.expand(-1, -1, -1, 3).contiguous(),
                 turntable.alpha[..., 0].contiguous(), turntable.normals.contiguous())
 
@@ -62,20 +104,19 @@ class ASDExportMesh:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "result": ("ASD_RESULT", {"tooltip": "From ASD Train Loop or Load ASD Checkpoint (3D)."}),
-            "resolution": ("INT", {"default": 128, "min": 16, "max": 512, "tooltip": "Marching-cubes grid size."}),
-            "threshold": ("FLOAT", {"default": 25.0, "min": 0.0, "max": 1000.0, "step": 0.5,
-                          "tooltip": "Density isosurface (lowered with a warning if nothing reaches it)."}),
+            "result": RESULT_INPUT,
+            "resolution": RESOLUTION_INPUT,
+            "threshold": THRESHOLD_INPUT,
             "format": (["glb", "obj", "glb+obj"], {"default": "glb", "tooltip": "File format(s)."}),
             "filename_prefix": ("STRING", {"default": "asd_mesh", "tooltip": "Files go to output/asd/<prefix>_NNNNN/."}),
         }}
 
     @engine_call
     def export(self, result, resolution, threshold, format, filename_prefix):
-        from ..asd_engine.export import extract_mesh, save_mesh
+        from ..asd_engine.export import save_mesh
 
-        mesh = extract_mesh(_nerf_of(result, "Export Mesh"), resolution=resolution, threshold=threshold)
-        folder, relative = host.new_output_folder(filename_prefix)
+        mesh = _extract_mesh(result, "Export Mesh", resolution, threshold)
+        folder, relative = host.new_output_folder(filename_prefix)  # only now: a cancelled export leaves no folder
         files = []
         for suffix in format.split("+"):
             save_mesh(mesh, folder / f"mesh.{suffix}")
@@ -83,11 +124,140 @@ class ASDExportMesh:
         return {"ui": {"asd_files": files}, "result": (f"{relative}/mesh.{format.split('+')[0]}",)}
 
 
+class Mesh:
+    """Stand-in for core's ``comfy_extras.nodes_hunyuan3d.MESH`` where ComfyUI is absent: the same attributes,
+    ``vertices`` ``[B, N, 3]`` float32 and ``faces`` ``[B, M, 3]`` int64."""
+
+    def __init__(self, vertices: torch.Tensor, faces: torch.Tensor) -> None:
+        self.vertices = vertices
+        self.faces = faces
+
+
+def _mesh_class() -> type:
+    """Core's MESH class inside ComfyUI (so that packs checking for it accept ours), else :class:`Mesh`."""
+    if host.in_comfyui():
+        try:
+            from comfy_extras.nodes_hunyuan3d import MESH
+            return MESH
+        except ImportError:  # a ComfyUI without the 3D nodes: core's savers only read the attributes
+            pass
+    return Mesh
+
+
+class ASDNeRFToMesh:
+    DESCRIPTION = ("Marching-cubes mesh of a trained NeRF as core's MESH (y-up, like Export Mesh's files), for "
+                   "core Save GLB and other packs' 3D nodes; it carries vertex colours for Save Coloured GLB (ASD).")
+    CATEGORY = "ASD/outputs"
+    RETURN_TYPES = ("MESH",)
+    RETURN_NAMES = ("mesh",)
+    OUTPUT_TOOLTIPS = ("Core MESH: vertices [1, N, 3], faces [1, M, 3], plus vertex_colors [1, N, 3] in 0..1 "
+                       "(core nodes ignore the colours).",)
+    FUNCTION = "convert"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"result": RESULT_INPUT, "resolution": RESOLUTION_INPUT, "threshold": THRESHOLD_INPUT}}
+
+    @engine_call
+    def convert(self, result, resolution, threshold):
+        from ..asd_engine.export import mesh_arrays
+
+        vertices, faces, colours = mesh_arrays(_extract_mesh(result, "NeRF to Mesh", resolution, threshold))
+        mesh = _mesh_class()(torch.from_numpy(vertices)[None], torch.from_numpy(faces)[None])
+        mesh.vertex_colors = torch.from_numpy(colours)[None]
+        return (mesh,)
+
+
+def _mesh_items(mesh) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Core MESH (optionally with ``vertex_colors`` ``[B, N, 3 | 4]``) → per batch item (vertices ``[N, 3]``,
+    faces ``[M, 3]``, colours ``[N, 3 | 4]`` or None), checked so a wrong input fails with its name."""
+    vertices, faces = getattr(mesh, "vertices", None), getattr(mesh, "faces", None)
+    if not (torch.is_tensor(vertices) and torch.is_tensor(faces) and vertices.ndim == 3 and faces.ndim == 3
+            and vertices.shape[-1] == 3 and faces.shape[-1] == 3 and len(vertices) == len(faces) > 0):
+        raise UserInputError("mesh", "is not a MESH of vertices [B, N, 3] and faces [B, M, 3] with B ≥ 1",
+                             "connect NeRF to Mesh (ASD) or another node's MESH output")
+    colours = getattr(mesh, "vertex_colors", None)
+    colours = None if colours is None else torch.as_tensor(colours)
+    if colours is not None and (colours.shape[:2] != vertices.shape[:2] or colours.shape[-1] not in (3, 4)):
+        raise UserInputError("mesh", f"its vertex_colors {tuple(colours.shape)} do not fit its vertices "
+                             f"{tuple(vertices.shape)}", "give one RGB colour per vertex [B, N, 3], or none")
+    return [(vertices[i].detach().float().cpu().numpy(), faces[i].detach().long().cpu().numpy(),
+             None if colours is None else colours[i].detach().float().cpu().numpy()) for i in range(len(vertices))]
+
+
+def _workflow_metadata(prompt: dict | None, extra_pnginfo: dict | None) -> dict[str, str]:
+    """What core Save GLB embeds: ``prompt`` and each ``extra_pnginfo`` entry (the UI workflow) as JSON strings;
+    nothing when ComfyUI runs with ``--disable-metadata``."""
+    if host.in_comfyui():
+        from comfy.cli_args import args
+
+        if args.disable_metadata:
+            return {}
+    metadata = {} if prompt is None else {"prompt": json.dumps(prompt)}
+    metadata.update({key: json.dumps(value) for key, value in (extra_pnginfo or {}).items()})
+    return metadata
+
+
+def _glb_targets(prefix: str, count: int) -> list[tuple[Path, dict[str, str]]]:
+    """``count`` new GLB paths with their UI records: ComfyUI's own numbering (as core Save GLB) inside ComfyUI,
+    files in a fresh ``output/asd/<prefix>_NNNNN`` folder outside."""
+    if host.in_comfyui():
+        import folder_paths
+
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix,
+                                                                              folder_paths.get_output_directory())
+        names = [f"{name}_{counter + i:05}_.glb" for i in range(count)]
+    else:
+        folder, subfolder = host.new_output_folder(prefix)
+        names = [f"mesh_{i:05}.glb" for i in range(count)]
+    return [(Path(folder) / n, {"filename": n, "subfolder": subfolder, "type": "output"}) for n in names]
+
+
+class ASDSaveMeshGLB:
+    DESCRIPTION = ("Saves a MESH as GLB files (one per batch item) with its vertex colours when it has them (from "
+                   "NeRF to Mesh) and the workflow embedded like core Save GLB; connect 'mesh_path' to Preview3D "
+                   "to view it.")
+    CATEGORY = "ASD/outputs"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("mesh_path",)
+    OUTPUT_TOOLTIPS = ("The first written file, relative to the output folder (Preview3D's model_file).",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "mesh": ("MESH", {"tooltip": "From NeRF to Mesh (ASD) (coloured) or any node's MESH (plain)."}),
+            "filename_prefix": ("STRING", {"default": "asd_mesh",
+                                "tooltip": "File name prefix in the output folder; may contain subfolders."}),
+        }, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    @engine_call
+    def save(self, mesh, filename_prefix, prompt=None, extra_pnginfo=None):
+        from ..asd_engine.export import mesh_from_arrays, write_mesh
+
+        items = _mesh_items(mesh)
+        metadata = _workflow_metadata(prompt, extra_pnginfo) or None
+        records = []
+        for (path, record), (vertices, faces, colours) in zip(_glb_targets(filename_prefix, len(items)), items):
+            write_mesh(mesh_from_arrays(vertices, faces, colours), path, metadata)
+            records.append(record)
+        # "3d" as core Save GLB reports its files (queue history, clients); the frontend's in-node viewer is wired
+        # to the SaveGLB class only, hence the mesh_path output for Preview3D
+        first = records[0]
+        relative = f"{first['subfolder']}/{first['filename']}" if first["subfolder"] else first["filename"]
+        return {"ui": {"3d": records}, "result": (relative,)}
+
+
 NODE_CLASS_MAPPINGS = {
     "ASDRenderViews": ASDRenderViews,
     "ASDExportMesh": ASDExportMesh,
+    "ASDNeRFToMesh": ASDNeRFToMesh,
+    "ASDSaveMeshGLB": ASDSaveMeshGLB,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ASDRenderViews": "Render Views (ASD)",
     "ASDExportMesh": "Export Mesh (ASD)",
+    "ASDNeRFToMesh": "NeRF to Mesh (ASD)",
+    "ASDSaveMeshGLB": "Save Coloured GLB (ASD)",
 }
