@@ -142,6 +142,7 @@ class DistillationRun:
         config.validate()
         prior.set_memory_options(attention_slicing=config.attention_slicing, vae_checkpointing=config.vae_checkpointing)
         self.config, self.prior, self.step = config, prior, 0
+        self.losses: dict[str, list[float]] = {"loss": [], "phi_loss": []}  # per step; kept in checkpoints
         torch.manual_seed(config.seed)  # peft's LoRA init draws from the global RNG
         self.rng = torch.Generator().manual_seed(config.seed)  # every random draw of the run comes from here
         self._build()
@@ -180,6 +181,9 @@ class DistillationRun:
             if should_stop is not None and should_stop():
                 break
             info = self.train_step()
+            self.losses["loss"].append(info.generator_loss)
+            if info.phi_loss is not None:
+                self.losses["phi_loss"].append(info.phi_loss)
             if on_step is not None:
                 on_step(info)
         return self.step
@@ -191,7 +195,7 @@ class DistillationRun:
         optim_tensors, optim_meta = ckpt.optimizer_state(self.optimizer, "optimizer")
         tensors.update(optim_tensors)
         meta: dict[str, Any] = {"kind": self.kind, "step": self.step, "config": dataclasses.asdict(self.config),
-                                "optimizer": optim_meta}
+                                "optimizer": optim_meta, "losses": self.losses}
         if self.phi is not None:
             tensors.update({f"phi.{k}": v for k, v in self.phi.state_tensors().items()})
             phi_tensors, meta["phi_optimizer"] = ckpt.optimizer_state(self.phi.optimizer, "phi_optimizer")
@@ -220,4 +224,5 @@ class DistillationRun:
             ckpt.load_optimizer_state(run.phi.optimizer, tensors, meta["phi_optimizer"], "phi_optimizer")
         run.rng.set_state(tensors["rng_state"])
         run.step = int(meta["step"])
+        run.losses = {name: list(meta.get("losses", {}).get(name, [])) for name in run.losses}
         return run

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
+import time
 
 import torch
 
@@ -40,6 +40,10 @@ def engine_call(method):
 
 
 PREDICTION_TYPES = ["auto", "epsilon", "v_prediction"]
+# Seeds stay as typed: no "control after generate" widget (the frontend would add one set to "randomize" for an
+# input named seed, and every Queue would then throw the trained run away and train a new one).
+SEED_TOOLTIP = ("Seed of the whole run; it stays fixed between Queues (a finished run is reused). For a new run, "
+                "change it, or drive it from a Primitive node set to 'randomize'.")
 
 
 class _PriorNode:
@@ -49,21 +53,25 @@ class _PriorNode:
     RETURN_TYPES = ("ASD_PRIOR",)
     RETURN_NAMES = ("prior",)
     OUTPUT_TOOLTIPS = ("The frozen prior; φ adapters are added to it per training run, never copied.",)
-    PRECISION_INPUT = (list(PRECISIONS), {"default": "fp32",
-                       "tooltip": "Weights' precision of the frozen prior; φ always trains in fp32."})
+    PRECISION_INPUT = (["auto", *PRECISIONS], {"default": "auto", "tooltip":
+                       "Weights' precision of the frozen prior: auto = fp16 on a GPU, fp32 on the CPU (as the CLI); "
+                       "φ always trains in fp32."})
 
     @staticmethod
-    def _device_with_room(size_bytes: int) -> torch.device:
+    def _placement(precision: str) -> tuple[torch.device, torch.dtype]:
+        """Where a new prior waits (ComfyUI's offload device: Train Loop loads it to the GPU through ComfyUI's
+        model management, and gives it back after) and its dtype, chosen for the device it will compute on."""
         from ..asd_engine.devices import default_device
+        from ..asd_engine.runs import resolve_precision
 
-        device = default_device()
-        host.free_memory_for(size_bytes, device)
-        return device
+        return host.offload_device(), resolve_precision(precision, default_device())
 
     @staticmethod
     def _report(node: str, prior: DiffusionPrior) -> tuple[DiffusionPrior]:
         if prior.detected:  # ComfyUI's console: which family and ε/v, and which signal decided
             logging.info("[ASD] %s: %s", node, prior.detected)
+        prior.fingerprint()  # identifies the runs trained on it; computed now, before any φ adapter is added
+        host.register_prior(prior)
         return (prior,)
 
 
@@ -87,11 +95,9 @@ class ASDLoadPrior(_PriorNode):
 
     @engine_call
     def load(self, model: str, precision: str, prediction_type: str = "auto"):
-        path = host.model_path(model)
-        files = [path] if path.is_file() else list(path.rglob("*.safetensors"))
-        device = self._device_with_room(sum(f.stat().st_size for f in files))
+        device, dtype = self._placement(precision)
         return self._report("Load SD Model", load_prior(
-            path, device=device, dtype=PRECISIONS[precision], input_name="model", prediction_type=prediction_type))
+            host.model_path(model), device=device, dtype=dtype, input_name="model", prediction_type=prediction_type))
 
 
 class ASDPriorFromCheckpoint(_PriorNode):
@@ -115,9 +121,9 @@ class ASDPriorFromCheckpoint(_PriorNode):
         from ..asd_engine.single_file import prior_from_state_dict
 
         state, prediction = host.checkpoint_state_dict(model, clip, vae)
-        device = self._device_with_room(sum(v.numel() * v.element_size() for v in state.values()))
+        device, dtype = self._placement(precision)
         return self._report("Prior from checkpoint", prior_from_state_dict(
-            state, prediction, device=device, dtype=PRECISIONS[precision], source="Load Checkpoint",
+            state, prediction, device=device, dtype=dtype, source="Load Checkpoint",
             input_name="model", prediction_source="ComfyUI's model sampling"))
 
 
@@ -175,7 +181,8 @@ class ASDNeRFGenerator:
             "resolution_schedule": ("STRING", {"default": "", "tooltip":
                                     "Render sizes by step, e.g. '0:64, 5000:512'; empty = the preset's."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Cameras per step."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "tooltip": "Seed of the whole run."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "control_after_generate": False,
+                     "tooltip": SEED_TOOLTIP}),
         }}
 
     @engine_call
@@ -200,7 +207,8 @@ class ASDImageGenerator:
                                  "latent: no VAE pass per step (fast); pixel: RGB through the VAE encoder."}),
             "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-4,
                               "tooltip": "Adam learning rate of the image; 0 = default (0.03 latent, 0.01 pixel)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "tooltip": "Seed of the whole run."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "control_after_generate": False,
+                     "tooltip": SEED_TOOLTIP}),
         }}
 
     def build(self, size, parameterization, learning_rate, seed):
@@ -210,14 +218,18 @@ class ASDImageGenerator:
 
 class ASDTrainLoop:
     DESCRIPTION = ("Runs Adversarial Score Distillation (or the VSD / SDS baselines) with live progress and a "
-                   "preview. Cancel stops it within a step and leaves a resumable checkpoint in output/asd/.")
+                   "preview. Each run keeps its checkpoint in output/asd/train/<prompt>_<run id>: queueing the same "
+                   "run again reuses it, and after a Cancel it resumes where it stopped.")
     CATEGORY = "ASD/train"
-    RETURN_TYPES = ("ASD_RESULT", "IMAGE", "ASD_CHECKPOINT")
-    RETURN_NAMES = ("result", "preview", "checkpoint")
-    OUTPUT_TOOLTIPS = ("The trained NeRF or image, for Render Views / Export Mesh / Save ASD Checkpoint.",
+    RETURN_TYPES = ("ASD_RESULT", "IMAGE", "ASD_CHECKPOINT", "LOSS_MAP")
+    RETURN_NAMES = ("result", "preview", "checkpoint", "loss")
+    OUTPUT_TOOLTIPS = ("The trained NeRF or image, for Render Views / NeRF to Mesh / Save ASD Checkpoint.",
                        "The final image (2D) or four views of the NeRF (3D).",
-                       "Folder of the checkpoint written at the end (or on cancel); connect to 'resume'.")
+                       "This run's checkpoint folder; connect to another Train Loop's 'resume' to train further.",
+                       "Per-step losses for core Plot Loss Graph ('loss': the generator's, 'phi_loss': φ's).")
     FUNCTION = "train"
+    OUTPUT_NODE = True  # a graph that only trains is complete; the node shows the final preview
+    PREVIEW_SECONDS = 3.0  # progress previews at most this often (a render costs a step on small runs)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -244,40 +256,61 @@ class ASDTrainLoop:
                            "only saw white)."}),
             "noise_sharing": (["fresh", "shared"], {"default": "fresh", "tooltip":
                               "φ step with its own t' and noise (official) or the generator's (one UNet call less)."}),
-            "filename_prefix": ("STRING", {"default": "asd", "tooltip": "Checkpoints go to output/asd/<prefix>_NNNNN."}),
         }, "optional": {
-            "phi": ("ASD_PHI", {"tooltip": "From ASD Discriminator; default: LoRA rank 4, γ -0.75."}),
-            "resume": ("ASD_CHECKPOINT", {"tooltip": "Continue this checkpoint up to 'steps' (same prompt/method)."}),
+            "phi": ("ASD_PHI", {"tooltip": "From ASD Discriminator; default: LoRA rank 4, γ from the prior's recipe."}),
+            "resume": ("ASD_CHECKPOINT", {"tooltip": "Continue this checkpoint up to 'steps' (same prompt/method; its "
+                                                     "settings are used). Not needed after a Cancel: the same run "
+                                                     "resumes by itself."}),
         }}
 
     @engine_call
     def train(self, prior, generator, prompt, negative_prompt, method, steps, cfg, weighting, t_min, t_max,
-              noise_sharing, filename_prefix, background="from prior", phi=None, resume=None):
+              noise_sharing, background="from prior", phi=None, resume=None):
         # 0 / -1 / "from prior" are the widgets' way of saying None: the prior's recipe decides
-        run = specs.make_run(prior, generator, prompt, steps, negative_prompt=negative_prompt, method=method,
-                             guidance_scale=cfg or None, weighting=weighting, t_min=None if t_min < 0 else t_min,
-                             t_max=None if t_max < 0 else t_max, phi_noise=noise_sharing, discriminator=phi,
-                             resume=resume, background=None if background == "from prior" else background)
-        folder, _ = host.new_output_folder(filename_prefix)
+        plan = specs.plan_run(prior, generator, prompt, steps, negative_prompt=negative_prompt, method=method,
+                              guidance_scale=cfg or None, weighting=weighting, t_min=None if t_min < 0 else t_min,
+                              t_max=None if t_max < 0 else t_max, phi_noise=noise_sharing, discriminator=phi,
+                              background=None if background == "from prior" else background)
+        if resume:
+            plan = specs.resume_plan(plan, resume)
+        checkpoint = host.train_folder(prompt, plan.key()) / "checkpoint"
+        start = specs.latest_checkpoint([checkpoint, resume], steps)
+        with host.priors_loaded([prior, plan.phi_prior], specs.training_memory_bytes(plan)):
+            result, preview = self._train(plan, start, checkpoint)
+        images = host.to_comfy_images(preview)
+        return {"ui": {"images": host.save_preview(images)},
+                "result": (result, images, str(result.checkpoint), result.losses)}
+
+    @staticmethod
+    def _train(plan, start, checkpoint):
+        run = plan.build(resume=start)
+        if start is not None:  # a finished run is rebuilt from its checkpoint and runs no step
+            logging.info("[ASD] Train Loop: %s %s at step %d of %d", "resuming" if run.step < run.config.steps
+                         else "reusing the finished run in", start, run.step, run.config.steps)
         progress = Progress(run)
         try:
-            result = specs.train(run, folder / "checkpoint", on_step=progress.on_step, is_interrupt=host.is_interrupt)
+            result = specs.train(run, checkpoint, on_step=progress.on_step, is_interrupt=host.is_interrupt)
+            return result, run.preview()
         finally:
             if run.phi is not None and hasattr(run.phi, "remove"):
                 run.phi.remove()  # the prior is shared: leave it exactly as loaded
-        return (result, host.to_comfy_images(run.preview()), str(result.checkpoint))
+            del run  # the optimisers and φ go with it; the result keeps only what output nodes need
 
 
 class Progress:
-    """Progress bar with a preview about 20 times per run; raises ComfyUI's interrupt between steps."""
+    """Progress bar from the run's current step (so a resume shows where it starts), a preview at most every
+    ``PREVIEW_SECONDS`` and at the end; raises ComfyUI's interrupt between steps."""
 
     def __init__(self, run) -> None:
         self.run = run
-        self.every = max(1, run.config.steps // 20)
         self.bar = host.Progress(run.config.steps)
+        self.bar.update(run.step, run.config.steps)
+        self.last_preview = time.monotonic()
 
     def on_step(self, info) -> None:
-        preview = self.run.preview() if info.step % self.every == 0 or info.step == info.total else None
+        preview = None
+        if info.step == info.total or time.monotonic() - self.last_preview >= ASDTrainLoop.PREVIEW_SECONDS:
+            preview, self.last_preview = self.run.preview(), time.monotonic()
         self.bar.update(info.step, info.total, preview)
         host.check_interrupt()
 
@@ -303,19 +336,17 @@ class ASDSaveCheckpoint:
         import shutil
 
         folder, relative = host.new_output_folder(filename_prefix)
-        target = folder / "checkpoint"
-        if result.run is not None:
-            result.run.save_checkpoint(target)
-        elif result.checkpoint is not None:
-            shutil.copytree(result.checkpoint, target)
-        else:
-            raise RuntimeError("Save ASD Checkpoint: this result has neither a live run nor a checkpoint folder")
-        return {"ui": {"text": [f"{relative}/checkpoint"]}, "result": (str(target),)}
+        if result.checkpoint is None or specs.checkpoint_step(result.checkpoint) is None:
+            raise UserInputError("result", "it has no checkpoint folder to save",
+                                 "connect an ASD Train Loop or Load ASD Checkpoint result")
+        shutil.copytree(result.checkpoint, folder / "checkpoint")
+        return {"ui": {"text": [f"{relative}/checkpoint"]}, "result": (str(folder / "checkpoint"),)}
 
 
 class ASDLoadCheckpoint:
-    DESCRIPTION = ("Loads an ASD checkpoint folder (from output/asd/ or any path): as 'resume' for ASD Train Loop, "
-                   "and as a result for Render Views / Export Mesh (2D results need the prior to decode).")
+    DESCRIPTION = ("Loads an ASD checkpoint folder from output/asd/ (runs and saved checkpoints) or models/asd/: as "
+                   "'resume' for ASD Train Loop, and as a result for Render Views / NeRF to Mesh (2D results need the "
+                   "prior to decode). Only folders in the list can be loaded.")
     CATEGORY = "ASD/checkpoints"
     RETURN_TYPES = ("ASD_CHECKPOINT", "ASD_RESULT")
     RETURN_NAMES = ("checkpoint", "result")
@@ -325,18 +356,23 @@ class ASDLoadCheckpoint:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "checkpoint": ("STRING", {"default": "", "tooltip":
-                           "Checkpoint folder: absolute, or relative to the output folder (e.g. asd/asd_00001/checkpoint)."}),
+            "checkpoint": (sorted(host.checkpoint_choices()), {"tooltip":
+                           "A checkpoint folder under output/asd or models/asd (refresh the page after training to "
+                           "see new ones). Paths elsewhere are refused, so a shared server never reads other folders."}),
         }, "optional": {
             "prior": ("ASD_PRIOR", {"tooltip": "Needed to decode a 2D (latent) result."}),
         }}
 
     @engine_call
     def load(self, checkpoint, prior=None):
-        path = Path(checkpoint).expanduser()
-        if not path.is_absolute():
-            path = host.output_dir() / path
-        return (str(path), specs.load_result(path, prior=prior))
+        folders = host.checkpoint_choices()
+        if checkpoint not in folders:  # ComfyUI's validation refuses it too; this guards direct calls
+            raise UserInputError("checkpoint", f"'{checkpoint}' is not a checkpoint folder under output/asd or "
+                                 "models/asd (absolute, ~ and .. paths are refused)",
+                                 "choose one from the list; refresh the page after training")
+        path = folders[checkpoint]
+        with host.priors_loaded([prior]):
+            return (str(path), specs.load_result(path, prior=prior))
 
 
 NODE_CLASS_MAPPINGS = {

@@ -6,7 +6,9 @@ Python; outside ComfyUI the functions fall back to the engine's own behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -122,12 +124,71 @@ def checkpoint_state_dict(model, clip, vae) -> tuple[dict[str, torch.Tensor], st
     return state, prediction
 
 
-def free_memory_for(prior_bytes: int, device: torch.device) -> None:
-    """Ask ComfyUI to unload other models so that ``prior_bytes`` fit on ``device``."""
-    if in_comfyui() and device.type != "cpu":
+def offload_device() -> torch.device:
+    """Where frozen priors wait between runs: ComfyUI's offload device for diffusion models (the CPU unless
+    --gpu-only / --highvram), the engine's default device outside ComfyUI."""
+    if in_comfyui():
         import comfy.model_management
 
-        comfy.model_management.free_memory(prior_bytes, device)
+        return torch.device(comfy.model_management.unet_offload_device())
+    from ..asd_engine.devices import default_device
+
+    return default_device()
+
+
+# One ModelPatcher per prior, made when the prior is loaded. ComfyUI's list of loaded models holds only a weak
+# reference to a patcher, so the patcher must live as long as its prior does; keyed weakly, it dies with it.
+_patchers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def register_prior(prior) -> None:
+    """Make ``prior`` a model ComfyUI's model management can load, measure and offload: a ModelPatcher over its
+    networks (``prior.modules()``, the same objects), loading to ComfyUI's torch device. Nothing moves yet."""
+    if not in_comfyui() or prior in _patchers:
+        return
+    import comfy.model_management
+    import comfy.model_patcher
+
+    _patchers[prior] = comfy.model_patcher.ModelPatcher(
+        prior.modules(), load_device=comfy.model_management.get_torch_device(), offload_device=prior.device)
+
+
+@contextlib.contextmanager
+def priors_loaded(priors, reserve_bytes: int = 0):
+    """Load ``priors`` to the device through ComfyUI's model management for the duration of the block, asking it
+    to free ``reserve_bytes`` more for training (other models are offloaded as ComfyUI decides); afterwards —
+    finished, cancelled or failed — each goes back to its offload device and leaves ComfyUI's loaded list.
+
+    Full loads only: φ's LoRA layers and the engine's own modules are not ComfyUI ops, so they cannot run with
+    weights left on the CPU (ComfyUI's partial "lowvram" loading); core Train LoRA loads the same way."""
+    patchers = [_patchers[p] for p in priors if p is not None and p in _patchers]
+    if not patchers:
+        yield
+        return
+    import comfy.model_management as mm
+
+    mm.load_models_gpu(patchers, memory_required=reserve_bytes, force_full_load=True)
+    for prior in priors:
+        if prior is not None and prior in _patchers:
+            prior.to(_patchers[prior].load_device)
+    try:
+        yield
+    finally:
+        for prior in priors:
+            if prior is not None and prior in _patchers:
+                _release(_patchers[prior])
+                prior.to(_patchers[prior].offload_device)
+        mm.soft_empty_cache()
+
+
+def _release(patcher) -> None:
+    """Unload one model from ComfyUI's loaded list (back to its offload device), leaving the others alone."""
+    import comfy.model_management as mm
+
+    for index, loaded in enumerate(mm.current_loaded_models):
+        if loaded.model is patcher:
+            mm.current_loaded_models.pop(index).model_unload()
+            return
 
 
 def output_dir() -> Path:
@@ -143,12 +204,68 @@ def new_output_folder(prefix: str) -> tuple[Path, str]:
     base = output_dir()
     parent = base / "asd"
     parent.mkdir(parents=True, exist_ok=True)
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in prefix) or "asd"
+    safe = _safe_name(prefix, limit=100)
     number = 1 + max([int(p.name.rsplit("_", 1)[-1]) for p in parent.glob(f"{safe}_*")
                       if p.name.rsplit("_", 1)[-1].isdigit()] or [0])
     folder = parent / f"{safe}_{number:05d}"
     folder.mkdir()
     return folder, str(folder.relative_to(base))
+
+
+def _safe_name(text: str, limit: int = 40) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text.strip())[:limit].strip("_") or "asd"
+
+
+def train_folder(prompt: str, key: str) -> Path:
+    """``output/asd/train/<prompt>_<key>``: one folder per run identity (see ``RunPlan.key``), so re-queueing the
+    same run finds its checkpoint, and renaming outputs downstream never retrains."""
+    return output_dir() / "asd" / "train" / f"{_safe_name(prompt)}_{key}"
+
+
+CHECKPOINT_ROOTS = (("output", lambda: [output_dir() / "asd"]), ("models", lambda: _asd_model_folders()))
+
+
+def _asd_model_folders() -> list[Path]:
+    if not in_comfyui():
+        return []
+    import folder_paths
+
+    return [Path(p) for p in folder_paths.get_folder_paths("asd")]
+
+
+def checkpoint_choices() -> dict[str, Path]:
+    """Checkpoint folders (holding ``checkpoint.json``) under ``output/asd`` and the ``models/asd`` folders, by the
+    label the Load ASD Checkpoint dropdown shows: ``output/asd/...`` or ``models/asd/...``. Only these can be
+    loaded by a graph: a server started with --listen must not read folders a graph names."""
+    from ..asd_engine.checkpoint import META_FILE
+
+    found: dict[str, Path] = {}
+    for label, roots in CHECKPOINT_ROOTS:
+        for root in roots():
+            if not root.is_dir():
+                continue
+            for meta in sorted(root.rglob(META_FILE)):
+                relative = meta.parent.relative_to(root).as_posix()
+                found.setdefault(f"{label}/asd/{relative}", meta.parent)
+    return found
+
+
+def save_preview(images: torch.Tensor, prefix: str = "asd_preview") -> list[dict]:
+    """IMAGE ``[B, H, W, 3]`` → PNGs in ComfyUI's temp folder, as core Preview Image writes them: the ``ui`` entries
+    that show them on the node. Outside ComfyUI: nothing to show, ``[]``."""
+    if not in_comfyui():
+        return []
+    import folder_paths
+    from PIL import Image
+
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+        prefix, folder_paths.get_temp_directory(), images.shape[2], images.shape[1])
+    shown = []
+    for index, image in enumerate(images):
+        name = f"{filename}_{counter + index:05}_.png"
+        Image.fromarray((image.numpy() * 255).round().astype("uint8")).save(os.path.join(folder, name), compress_level=1)
+        shown.append({"filename": name, "subfolder": subfolder, "type": "temp"})
+    return shown
 
 
 class Progress:
@@ -162,7 +279,7 @@ class Progress:
             self.bar = comfy.utils.ProgressBar(total)
 
     def update(self, step: int, total: int, preview: torch.Tensor | None = None) -> None:
-        """Raises ComfyUI's interrupt exception when the user pressed Cancel (POST /interrupt)."""
+        """Move the bar to ``step`` of ``total``, with ``preview`` ``[1, 3, H, W]`` when given."""
         if self.bar is None:
             return
         image = None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
 
-CORE_TYPES = {"IMAGE", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN", "MODEL", "CLIP", "VAE"}
+CORE_TYPES = {"IMAGE", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN", "MODEL", "CLIP", "VAE", "LOSS_MAP", "MESH"}
 
 
 def _inputs(cls):
@@ -41,7 +42,7 @@ def test_every_node_is_well_formed(pack):
             kind, options = value[0], value[1]
             assert options.get("tooltip"), (key, name)
             assert isinstance(kind, list) or kind in CORE_TYPES or kind.startswith("ASD_"), (key, name, kind)
-        optional = set(spec.get("optional", {}))
+        optional = set(spec.get("optional", {})) | set(spec.get("hidden", {}))
         for name, parameter in parameters.items():
             if name != "self" and name not in spec["required"]:
                 assert name in optional and parameter.default is None, (key, name)
@@ -57,16 +58,32 @@ def _node_prior(pack, path):
     return prior_module.DiffusionPrior.from_pretrained(path, device="cpu")
 
 
+def _train(nodes, prior, generator, prompt, method, steps, phi=None, resume=None, cfg=7.5):
+    """ASD Train Loop as ComfyUI runs it (inference mode); returns its four outputs."""
+    with torch.inference_mode():
+        out = nodes["ASDTrainLoop"].train(prior, generator, prompt, "", method, steps, cfg, "sds", 0.02, 0.98,
+                                          "fresh", phi=phi, resume=resume)
+    assert set(out) == {"ui", "result"}
+    return out["result"]
+
+
+def _label(pack, folder):
+    """Load ASD Checkpoint's dropdown label of a checkpoint folder."""
+    bridge = __import__(pack.__name__ + ".nodes.comfy_bridge", fromlist=["checkpoint_choices"])
+    (label,) = [k for k, v in bridge.checkpoint_choices().items() if v.resolve() == Path(folder).resolve()]
+    return label
+
+
 def test_3d_chain_trains_renders_exports_saves_and_resumes(pack, nodes, tiny_v_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # outside ComfyUI, outputs go to ./output
     prior = _node_prior(pack, tiny_v_dir)
     (phi,) = nodes["ASDDiscriminator"].build("lora", 4, 1, 0.0, -0.75, True)
     (generator,) = nodes["ASDNeRFGenerator"].build("toy-cpu", "", 1, 0)
-    with torch.inference_mode():  # as ComfyUI executes nodes
-        result, preview, checkpoint = nodes["ASDTrainLoop"].train(
-            prior, generator, "a red cube", "", "asd", 3, 7.5, "sds", 0.02, 0.98, "fresh", "test", phi=phi)
+    result, preview, checkpoint, losses = _train(nodes, prior, generator, "a red cube", "asd", 3, phi=phi)
     assert result.kind == "nerf" and result.step == 3 and preview.shape == (1, 64, 256, 3)
-    assert (tmp_path / "output" / "asd" / "test_00001" / "checkpoint" / "state.safetensors").is_file()
+    assert result.nerf.device.type == "cpu" and len(losses["loss"]) == len(losses["phi_loss"]) == 3
+    assert Path(checkpoint).parent.parent == tmp_path / "output" / "asd" / "train"
+    assert (Path(checkpoint) / "state.safetensors").is_file()
     assert not any("lora_" in k for k in prior.unet.state_dict())  # φ removed: the shared prior is untouched
     with torch.inference_mode():
         images, depth, alpha, normals = nodes["ASDRenderViews"].render(result, 4, 32, 15.0, 1.5, 70.0, "white")
@@ -77,33 +94,100 @@ def test_3d_chain_trains_renders_exports_saves_and_resumes(pack, nodes, tiny_v_d
     assert path.suffix == ".glb" and path.is_file() and path.with_suffix(".obj").is_file()
     assert out["ui"]["asd_files"][0]["type"] == "output"
     saved = nodes["ASDSaveCheckpoint"].save(result, "saved")["result"][0]
-    ckpt, loaded = nodes["ASDLoadCheckpoint"].load(saved)
-    assert loaded.kind == "nerf" and loaded.step == 3
-    with torch.inference_mode():
-        resumed, _, _ = nodes["ASDTrainLoop"].train(prior, generator, "a red cube", "", "asd", 5, 7.5, "sds",
-                                                   0.02, 0.98, "fresh", "test", phi=phi, resume=ckpt)
-    assert resumed.step == 5
+    ckpt, loaded = nodes["ASDLoadCheckpoint"].load(_label(pack, saved))
+    assert loaded.kind == "nerf" and loaded.step == 3 and loaded.losses == losses
+    resumed, _, _, resumed_losses = _train(nodes, prior, generator, "a red cube", "asd", 5, phi=phi, resume=ckpt)
+    assert resumed.step == 5 and resumed_losses["loss"][:3] == losses["loss"] and len(resumed_losses["loss"]) == 5
     with pytest.raises(RuntimeError, match="prompt"):
-        nodes["ASDTrainLoop"].train(prior, generator, "a blue torus", "", "asd", 5, 7.5, "sds", 0.02, 0.98,
-                                    "fresh", "test", resume=ckpt)
+        _train(nodes, prior, generator, "a blue torus", "asd", 5, resume=ckpt)
 
 
 def test_2d_chain_and_user_errors(pack, nodes, tiny_eps_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     prior = _node_prior(pack, tiny_eps_dir)
     (generator,) = nodes["ASDImageGenerator"].build(32, "latent", 0.0, 1)
-    with torch.inference_mode():
-        result, preview, checkpoint = nodes["ASDTrainLoop"].train(
-            prior, generator, "a red cube", "", "sds", 2, 7.5, "sds", 0.02, 0.98, "fresh", "img")
+    result, preview, checkpoint, _ = _train(nodes, prior, generator, "a red cube", "sds", 2)
     assert result.kind == "image" and preview.shape == (1, 32, 32, 3)
     with pytest.raises(RuntimeError, match="text-to-3D"):
         nodes["ASDRenderViews"].render(result, 4, 32, 15.0, 1.5, 70.0, "white")
-    _, loaded = nodes["ASDLoadCheckpoint"].load(checkpoint, prior=prior)
+    _, loaded = nodes["ASDLoadCheckpoint"].load(_label(pack, checkpoint), prior=prior)
     assert torch.allclose(loaded.image, result.image, atol=1e-6)
     with pytest.raises(RuntimeError, match="resolution_schedule"):
         nodes["ASDNeRFGenerator"].build("toy-cpu", "64:32", 1, 0)
-    with pytest.raises(RuntimeError, match="checkpoint"):
-        nodes["ASDLoadCheckpoint"].load(str(tmp_path / "nothing"))
+
+
+def test_load_checkpoint_lists_only_output_and_model_folders_and_refuses_other_paths(pack, nodes, tiny_eps_dir,
+                                                                                     tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prior = _node_prior(pack, tiny_eps_dir)
+    (generator,) = nodes["ASDImageGenerator"].build(32, "latent", 0.0, 1)
+    _, _, checkpoint, _ = _train(nodes, prior, generator, "a red cube", "sds", 1)
+    choices = nodes["ASDLoadCheckpoint"].INPUT_TYPES()["required"]["checkpoint"][0]
+    assert choices == [_label(pack, checkpoint)] and choices[0].startswith("output/asd/train/")
+    for hostile in (checkpoint, "~/" + choices[0], "output/asd/../../etc", "/etc", "../output/asd/train", ""):
+        with pytest.raises(RuntimeError, match="not a checkpoint folder under output/asd"):
+            nodes["ASDLoadCheckpoint"].load(hostile)
+
+
+def test_requeue_reuses_a_finished_run_and_a_cancelled_run_resumes_to_the_straight_result(
+        pack, nodes, tiny_eps_dir, tmp_path, monkeypatch):
+    """Re-running the node with the same inputs (after ComfyUI's cache is gone) runs no step; a run stopped by an
+    interrupt continues from its checkpoint, and ends bit for bit where an uninterrupted run ends."""
+    from safetensors.torch import load_file
+
+    asd_nodes = __import__(pack.__name__ + ".nodes.asd_nodes", fromlist=["Progress"])
+    prior = _node_prior(pack, tiny_eps_dir)
+    (generator,) = nodes["ASDImageGenerator"].build(32, "latent", 0.0, 3)
+    steps_run = []
+    original = asd_nodes.Progress.on_step
+
+    def counting(self, info):
+        steps_run.append(info.step)
+        if stop_at and info.step == stop_at:
+            raise KeyboardInterrupt  # what ComfyUI's Cancel raises between steps (InterruptProcessingException)
+        original(self, info)
+
+    monkeypatch.setattr(asd_nodes.Progress, "on_step", counting)
+    monkeypatch.chdir(tmp_path / "straight" if (tmp_path / "straight").mkdir() is None else tmp_path)
+    stop_at = None
+    _, _, straight, _ = _train(nodes, prior, generator, "a red cube", "asd", 6)
+    assert steps_run == [1, 2, 3, 4, 5, 6]
+    steps_run.clear()
+    _train(nodes, prior, generator, "a red cube", "asd", 6)
+    assert steps_run == []  # the finished run is reused, not retrained
+
+    monkeypatch.chdir(tmp_path / "cancelled" if (tmp_path / "cancelled").mkdir() is None else tmp_path)
+    stop_at = 4
+    with pytest.raises(KeyboardInterrupt):
+        _train(nodes, prior, generator, "a red cube", "asd", 6)
+    stop_at = None
+    steps_run.clear()
+    _, _, resumed, losses = _train(nodes, prior, generator, "a red cube", "asd", 6)
+    assert steps_run == [5, 6] and len(losses["loss"]) == 6
+    assert Path(resumed).relative_to(tmp_path / "cancelled") == Path(straight).relative_to(tmp_path / "straight")
+    a, b = load_file(Path(straight) / "state.safetensors"), load_file(Path(resumed) / "state.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("lora_" in k for k in prior.unet.state_dict())  # φ removed after the interrupt too
+
+
+def test_run_identity_follows_what_changes_the_result(pack, tiny_eps_dir):
+    specs = __import__(pack.__name__ + ".asd_engine.specs", fromlist=["plan_run"])
+    prior, again = _node_prior(pack, tiny_eps_dir), _node_prior(pack, tiny_eps_dir)
+    image = specs.ImageGeneratorSpec(size=32)
+
+    def key(p=prior, generator=image, prompt="a red cube", steps=5, **settings):
+        return specs.plan_run(p, generator, prompt, steps, **settings).key()
+
+    base = key()
+    assert key(p=again) == base  # the same weights loaded twice
+    assert key(guidance_scale=None) == base and key(guidance_scale=7.5) == base  # 7.5 is the prior's recipe value
+    changed = [key(prompt="a blue cube"), key(steps=6), key(guidance_scale=3.0), key(method="vsd"),
+               key(generator=specs.ImageGeneratorSpec(size=32, seed=1)), key(background="black")]
+    assert len(set(changed + [base])) == len(changed) + 1
+    with torch.no_grad():
+        again.unet.conv_in.bias.add_(1.0)
+    again._fingerprint = None
+    assert key(p=again) != base  # other weights, another run
 
 
 def test_phi_on_a_second_model_through_the_nodes(pack, nodes, tiny_eps_dir, tiny_v_latent_dir, tmp_path, monkeypatch):
@@ -113,11 +197,9 @@ def test_phi_on_a_second_model_through_the_nodes(pack, nodes, tiny_eps_dir, tiny
     (phi,) = nodes["ASDDiscriminator"].build("lora", 4, 1, 0.0, -0.75, False, phi_model=phi_model)
     (generator,) = nodes["ASDImageGenerator"].build(64, "latent", 0.0, 0)
     with torch.inference_mode():
-        result, _, checkpoint = nodes["ASDTrainLoop"].train(
-            prior, generator, "a red cube", "", "asd", 2, 7.5, "sds", 0.02, 0.98, "fresh", "pair", phi=phi)
+        result, _, checkpoint, _ = _train(nodes, prior, generator, "a red cube", "asd", 2, phi=phi)
         assert result.step == 2 and result.config.phi_model == str(tiny_v_latent_dir)
         assert not any("lora_" in k for k in prior.unet.state_dict()) and not any(
             "lora_" in k for k in phi_model.unet.state_dict())  # φ lived on the second model and was removed
-        resumed, _, _ = nodes["ASDTrainLoop"].train(prior, generator, "a red cube", "", "asd", 3, 7.5, "sds",
-                                                   0.02, 0.98, "fresh", "pair", phi=phi, resume=checkpoint)
+        resumed, _, _, _ = _train(nodes, prior, generator, "a red cube", "asd", 3, phi=phi, resume=checkpoint)
     assert resumed.step == 3

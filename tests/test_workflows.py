@@ -15,9 +15,9 @@ WORKFLOWS = ROOT / "workflows"
 NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 
-def ui_to_api(ui: dict, input_order) -> dict:
+def ui_to_api(ui: dict, input_order, has_control) -> dict:
     """Independent reading of a UI-format file: links give the connected inputs, widgets_values (in input order,
-    skipping the frontend's control_after_generate entry after seeds) give the rest."""
+    skipping the frontend's control_after_generate entry after inputs that have one) give the rest."""
     links = {link[0]: link for link in ui["links"]}
     api = {}
     for node in ui["nodes"]:
@@ -34,7 +34,7 @@ def ui_to_api(ui: dict, input_order) -> dict:
             value = values.pop(0)
             if name not in inputs:
                 inputs[name] = value
-            if name in ("seed", "noise_seed"):
+            if has_control(node["type"], name):
                 assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
         assert not values, f"{node['type']} has unread widget values {values}"
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": node["title"]}}
@@ -52,7 +52,7 @@ def test_ui_workflow_and_api_twin_describe_the_same_graph(name, make_workflows):
     generator = make_workflows
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
-    assert ui_to_api(ui, generator.node_inputs) == api
+    assert ui_to_api(ui, generator.node_inputs, generator.has_seed_control) == api
     # every link's type matches the output it leaves and the input it enters
     nodes = {n["id"]: n for n in ui["nodes"]}
     for link_id, source, slot, target, _, kind in ui["links"]:

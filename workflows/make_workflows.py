@@ -59,9 +59,18 @@ def is_widget(kind: str) -> bool:
     return kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
 
-def has_seed_control(name: str) -> bool:
-    """The ComfyUI frontend adds a 'control_after_generate' widget value after seed inputs."""
-    return name in ("seed", "noise_seed")
+def input_options(class_type: str, name: str) -> dict:
+    if class_type in CORE_INPUTS:
+        return {}
+    spec = load_pack().NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
+    value = {**spec.get("required", {}), **spec.get("optional", {})}[name]
+    return value[1] if len(value) > 1 else {}
+
+
+def has_seed_control(class_type: str, name: str) -> bool:
+    """Whether the ComfyUI frontend adds a 'control_after_generate' widget value after this input: when the input
+    asks for one, or (by the frontend's legacy rule) when an INT is named seed / noise_seed and does not say."""
+    return input_options(class_type, name).get("control_after_generate", name in ("seed", "noise_seed"))
 
 
 # ------------------------------------------------------------------------------------------------- graphs
@@ -72,7 +81,7 @@ TOY_PRIOR = "asd-toy-prior (embedded, 32 px)"
 def prior_and_phi(camera_embedding: bool) -> dict:
     """Nodes 1 (Load SD Model, the embedded prior) and 2 (φ: LoRA rank 4, γ -0.75) that every graph starts with."""
     return {
-        1: ("ASDLoadPrior", "Load SD Model", (40, 60), {"model": TOY_PRIOR, "precision": "fp32", "prediction_type": "auto"}),
+        1: ("ASDLoadPrior", "Load SD Model", (40, 60), {"model": TOY_PRIOR, "precision": "auto", "prediction_type": "auto"}),
         2: ("ASDDiscriminator", "ASD Discriminator (LoRA/TI)", (40, 240),
             {"phi_type": "lora", "lora_rank": 4, "ti_tokens": 1, "learning_rate": 0.0, "gamma": 1.0,
              "camera_embedding": camera_embedding}),
@@ -93,7 +102,7 @@ def text_to_3d() -> dict:
         4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
             {"prior": (1, 0), "generator": (3, 0), "prompt": "a red cube", "negative_prompt": "", "method": "asd",
              "steps": 300, **RECIPE_DEFAULTS, "noise_sharing": "fresh",
-             "filename_prefix": "asd_text_to_3d", "phi": (2, 0)}),
+             "phi": (2, 0)}),
         5: ("ASDRenderViews", "Render Views", (820, 60),
             {"result": (4, 0), "views": 36, "size": 128, "elevation": 15.0, "distance": 1.5, "fov": 70.0,
              "background": "white"}),
@@ -116,7 +125,7 @@ def image_2d() -> dict:
         4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
             {"prior": (1, 0), "generator": (3, 0), "prompt": "a blue torus", "negative_prompt": "", "method": "asd",
              "steps": 300, **RECIPE_DEFAULTS, "noise_sharing": "fresh",
-             "filename_prefix": "asd_2d", "phi": (2, 0)}),
+             "phi": (2, 0)}),
         5: ("SaveImage", "Distilled image", (820, 60), {"images": (4, 1), "filename_prefix": "asd/image_2d"}),
     }
 
@@ -129,7 +138,7 @@ def compare_methods() -> dict:
         graph[base] = ("ASDTrainLoop", f"Train Loop ({method.upper()})", (420, y),
                        {"prior": (1, 0), "generator": (3, 0), "prompt": "a red cube", "negative_prompt": "",
                         "method": method, "steps": 300, **RECIPE_DEFAULTS,
-                        "noise_sharing": "fresh", "filename_prefix": f"asd_compare_{method}", "phi": (2, 0)})
+                        "noise_sharing": "fresh", "phi": (2, 0)})
         graph[base + 1] = ("ASDRenderViews", f"Render Views ({method.upper()})", (820, y),
                            {"result": (base, 0), "views": 36, "size": 128, "elevation": 15.0, "distance": 1.5,
                             "fov": 70.0, "background": "white"})
@@ -180,7 +189,7 @@ def to_ui(graph: dict) -> dict:
                 widgets.append("")
             else:
                 widgets.append(inputs[name])
-            if has_seed_control(name):
+            if has_seed_control(class_type, name):
                 widgets.append("fixed")
         outputs = [{"name": name, "type": kind, "links": outgoing.get((node_id, slot), []), "slot_index": slot}
                    for slot, (name, kind) in enumerate(node_outputs(class_type))]
