@@ -104,6 +104,7 @@ FAST = {  # per class type: inputs that make any workflow quick on a CPU
     "ASDTrainLoop": {"steps": 3},
     "ASDRenderViews": {"views": 3, "size": 32},
     "ASDExportMesh": {"resolution": 32},
+    "ASDNeRFToMesh": {"resolution": 32},
     "ASDImageGenerator": {"size": 32},
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ def test_ui_workflows_match_their_api_twins_with_the_servers_own_input_order(hos
     assert sorted(templates[PACK_NAME]) == sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 
-@pytest.mark.parametrize("name", ["image_2d_asd", "text_to_3d_asd", "compare_sds_vsd_asd"])
+@pytest.mark.parametrize("name", ["image_2d_asd", "text_to_3d_asd", "compare_sds_vsd_asd", "mesh_to_core_save_glb"])
 def test_each_api_workflow_runs_to_success(host, tmp_path, name):
     graph = fast(comfy_client.load_workflow(WORKFLOWS / "api" / f"{name}.json"))
     _, status, files = run_graph(host, graph, tmp_path)
@@ -76,8 +77,22 @@ def test_each_api_workflow_runs_to_success(host, tmp_path, name):
         assert ".png" in suffixes
     elif name == "text_to_3d_asd":
         assert {".webp", ".png", ".glb", ".obj"} <= suffixes
+    elif name == "mesh_to_core_save_glb":
+        assert len([p for p in files if p.suffix == ".glb"]) == 2  # core Save GLB's and the coloured one
     else:
         assert len([p for p in files if p.suffix == ".webp"]) == 3
+
+
+def test_the_stable_diffusion_template_runs_on_a_checkpoint_of_its_architecture(host, tiny_sd15, tmp_path):
+    """The SD 2.1 template's graph, with the tiny SD 1.x checkpoint in place of the 5 GB file, a few steps and the
+    toy-cpu NeRF (presets are tested in the engine)."""
+    graph = fast(comfy_client.load_workflow(WORKFLOWS / "api" / "text_to_3d_sd21.json"))
+    graph["10"]["inputs"]["ckpt_name"] = tiny_sd15.name
+    graph["3"]["inputs"].update(preset="toy-cpu", resolution_schedule="64")
+    graph["4"]["inputs"]["steps"] = 1  # ~20 s: the tiny checkpoint carries a full-size VAE, encoded with gradients
+    _, status, files = run_graph(host, graph, tmp_path)
+    assert status == "success", status + host.log_text()[-3000:]
+    assert {".webp", ".glb"} <= {p.suffix for p in files}
 
 
 def _events(host, graph: dict, interrupt_at: tuple[str, int] | None = None) -> tuple[str, list[dict]]:
@@ -313,5 +328,17 @@ def test_ui_workflows_load_in_the_real_web_page_with_no_missing_node_types(host,
     assert proc.returncode == 0, proc.stderr[-3000:]
     missing = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(missing) == {Path(f).stem for f in files}
-    assert all(types == [] for types in missing.values()), missing
+    assert all(report["missing_types"] == [] for report in missing.values()), missing
+    # the Stable Diffusion template makes the frontend offer its checkpoint; the toy graphs need no download
+    assert missing["text_to_3d_sd21"]["missing_models"] == ["checkpoints / v2-1_512-ema-pruned.safetensors"], missing
+    assert all(r["missing_models"] == [] for name, r in missing.items() if name != "text_to_3d_sd21"), missing
     assert all((tmp_path / f"{Path(f).stem}.png").stat().st_size > 10_000 for f in files)
+    if os.environ.get("ASD_WRITE_THUMBNAILS"):  # refresh the templates' thumbnails from these screenshots
+        from PIL import Image
+
+        for f in files:
+            shot = Image.open(tmp_path / f"{Path(f).stem}.png").convert("RGB")
+            shot.resize((800, 500), Image.LANCZOS).save(WORKFLOWS / f"{Path(f).stem}.jpg", quality=85)
+    for f in files:  # ComfyUI serves each template's thumbnail beside it
+        with urllib.request.urlopen(f"{host.url}/api/workflow_templates/{PACK_NAME}/{Path(f).stem}.jpg") as response:
+            assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg"

@@ -41,8 +41,9 @@ def ui_to_api(ui: dict, input_order, has_control) -> dict:
     return api
 
 
-def test_there_are_the_three_workflows_in_both_formats():
-    assert set(NAMES) == {"text_to_3d_asd", "image_2d_asd", "compare_sds_vsd_asd"}
+def test_there_are_the_five_workflows_in_both_formats():
+    assert set(NAMES) == {"text_to_3d_asd", "image_2d_asd", "compare_sds_vsd_asd", "mesh_to_core_save_glb",
+                          "text_to_3d_sd21"}
     for name in NAMES:
         assert (WORKFLOWS / "api" / f"{name}.json").is_file()
 
@@ -123,3 +124,18 @@ def test_client_download_waits_for_the_history_the_server_writes_after_its_last_
     with pytest.raises(comfy_client.ClientError, match="no completed history for prompt p2"):
         monkeypatch.setattr(client, "_request", lambda route, payload=None: {})
         client.download("p2", tmp_path)
+
+
+def test_the_stable_diffusion_template_names_its_checkpoint_for_the_frontends_download_offer():
+    ui = json.loads((WORKFLOWS / "text_to_3d_sd21.json").read_text())
+    (loader,) = [n for n in ui["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    (model,) = loader["properties"]["models"]
+    assert model["name"] == loader["widgets_values"][0] == "v2-1_512-ema-pruned.safetensors"
+    assert model["directory"] == "checkpoints" and model["url"].startswith("https://huggingface.co/stabilityai/")
+    assert model["url"].endswith("/" + model["name"])
+
+
+def test_every_template_has_a_thumbnail_beside_it():
+    for name in NAMES:
+        thumbnail = WORKFLOWS / f"{name}.jpg"
+        assert thumbnail.is_file() and thumbnail.stat().st_size > 5_000, f"{thumbnail.name}: make it with the browser test"

@@ -24,8 +24,22 @@ CORE_INPUTS = {
     "SaveAnimatedWEBP": [("images", "IMAGE"), ("filename_prefix", "STRING"), ("fps", "FLOAT"),
                          ("lossless", "BOOLEAN"), ("quality", "INT"), ("method", "COMBO")],
     "Preview3D": [("model_file", "STRING")],
+    "CheckpointLoaderSimple": [("ckpt_name", "COMBO")],
+    "SaveGLB": [("mesh", "MESH"), ("filename_prefix", "STRING")],
+    "LossGraphNode": [("loss", "LOSS_MAP"), ("filename_prefix", "STRING")],
 }
-CORE_OUTPUTS: dict[str, list[tuple[str, str]]] = {"SaveImage": [], "SaveAnimatedWEBP": [], "Preview3D": []}
+CORE_OUTPUTS: dict[str, list[tuple[str, str]]] = {
+    "SaveImage": [], "SaveAnimatedWEBP": [], "Preview3D": [], "SaveGLB": [], "LossGraphNode": [],
+    "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+}
+# Models a graph needs, by file name: the frontend offers the download when a node's properties.models names the
+# file its widget selects (the official ASD recipe's prior is Stable Diffusion 2.1 base, 512 px, ε-prediction).
+MODELS = {
+    "v2-1_512-ema-pruned.safetensors": {
+        "name": "v2-1_512-ema-pruned.safetensors", "directory": "checkpoints",
+        "url": "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/v2-1_512-ema-pruned.safetensors",
+    },
+}
 LINK_TYPES = {"IMAGE", "MASK"}
 
 
@@ -79,7 +93,8 @@ TOY_PRIOR = "asd-toy-prior (embedded, 32 px)"
 
 
 def prior_and_phi(camera_embedding: bool) -> dict:
-    """Nodes 1 (Load SD Model, the embedded prior) and 2 (φ: LoRA rank 4, γ -0.75) that every graph starts with."""
+    """Nodes 1 (Load SD Model, the embedded prior) and 2 (φ: LoRA rank 4, γ from the prior's recipe) that the toy
+    graphs start with."""
     return {
         1: ("ASDLoadPrior", "Load SD Model", (40, 60), {"model": TOY_PRIOR, "precision": "auto", "prediction_type": "auto"}),
         2: ("ASDDiscriminator", "ASD Discriminator (LoRA/TI)", (40, 240),
@@ -148,7 +163,50 @@ def compare_methods() -> dict:
     return graph
 
 
-GRAPHS = {"text_to_3d_asd": text_to_3d, "image_2d_asd": image_2d, "compare_sds_vsd_asd": compare_methods}
+def mesh_for_core() -> dict:
+    """Toy text-to-3D ending in core nodes: NeRF to Mesh → core Save GLB (and the coloured saver), loss → core Plot
+    Loss Graph."""
+    graph = {key: value for key, value in text_to_3d().items() if key in (1, 2, 3, 4)}
+    graph[4][3]["prompt"] = "a yellow cone"
+    graph.update({
+        5: ("ASDNeRFToMesh", "NeRF to Mesh", (820, 60), {"result": (4, 0), "resolution": 128, "threshold": 25.0}),
+        6: ("SaveGLB", "Save GLB (core)", (1180, 60), {"mesh": (5, 0), "filename_prefix": "mesh/asd_core"}),
+        7: ("ASDSaveMeshGLB", "Save Coloured GLB", (1180, 360), {"mesh": (5, 0), "filename_prefix": "asd_mesh"}),
+        8: ("LossGraphNode", "Plot Loss Graph (core)", (820, 420), {"loss": (4, 3), "filename_prefix": "asd_loss"}),
+    })
+    return graph
+
+
+SD21 = "v2-1_512-ema-pruned.safetensors"
+
+
+def text_to_3d_sd21() -> dict:
+    """The official recipe on Stable Diffusion 2.1 base through core Load Checkpoint (GPU: hours, not minutes)."""
+    _, _, _, phi_inputs = prior_and_phi(camera_embedding=True)[2]
+    return {
+        10: ("CheckpointLoaderSimple", "Load Checkpoint (SD 2.1 base)", (40, 60), {"ckpt_name": SD21}),
+        1: ("ASDPriorFromCheckpoint", "ASD Prior from Checkpoint", (40, 260),
+            {"model": (10, 0), "clip": (10, 1), "vae": (10, 2), "precision": "auto"}),
+        2: ("ASDDiscriminator", "ASD Discriminator (LoRA/TI)", (40, 460), phi_inputs),
+        3: ("ASDNeRFGenerator", "NeRF Generator", (40, 720),
+            {"preset": "quality", "resolution_schedule": "", "batch_size": 1, "seed": 0}),
+        4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
+            {"prior": (1, 0), "generator": (3, 0), "prompt": "a DSLR photo of a hamburger", "negative_prompt": "",
+             "method": "asd", "steps": 25000, **RECIPE_DEFAULTS, "noise_sharing": "fresh", "phi": (2, 0)}),
+        5: ("ASDRenderViews", "Render Views", (820, 60),
+            {"result": (4, 0), "views": 72, "size": 512, "elevation": 15.0, "distance": 1.5, "fov": 70.0,
+             "background": "white"}),
+        6: ("SaveAnimatedWEBP", "Turntable", (1180, 60),
+            {"images": (5, 0), "filename_prefix": "asd/turntable_sd21", "fps": 24.0, "lossless": False,
+             "quality": 90, "method": "default"}),
+        7: ("ASDNeRFToMesh", "NeRF to Mesh", (820, 460), {"result": (4, 0), "resolution": 256, "threshold": 25.0}),
+        8: ("ASDSaveMeshGLB", "Save Coloured GLB", (1180, 460), {"mesh": (7, 0), "filename_prefix": "asd_sd21"}),
+        9: ("LossGraphNode", "Plot Loss Graph (core)", (820, 760), {"loss": (4, 3), "filename_prefix": "asd_loss"}),
+    }
+
+
+GRAPHS = {"text_to_3d_asd": text_to_3d, "image_2d_asd": image_2d, "compare_sds_vsd_asd": compare_methods,
+          "mesh_to_core_save_glb": mesh_for_core, "text_to_3d_sd21": text_to_3d_sd21}
 
 
 # ------------------------------------------------------------------------------------------------- writers
@@ -161,6 +219,12 @@ def to_api(graph: dict) -> dict:
             "_meta": {"title": title},
         }
     return api
+
+
+def properties(class_type: str, inputs: dict) -> dict:
+    """A UI node's properties; ``models`` lists the files its widgets name that the frontend can download."""
+    models = [MODELS[v] for v in inputs.values() if isinstance(v, str) and v in MODELS]
+    return {"Node name for S&R": class_type, **({"models": models} if models else {})}
 
 
 def to_ui(graph: dict) -> dict:
@@ -195,7 +259,7 @@ def to_ui(graph: dict) -> dict:
                    for slot, (name, kind) in enumerate(node_outputs(class_type))]
         nodes.append({"id": node_id, "type": class_type, "title": title, "pos": list(pos), "size": [320, 200],
                       "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs, "outputs": outputs,
-                      "properties": {"Node name for S&R": class_type}, "widgets_values": widgets})
+                      "properties": properties(class_type, inputs), "widgets_values": widgets})
     return {"last_node_id": max(graph), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
             "config": {}, "extra": {}, "version": 0.4}
 

@@ -1,7 +1,9 @@
 // Loads each UI workflow into the real ComfyUI web page (headless Chromium driven by playwright-core) and reports,
-// per workflow, the node types the frontend does not know. Usage:
+// per workflow, the node types the frontend does not know and the model files its "Missing Models" dialog offers to
+// download. Usage:
 //   node load_workflows.mjs <comfyui url> <screenshot folder> <workflow.json>...
-// Prints one JSON line: {"workflow": missing-types[]}; writes <screenshot folder>/<name>.png for each.
+// Prints one JSON line: {"workflow": {"missing_types": [...], "missing_models": ["folder / file", ...]}}; writes
+// <screenshot folder>/<name>.png for each.
 import { createRequire } from "module";
 import { readFileSync } from "fs";
 import { basename } from "path";
@@ -29,11 +31,21 @@ for (const file of files) {
     return graph.nodes.map((n) => n.type).filter((t) => !(t in known));
   }, workflow);
   await page.waitForTimeout(1000);
-  await page.mouse.click(800, 500);   // focus the canvas, then "." fits the whole graph into view
+  // The frontend's "Missing Models" dialog (offered from the nodes' properties.models): note what it offers, then
+  // close it so that the screenshot shows the graph.
+  const dialog = page.getByText("Missing Models", { exact: true });
+  let models = [];
+  if (await dialog.count()) {
+    models = await page.evaluate(() => Array.from(document.querySelectorAll(".p-dialog, [role=dialog]"))
+      .map((d) => d.innerText).join("\n").match(/[\w.-]+ \/ [\w.-]+\.(safetensors|ckpt|pt|bin)/g) || []);
+    await page.keyboard.press("Escape");
+    await page.waitForTimeout(500);
+  }
+  await page.mouse.click(150, 960);   // focus the canvas (an empty corner: no widget), then "." fits the graph into view
   await page.keyboard.press(".");
   await page.waitForTimeout(1000);
   await page.screenshot({ path: `${shots}/${basename(file, ".json")}.png` });
-  result[basename(file, ".json")] = missing;
+  result[basename(file, ".json")] = { missing_types: missing, missing_models: models };
 }
 console.log(JSON.stringify(result));
 await browser.close();
