@@ -97,7 +97,7 @@ COMMON_SETTINGS: Settings = {
     "--phi": ("phi.kind", dict(choices=["lora", "ti"], help="discriminator φ: LoRA (default) or textual inversion")),
     "--lora-rank": ("phi.lora_rank", dict(type=_int, help="LoRA rank of φ (default 4)")),
     "--phi-lr": ("phi.lr", dict(type=float, help="φ learning rate (default: LoRA from the prior's recipe, official "
-                                                "1e-4, toy prior 1e-3; TI 5e-3)")),
+                                                "1e-4, toy prior 1e-2; TI 5e-3)")),
     "--ti-tokens": ("phi.num_tokens", dict(type=_int, help="number of TI tokens of φ (default 1)")),
     "--ti-init": ("phi.init_word", dict(help="word whose embedding initialises the TI tokens (default 'object')")),
 }

@@ -144,7 +144,7 @@ class ASDDiscriminator:
             "ti_tokens": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Number of textual-inversion tokens."}),
             "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-5,
                               "tooltip": "φ's AdamW learning rate; 0 = default: from the prior's recipe for LoRA "
-                                         "(Stable Diffusion 1e-4, toy prior 1e-3), 5e-3 for TI."}),
+                                         "(Stable Diffusion 1e-4, toy prior 1e-2), 5e-3 for TI."}),
             "gamma": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 1.0, "step": 0.05,
                       "tooltip": "ASD's γ in the discriminator loss, -1 … 0 (0 turns ASD into VSD); 1 = default: from "
                                  "the prior's recipe (Stable Diffusion: the official -0.75)."}),
