@@ -1,9 +1,11 @@
 """Graph-shaped entry points: what the ComfyUI nodes hand to the engine, and what they get back.
 
-The nodes build small specs (which generator, which φ), :func:`make_run` turns them plus the loop settings into a
-:class:`~asd_engine.distill_2d.Distill2D` or :class:`~asd_engine.text_to_3d.TextTo3D`, :func:`train` runs it with
-the host's progress/interrupt hooks and checkpoints it, and :class:`DistillationResult` is what flows to Render
-Views / Export Mesh / Save Checkpoint. Keeping this here keeps the nodes to parsing inputs and returning outputs.
+The nodes build small specs (which generator, which φ); :func:`plan_run` turns them plus the loop settings into a
+:class:`RunPlan` whose :meth:`~RunPlan.key` names the run (so a host can find its earlier checkpoint) and whose
+:meth:`~RunPlan.build` makes the :class:`~asd_engine.distill_2d.Distill2D` or :class:`~asd_engine.text_to_3d.TextTo3D`;
+:func:`train` runs it with the host's progress/interrupt hooks and checkpoints it, and :class:`DistillationResult`
+is what flows to Render Views / NeRF to Mesh / Save Checkpoint. Keeping this here keeps the nodes to parsing inputs
+and returning outputs.
 """
 
 from __future__ import annotations
