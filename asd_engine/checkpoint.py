@@ -56,9 +56,9 @@ def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tenso
     return directory
 
 
-def load_checkpoint(directory: str | os.PathLike, input_name: str = "--resume") -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a checkpoint folder → ``(tensors on CPU, meta)``. Falls back to the previous checkpoint if a crash
-    happened between the two renames of :func:`save_checkpoint`."""
+def _checkpoint_folder(directory: str | os.PathLike, input_name: str) -> Path:
+    """The folder to read, with both files present. Falls back to the previous checkpoint if a crash happened
+    between the two renames of :func:`save_checkpoint`."""
     directory = Path(directory).expanduser()
     old = directory.with_name(f".{directory.name}.old")
     if not directory.exists() and old.is_dir():
@@ -66,19 +66,41 @@ def load_checkpoint(directory: str | os.PathLike, input_name: str = "--resume") 
     if not directory.is_dir():
         raise UserInputError(input_name, f"'{directory}' is not a checkpoint folder",
                              "give the checkpoint/ folder a previous run wrote (it holds checkpoint.json)")
-    meta_file, tensor_file = directory / META_FILE, directory / TENSORS_FILE
-    if not meta_file.is_file() or not tensor_file.is_file():
+    if not (directory / META_FILE).is_file() or not (directory / TENSORS_FILE).is_file():
         raise UserInputError(input_name, f"'{directory}' lacks {META_FILE} or {TENSORS_FILE}",
                              "give the checkpoint/ folder a previous run wrote")
+    return directory
+
+
+def _damaged(directory: Path, input_name: str, exc: Exception) -> UserInputError:
+    return UserInputError(input_name, f"'{directory}' is damaged ({type(exc).__name__}: {exc})",
+                          "use an intact checkpoint folder")
+
+
+def read_checkpoint_meta(directory: str | os.PathLike, input_name: str = "--resume") -> dict:
+    """A checkpoint folder's ``checkpoint.json`` (kind, step, config, ...), checked as :func:`load_checkpoint`
+    checks it, without reading its tensors (for decisions that need only the settings: a NeRF's optimiser state
+    can be hundreds of MB)."""
+    directory = _checkpoint_folder(directory, input_name)
     try:
-        meta = json.loads(meta_file.read_text())
-        tensors = load_file(str(tensor_file))
-    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
-        raise UserInputError(input_name, f"'{directory}' is damaged ({type(exc).__name__}: {exc})",
-                             "use an intact checkpoint folder") from None
+        meta = json.loads((directory / META_FILE).read_text())
+    except Exception as exc:
+        raise _damaged(directory, input_name, exc) from None
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise UserInputError(input_name, f"'{directory}' is not a ComfyUI-ASD checkpoint of version {FORMAT_VERSION}",
                              "resume from a checkpoint written by this version of the engine")
+    return meta
+
+
+def load_checkpoint(directory: str | os.PathLike, input_name: str = "--resume") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint folder → ``(tensors on CPU, meta)``. Falls back to the previous checkpoint if a crash
+    happened between the two renames of :func:`save_checkpoint`."""
+    directory = _checkpoint_folder(directory, input_name)
+    meta = read_checkpoint_meta(directory, input_name)
+    try:
+        tensors = load_file(str(directory / TENSORS_FILE))
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+        raise _damaged(directory, input_name, exc) from None
     return tensors, meta
 
 

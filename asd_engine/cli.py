@@ -337,7 +337,7 @@ def _train(args: argparse.Namespace, run_class, settings: Settings, base: Callab
     checkpoints, Ctrl-C → checkpoint and exit 130, then ``finish`` writes the outputs."""
     import torch
 
-    from .checkpoint import load_checkpoint
+    from .checkpoint import read_checkpoint_meta
     from .images import save_png
     from .loading import check_model_path
     from .runs import config_from_dict
@@ -348,7 +348,7 @@ def _train(args: argparse.Namespace, run_class, settings: Settings, base: Callab
     if args.resume:  # cheap checks first: nothing is loaded or written before the inputs are known to be good
         if args.steps is None:
             raise UserInputError("--steps", "no total given for the resumed run", "add --steps N (the new total)")
-        _, meta = load_checkpoint(args.resume)
+        meta = read_checkpoint_meta(args.resume)
         _check_resume_flags(given, meta.get("config", {}), settings)
     else:
         data = _new_config_data(given, settings, base(given))

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import read_checkpoint_meta
 from .discriminator import PhiConfig
 from .distill import DistillConfig
 from .errors import UserInputError
@@ -122,7 +122,7 @@ def resume_plan(plan: RunPlan, resume: str | os.PathLike) -> RunPlan:
     resumed run keeps them), after checking that it is the same kind of run, prompt and method."""
     from .runs import config_from_dict
 
-    _, meta = load_checkpoint(resume, input_name="resume")
+    meta = read_checkpoint_meta(resume, input_name="resume")
     stored = meta.get("config", {})
     if meta.get("kind") != plan.run_class.kind:
         raise UserInputError("resume", f"the checkpoint is a {meta.get('kind')} run, the generator makes a "
@@ -249,7 +249,7 @@ def load_result(checkpoint: str | os.PathLike, prior: DiffusionPrior | None = No
     from .distill_2d import Distill2D
     from .text_to_3d import load_nerf
 
-    _, meta = load_checkpoint(checkpoint, input_name="checkpoint")
+    meta = read_checkpoint_meta(checkpoint, input_name="checkpoint")
     if meta.get("kind") == "text-to-3d":
         nerf, config, step = load_nerf(checkpoint, device=device, input_name="checkpoint")
         return DistillationResult("nerf", config, step, Path(checkpoint), nerf=nerf, losses=meta.get("losses", {}))

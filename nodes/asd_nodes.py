@@ -290,11 +290,11 @@ class ASDTrainLoop:
         progress = Progress(run)
         try:
             result = specs.train(run, checkpoint, on_step=progress.on_step, is_interrupt=host.is_interrupt)
-            return result, run.preview()
+            # the last step's progress preview is the final picture; a finished run that ran no step renders it
+            return result, progress.final if progress.final is not None else run.preview()
         finally:
             if run.phi is not None and hasattr(run.phi, "remove"):
                 run.phi.remove()  # the prior is shared: leave it exactly as loaded
-            del run  # the optimisers and φ go with it; the result keeps only what output nodes need
 
 
 class Progress:
@@ -306,11 +306,14 @@ class Progress:
         self.bar = host.Progress(run.config.steps)
         self.bar.update(run.step, run.config.steps)
         self.last_preview = time.monotonic()
+        self.final: torch.Tensor | None = None  # the preview rendered at the last step
 
     def on_step(self, info) -> None:
         preview = None
         if info.step == info.total or time.monotonic() - self.last_preview >= ASDTrainLoop.PREVIEW_SECONDS:
             preview, self.last_preview = self.run.preview(), time.monotonic()
+        if info.step == info.total:
+            self.final = preview
         self.bar.update(info.step, info.total, preview)
         host.check_interrupt()
 

@@ -161,23 +161,21 @@ def priors_loaded(priors, reserve_bytes: int = 0):
 
     Full loads only: φ's LoRA layers and the engine's own modules are not ComfyUI ops, so they cannot run with
     weights left on the CPU (ComfyUI's partial "lowvram" loading); core Train LoRA loads the same way."""
-    patchers = [_patchers[p] for p in priors if p is not None and p in _patchers]
-    if not patchers:
+    managed = [p for p in priors if p is not None and p in _patchers]
+    if not managed:
         yield
         return
     import comfy.model_management as mm
 
-    mm.load_models_gpu(patchers, memory_required=reserve_bytes, force_full_load=True)
-    for prior in priors:
-        if prior is not None and prior in _patchers:
-            prior.to(_patchers[prior].load_device)
+    mm.load_models_gpu([_patchers[p] for p in managed], memory_required=reserve_bytes, force_full_load=True)
+    for prior in managed:
+        prior.to(_patchers[prior].load_device)
     try:
         yield
     finally:
-        for prior in priors:
-            if prior is not None and prior in _patchers:
-                _release(_patchers[prior])
-                prior.to(_patchers[prior].offload_device)
+        for prior in managed:
+            _release(_patchers[prior])
+            prior.to(_patchers[prior].offload_device)
         mm.soft_empty_cache()
 
 
@@ -222,15 +220,15 @@ def train_folder(prompt: str, key: str) -> Path:
     return output_dir() / "asd" / "train" / f"{_safe_name(prompt)}_{key}"
 
 
-CHECKPOINT_ROOTS = (("output", lambda: [output_dir() / "asd"]), ("models", lambda: _asd_model_folders()))
-
-
 def _asd_model_folders() -> list[Path]:
     if not in_comfyui():
         return []
     import folder_paths
 
     return [Path(p) for p in folder_paths.get_folder_paths("asd")]
+
+
+CHECKPOINT_ROOTS = (("output", lambda: [output_dir() / "asd"]), ("models", _asd_model_folders))
 
 
 def checkpoint_choices() -> dict[str, Path]:
@@ -256,14 +254,15 @@ def save_preview(images: torch.Tensor, prefix: str = "asd_preview") -> list[dict
     if not in_comfyui():
         return []
     import folder_paths
-    from PIL import Image
+
+    from ..asd_engine.images import to_pil
 
     folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
         prefix, folder_paths.get_temp_directory(), images.shape[2], images.shape[1])
     shown = []
-    for index, image in enumerate(images):
+    for index, image in enumerate(images):  # [H, W, 3] → the engine's [3, H, W] writer
         name = f"{filename}_{counter + index:05}_.png"
-        Image.fromarray((image.numpy() * 255).round().astype("uint8")).save(os.path.join(folder, name), compress_level=1)
+        to_pil(image.permute(2, 0, 1)).save(os.path.join(folder, name), compress_level=1)
         shown.append({"filename": name, "subfolder": subfolder, "type": "temp"})
     return shown
 
