@@ -88,25 +88,45 @@ class HashGrid(nn.Module):
         x, y, z = per_dim.unbind(-2)
         return combine(combine(x[..., :, None, None], y[..., None, :, None]), z[..., None, None, :]).flatten(-3)
 
+    # A grad-enabled forward keeps ~160 B per point and level for backward (corner indices, weights, gathered
+    # features): 40 GB for a 512 px render's 17 M samples at 16 levels. Above this many points each level is
+    # recomputed in backward instead (torch.utils.checkpoint), so memory follows the output [N, L·F], as
+    # tiny-cuda-nn's fused kernels' does, for about one more forward of the grid. Not part of the config: the
+    # result is the same either way.
+    checkpoint_points: int = 1 << 20
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, nd = x.shape[0], self.n_dense
-        pos = x.float()[:, None, :] * self.scales[None, :, None] + 0.5            # [N, L, 3]
+        x = x.float()
+        if torch.is_grad_enabled() and x.shape[0] > self.checkpoint_points:
+            from torch.utils.checkpoint import checkpoint
+
+            return torch.cat([checkpoint(self._encode, x, level, level + 1, use_reentrant=False)
+                              for level in range(self.n_levels)], dim=-1)
+        return self._encode(x, 0, self.n_levels)
+
+    def _encode(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Features of levels ``first … last-1``: ``x [N, 3]`` → ``[N, (last - first)·F]``."""
+        n, levels = x.shape[0], last - first
+        nd = min(max(self.n_dense - first, 0), levels)  # how many of these levels index densely
+        scales, strides = self.scales[first:last], self.strides[first:last]
+        sizes, offsets = self.sizes[first:last], self.offsets[first:last]
+        pos = x[:, None, :] * scales[None, :, None] + 0.5                         # [N, l, 3]
         cell = pos.floor()
         frac = pos - cell
-        low_high = torch.stack([cell.long(), cell.long() + 1], dim=-1)            # [N, L, 3, 2]
+        low_high = torch.stack([cell.long(), cell.long() + 1], dim=-1)            # [N, l, 3, 2]
         # Per-dimension terms first, then the 8 corners: 6 products per point and level instead of 24.
-        index = torch.empty(n, self.n_levels, 8, dtype=torch.long, device=x.device)
+        index = torch.empty(n, levels, 8, dtype=torch.long, device=x.device)
         if nd:
-            dense = self._corners(low_high[:, :nd] * self.strides[None, :nd, :, None], torch.add)
-            torch.remainder(dense, self.sizes[None, :nd, None], out=index[:, :nd])  # wrap-around, as tcnn
-        if nd < self.n_levels:  # hashed levels: table sizes are powers of two, so "% size" is a bit mask
+            dense = self._corners(low_high[:, :nd] * strides[None, :nd, :, None], torch.add)
+            torch.remainder(dense, sizes[None, :nd, None], out=index[:, :nd])  # wrap-around, as tcnn
+        if nd < levels:  # hashed levels: table sizes are powers of two, so "% size" is a bit mask
             hashed = self._corners(low_high[:, nd:] * self.primes[None, None, :, None], torch.bitwise_xor)
-            torch.bitwise_and(hashed, (self.sizes[None, nd:, None] - 1), out=index[:, nd:])
-        index += self.offsets[None, :, None]
-        weight = self._corners(torch.stack([1.0 - frac, frac], dim=-1), torch.mul)  # [N, L, 8]
+            torch.bitwise_and(hashed, (sizes[None, nd:, None] - 1), out=index[:, nd:])
+        index += offsets[None, :, None]
+        weight = self._corners(torch.stack([1.0 - frac, frac], dim=-1), torch.mul)  # [N, l, 8]
         # index_select's backward (index_add) is ~2.5x faster on the CPU than embedding's.
-        features = torch.index_select(self.params, 0, index.view(-1)).view(n * self.n_levels, 8, self.n_features)
-        return torch.bmm(weight.view(n * self.n_levels, 1, 8), features).view(n, -1)
+        features = torch.index_select(self.params, 0, index.view(-1)).view(n * levels, 8, self.n_features)
+        return torch.bmm(weight.view(n * levels, 1, 8), features).view(n, -1)
 
 
 class TcnnHashGrid(nn.Module):

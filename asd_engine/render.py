@@ -36,6 +36,9 @@ class RenderConfig:
     ray_chunk: int = 16384              # rays marched at once while sampling (memory bound, no gradients)
 
 
+DENSITY_CHUNK = 1 << 19  # points whose density is evaluated at once while pruning; memory only, not in the config
+
+
 def nerfacc_cuda_available(device: torch.device) -> bool:
     """True when nerfacc's *prebuilt* CUDA extension is installed (so nothing gets compiled at run time)."""
     return device.type == "cuda" and importlib.util.find_spec("nerfacc.csrc") is not None
@@ -178,7 +181,10 @@ def march(origins: torch.Tensor, directions: torch.Tensor, grid: OccupancyGrid, 
     if prune and keep.any():
         points = origins[:, None] + directions[:, None] * (0.5 * (t_starts + t_ends))[..., None]
         sigma = torch.zeros_like(t_starts)
-        sigma[keep] = density_fn(points[keep]).float()
+        kept = points[keep]
+        # in chunks: at 512 px the unpruned samples number ~10^8, and one grid forward over all of them would
+        # gather ~4 KB per point (a 139 GB GPU ran out of memory here)
+        sigma[keep] = torch.cat([density_fn(chunk).float() for chunk in kept.split(DENSITY_CHUNK)])
         alpha = 1.0 - torch.exp(-sigma * (t_ends - t_starts))
         transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], 1), 1)
         keep = keep & (alpha >= config.alpha_threshold) & (transmittance >= config.early_stop_eps)

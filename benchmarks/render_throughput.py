@@ -34,8 +34,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def render_throughput(preset: str, side: int, batch: int, repeats: int, device: torch.device) -> None:
+def render_throughput(preset: str, side: int, batch: int, repeats: int, device: torch.device, sampler: str) -> None:
     config = t3d.preset_config(preset, "x")
+    config.render.sampler = sampler
     torch.manual_seed(0)
     nerf = NeRFGenerator(config.nerf_field, config.render, device=device)
     g = torch.Generator().manual_seed(0)
@@ -54,15 +55,17 @@ def render_throughput(preset: str, side: int, batch: int, repeats: int, device: 
         nerf.zero_grad(set_to_none=True)
     t = statistics.median(times)
     rays = batch * side * side
-    print(f"{preset:<9} {side:>4}px x{batch}  {nerf.field.backend:<5} {rays / t:>10.0f} rays/s  "
+    print(f"{preset:<9} {side:>4}px x{batch}  {nerf.field.backend:<5} {sampler:<7} {rays / t:>10.0f} rays/s  "
           f"{statistics.median(samples) / rays:6.1f} samples/ray  {t * 1e3:8.1f} ms/render+backward")
 
 
-def step_breakdown(repeats: int, device: torch.device) -> None:
+def step_breakdown(repeats: int, device: torch.device, sampler: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build_tiny_pipeline(tmp, prediction_type="v_prediction", latent=False, block_out_channels=(32, 64, 64),
                             cross_attention_dim=64)
-        run = t3d.TextTo3D(t3d.preset_config("toy-cpu", "a red cube", model=tmp, steps=10_000), device=device)
+        config = t3d.preset_config("toy-cpu", "a red cube", model=tmp, steps=10_000)
+        config.render.sampler = sampler
+        run = t3d.TextTo3D(config, device=device)
     parts = {"render": [], "encode": [], "distill": []}
 
     def timed(name, fn):
@@ -104,14 +107,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sampler", default="torch", choices=["torch", "nerfacc", "auto"],
+                        help="ray marcher: the pure-torch one, or nerfacc's CUDA traversal (JIT-built if not prebuilt)")
+    parser.add_argument("--sides", default="32,64", help="toy-cpu render sides to time")
+    parser.add_argument("--quality-side", type=int, default=64, help="render side for the quality preset")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"# render_throughput: device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}")
-    render_throughput("toy-cpu", 32, 1, args.repeats, device)
-    render_throughput("toy-cpu", 64, 1, args.repeats, device)
-    render_throughput("quality", 64, 1, args.repeats, device)
-    step_breakdown(max(args.repeats, 8), device)
+    for side in (int(s) for s in args.sides.split(",")):
+        render_throughput("toy-cpu", side, 1, args.repeats, device, args.sampler)
+    render_throughput("quality", args.quality_side, 1, args.repeats, device, args.sampler)
+    step_breakdown(max(args.repeats, 8), device, args.sampler)
 
 
 if __name__ == "__main__":
