@@ -4,7 +4,11 @@
 evaluation orbit (elevation 15°, distance 1.5, fov 70°, 8 views) and compared with exact renders of the prompt's
 shape and colour from the same cameras: silhouette IoU (maximised over rotations about the up axis: the shapes
 are symmetric or nearly), foreground colour error (mean absolute RGB difference of mean colours) and the
-silhouette area ratio (predicted ÷ true: above 1 the object came out too large).
+silhouette area ratio (predicted ÷ true: above 1 the object came out too large). The low orbit sees a torus as a flat
+ring whose hole is a thin line, so a disc scores as well as a torus there; the **top IoU** compares silhouettes from
+4 views at 75° elevation, and the **hole opening** is the mean transparency (1 − alpha) of the NeRF over the true
+shape's holes in those views (the pixels its filled silhouette adds: only the torus has one; 1 = as open as the
+truth, 0 = a disc).
 2D (``mode="2d"``): distill-2d runs judged by :class:`ToyJudge` (is the shape right, is the colour right).
 Results: ``quality.json`` (every run and the per-method summary with the spread across seeds), ``grid.png``
 (methods × prompts, first seed), ``pictures/`` (every run's final picture) and ``runs.jsonl`` (the journal that
@@ -27,6 +31,7 @@ from .images import save_png
 from .toy_data import COLOURS, SHAPES, best_rotation_iou, colour_error, truth_views
 
 EVAL_VIEWS, EVAL_SIZE = 8, 64
+TOP_VIEWS, TOP_ELEVATION = 4, 75.0  # seen from above: a torus's hole (true centre opacity 0.03 at 64 px)
 
 
 def parse_toy_prompt(prompt: str) -> tuple[str, str]:
@@ -51,8 +56,24 @@ def evaluate_nerf(nerf, shape: str, colour: str) -> dict[str, float]:
     iou, shift = best_rotation_iou(alpha, truth_alpha)
     # IoU alone cannot tell a too-large object from a too-small one; the silhouette area ratio can (1 = right size)
     area_ratio = float((alpha > 0.5).sum() / (truth_alpha > 0.5).sum().clamp_min(1))
+    top = render_turntable(nerf, views=TOP_VIEWS, size=EVAL_SIZE, elevation=TOP_ELEVATION).alpha.permute(0, 3, 1, 2)
+    _, top_truth_alpha = truth_views(shape, colour, TOP_VIEWS, EVAL_SIZE, elevation=TOP_ELEVATION)
+    top_iou, _ = best_rotation_iou(top, top_truth_alpha)
     return {"iou": iou, "colour_error": colour_error(images, alpha, truth, truth_alpha), "rotation_views": shift,
-            "area_ratio": area_ratio}
+            "area_ratio": area_ratio, "top_iou": top_iou, "hole_opening": hole_opening(top, top_truth_alpha)}
+
+
+def hole_opening(alpha: torch.Tensor, truth_alpha: torch.Tensor) -> float:
+    """Mean ``1 - alpha`` of ``alpha [V, 1, H, W]`` over the holes of the truth's silhouettes (the pixels that
+    filling them adds); NaN when the truth has no hole (every shape but the torus)."""
+    from scipy.ndimage import binary_fill_holes  # scipy comes with scikit-image
+
+    truth = truth_alpha[:, 0] > 0.5
+    filled = torch.stack([torch.from_numpy(binary_fill_holes(view.numpy())) for view in truth.cpu()])
+    holes = filled & ~truth
+    if not holes.any():
+        return float("nan")
+    return float((1.0 - alpha[:, 0].cpu().clamp(0, 1))[holes].mean())
 
 
 @dataclass
@@ -174,15 +195,16 @@ def summarise(runs: list[dict], mode: str) -> dict[str, dict[str, float]]:
     for method in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == method]
         seeds = sorted({r["seed"] for r in mine})
-        keys = ("iou", "colour_error", "area_ratio") if mode == "3d" else (
+        keys = ("iou", "colour_error", "area_ratio", "top_iou", "hole_opening") if mode == "3d" else (
             "shape_right", "colour_right", "shape_right_cropped", "colour_right_cropped")
         keys += ("phi_drift",)
         keys = tuple(k for k in keys if all(k in r for r in mine))  # journals from older versions lack some
         entry = {}
         for key in keys:
-            values = [float(r[key]) for r in mine if r.get(key) == r.get(key)]  # drop NaNs
-            entry[key] = statistics.fmean(values) if values else float("nan")
-            per_seed = [statistics.fmean([float(r[key]) for r in mine if r["seed"] == s]) for s in seeds]
+            defined = [r for r in mine if r[key] == r[key]]  # drop NaNs (e.g. the hole opening of a holeless shape)
+            entry[key] = statistics.fmean(float(r[key]) for r in defined) if defined else float("nan")
+            per_seed = [statistics.fmean(float(r[key]) for r in defined if r["seed"] == s) for s in seeds
+                        if any(r["seed"] == s for r in defined)]
             entry[f"{key}_seed_std"] = statistics.pstdev(per_seed) if len(per_seed) > 1 else 0.0
         entry["seconds_per_run"] = statistics.fmean(r["seconds"] for r in mine)
         summary[method] = entry
@@ -193,11 +215,14 @@ def markdown_table(result: dict) -> str:
     mode = result["settings"]["mode"]
     if mode == "3d":
         lines = ["| method | silhouette IoU ↑ | ± over seeds | colour error ↓ | ± over seeds | area ratio (1 = right) "
-                 "| φ drift | s / run |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                 "| top IoU ↑ | hole opening ↑ | φ drift | s / run |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for method, s in result["summary"].items():
             lines.append(f"| {method} | {s['iou']:.3f} | {s['iou_seed_std']:.3f} | {s['colour_error']:.3f} | "
                          f"{s['colour_error_seed_std']:.3f} | {_cell(s, 'area_ratio', '{:.2f}')} | "
-                         f"{_cell(s, 'phi_drift', '{:.3f}')} | {s['seconds_per_run']:.0f} |")
+                         f"{_cell(s, 'top_iou', '{:.3f}')} | {_cell(s, 'hole_opening', '{:.2f}')} | "
+                         f"{_cell(s, 'phi_drift', '{:.3f}')} | "
+                         f"{s['seconds_per_run']:.0f} |")
     else:
         lines = ["| method | shape right ↑ | ± over seeds | colour right ↑ | ± over seeds | shape right, scale-normalised ↑ "
                  "| colour right, scale-normalised ↑ | φ drift | s / run |",

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from asd_engine.cameras import cameras_from_angles
 from asd_engine.errors import UserInputError
-from asd_engine.quality import markdown_table, parse_toy_prompt, summarise
+from asd_engine.quality import TOP_ELEVATION, hole_opening, markdown_table, parse_toy_prompt, summarise
 from asd_engine.toy_data import (COLOURS, SHAPES, ToyJudge, best_rotation_iou, colour_error, crop_to_box,
                                  render_shapes, sample_batch, shape_sdf, truth_views)
 from asd_engine.toy_prior import default_prior_path
@@ -89,6 +89,31 @@ def test_metrics_on_constructed_cases():
     assert math.isnan(colour_error(truth, empty, truth, truth_alpha))
 
 
+def test_the_torus_hole_is_measured_from_above_where_the_low_orbit_cannot_see_it():
+    from scipy.ndimage import binary_fill_holes
+
+    def truth_and_disc(elevation):
+        _, alpha = truth_views("torus", "red", views=4, size=64, elevation=elevation)
+        disc = torch.stack([torch.from_numpy(binary_fill_holes((v[0] > 0.5).numpy())) for v in alpha])
+        return alpha, disc[:, None].float()
+
+    low, low_disc = truth_and_disc(15.0)
+    assert best_rotation_iou(low_disc, low)[0] == pytest.approx(1.0)  # from the orbit a disc is a perfect torus
+    top, top_disc = truth_and_disc(TOP_ELEVATION)
+    assert best_rotation_iou(top_disc, top)[0] < 0.9
+    assert hole_opening(top, top) > 0.9  # not 1: the truth's antialiased rim pixels are partly opaque
+    assert hole_opening(top_disc, top) == pytest.approx(0.0)
+    assert 0.4 < hole_opening(0.5 * top_disc, top) < 0.6
+    _, cube = truth_views("cube", "red", views=4, size=64, elevation=TOP_ELEVATION)
+    assert math.isnan(hole_opening(cube, cube))  # no hole, no score
+    # the summary averages the hole over the runs that have one (a torus), per seed as well
+    runs = [{"method": "asd", "seed": s, "prompt": p, "iou": 0.8, "colour_error": 0.1, "seconds": 1.0, "area_ratio": 1.0,
+             "top_iou": 0.7, "hole_opening": h} for s in (0, 1) for p, h in (("a red cube", math.nan),
+                                                                          ("a red torus", 0.2 + 0.2 * s))]
+    summary = summarise(runs, "3d")["asd"]
+    assert summary["hole_opening"] == pytest.approx(0.3) and summary["hole_opening_seed_std"] == pytest.approx(0.1)
+
+
 def test_quality_prompt_parsing_and_summary():
     assert parse_toy_prompt("A Green Torus") == ("torus", "green")
     with pytest.raises(UserInputError, match="--prompts"):
@@ -100,7 +125,7 @@ def test_quality_prompt_parsing_and_summary():
     with_area = summarise([r | {"area_ratio": a} for r, a in zip(runs, (2.0, 3.0))], "3d")["asd"]
     assert with_area["area_ratio"] == pytest.approx(2.5)
     table = markdown_table({"settings": {"mode": "3d"}, "summary": {"asd": with_area}})
-    assert "| asd | 0.600 | 0.100 | 0.100 | 0.000 | 2.50 | — | 1 |" in table  # no φ drift recorded
+    assert "| asd | 0.600 | 0.100 | 0.100 | 0.000 | 2.50 | — | — | — | 1 |" in table  # no top view, hole, φ drift
 
 
 # ---------------------------------------------------------------------------------------------- the shipped prior
