@@ -236,4 +236,5 @@ def markdown_table(result: dict) -> str:
 
 
 def _cell(summary: dict, key: str, fmt: str) -> str:
-    return fmt.format(summary[key]) if key in summary else "—"
+    """Absent (older journals) or NaN (no run had it, e.g. no torus for the hole opening) → "—"."""
+    return fmt.format(summary[key]) if key in summary and summary[key] == summary[key] else "—"

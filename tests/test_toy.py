@@ -112,6 +112,8 @@ def test_the_torus_hole_is_measured_from_above_where_the_low_orbit_cannot_see_it
                                                                           ("a red torus", 0.2 + 0.2 * s))]
     summary = summarise(runs, "3d")["asd"]
     assert summary["hole_opening"] == pytest.approx(0.3) and summary["hole_opening_seed_std"] == pytest.approx(0.1)
+    no_torus = summarise([r for r in runs if r["prompt"] == "a red cube"], "3d")
+    assert "| 0.700 | — |" in markdown_table({"settings": {"mode": "3d"}, "summary": no_torus})
 
 
 def test_quality_prompt_parsing_and_summary():
