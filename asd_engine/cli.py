@@ -124,6 +124,9 @@ SETTINGS_3D: Settings = {
                            help="condition the LoRA φ on the camera (default on)")),
     "--lambda-sparsity": ("lambda_sparsity", dict(type=float, help="weight of the sparsity regulariser (default: "
                                                                   "from the prior's recipe; official 10)")),
+    "--overhead-elevation": ("overhead_elevation", dict(type=float, help=
+                             "cameras above this elevation (degrees) are prompted ', overhead view' (default: from "
+                             "the prior's recipe; 60 for Stable Diffusion, 30 for the toy prior)")),
 }
 PATH_SETTINGS = ("--model", "--phi-model", "--reference")
 PHI_ONLY = ("--phi", "--phi-model", "--gamma", "--phi-noise", "--lora-rank", "--phi-lr", "--ti-tokens", "--ti-init",
@@ -229,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_int, help="images per step (default 32)")
     p.add_argument("--dataset-size", type=_int, help="rendered training images (default 40000)")
     p.add_argument("--seed", type=_int, help="seed of data and training (default 0)")
+    p.add_argument("--init", help="fine-tune this toy-prior pipeline folder instead of training from scratch")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
+    p.add_argument("--ema-decay", type=float, help="EMA decay of the exported weights (default 0.999)")
+    p.add_argument("--overhead-elevation", type=float,
+                   help="captions say 'overhead view' above this camera elevation in degrees (default 30)")
 
     p = sub.add_parser("tiny-pipeline", help="write a tiny random SD-architecture pipeline folder",
                        description="Writes a diffusers pipeline folder with the real Stable Diffusion component "
@@ -526,10 +534,17 @@ def run_train_toy_prior(args: argparse.Namespace) -> int:
     work = ensure_writable_dir(args.work, "--work")
     _quiet_libraries()
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
-                                    ("dataset_size", args.dataset_size), ("seed", args.seed)) if v is not None}
+                                    ("dataset_size", args.dataset_size), ("seed", args.seed), ("lr", args.lr),
+                                    ("overhead_elevation", args.overhead_elevation)) if v is not None}
     for key, value in overrides.items():
         if value <= 0 and key != "seed":
-            raise UserInputError(f"--{key.replace('_', '-')}", f"{value} is not positive", "use an integer ≥ 1")
+            raise UserInputError(f"--{key.replace('_', '-')}", f"{value} is not positive", "use a number > 0")
+    if args.ema_decay is not None:
+        if not 0.0 <= args.ema_decay < 1.0:
+            raise UserInputError("--ema-decay", f"{args.ema_decay} is not in [0, 1)", "e.g. 0.999")
+        overrides["ema_decay"] = args.ema_decay
+    if args.init:
+        overrides["init"] = args.init
     folder = train_toy_prior(ToyPriorConfig(**overrides), work, Path(args.export) if args.export else None,
                              log=lambda message: sys.stderr.write(message + "\n"))
     print(f"wrote the toy prior to {folder}")

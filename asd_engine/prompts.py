@@ -1,7 +1,8 @@
 """Text conditioning for text-to-3D: view-dependent prompts and Perp-Neg.
 
 View-dependent prompting (DreamFusion) appends ", front view" / ", side view" / ", back view" / ", overhead view"
-to the prompt according to each training camera (thresholds in :meth:`Cameras.view_index`). φ always sees the
+to the prompt according to each training camera (thresholds in :meth:`Cameras.view_index`; the overhead elevation is
+the prior's recipe value: DreamFusion's 60° for Stable Diffusion). φ always sees the
 view-independent prompt and the camera (official ASD recipe).
 
 Perp-Neg (Armandpour et al. 2023) reduces the "Janus" problem: the positive embedding interpolates between the
@@ -37,8 +38,10 @@ class ViewPrompts:
     """Encodes the prompt once per view and builds each step's :class:`Conditioning` from the cameras."""
 
     def __init__(self, prior: DiffusionPrior, prompt: str, negative_prompt: str = "",
-                 view_dependent: bool = True, perp_neg: bool = False) -> None:
+                 view_dependent: bool = True, perp_neg: bool = False, overhead_elevation: float = 60.0) -> None:
+        """``overhead_elevation``: cameras above it (degrees) get the overhead prompt (the prior's recipe value)."""
         self.view_dependent, self.perp_neg = view_dependent, perp_neg
+        self.overhead_elevation = overhead_elevation
         self.base = prior.encode_prompt([prompt])                                       # [1, L, D]
         self.views = prior.encode_prompt([prompt + VIEW_SUFFIX[v] for v in VIEWS])      # [4, L, D]
         self.uncond = prior.encode_prompt([negative_prompt])                            # [1, L, D]
@@ -50,7 +53,7 @@ class ViewPrompts:
         uncond = self.uncond.expand(batch, -1, -1)
         if not self.view_dependent:
             return Conditioning(self.base.expand(batch, -1, -1), uncond, camera)
-        index = cameras.view_index().to(self.views.device)
+        index = cameras.view_index(overhead_degrees=self.overhead_elevation).to(self.views.device)
         if not self.perp_neg:
             return Conditioning(self.views[index], uncond, camera)
         positives, negatives, weights = [], [], []

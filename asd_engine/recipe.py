@@ -44,6 +44,9 @@ class Recipe:
     t_max: float = 0.98
     lora_lr: float = 1e-4                 # φ's learning rate when φ is a LoRA (TI keeps its own default)
     lambda_sparsity: float = 10.0         # 3D: weight of the sparsity term mean √(opacity² + 0.01)
+    # 3D: a camera above this elevation (degrees) is prompted ", overhead view" (DreamFusion's 60° for SD). A prior
+    # should be prompted with the view words as it learned them: the toy prior's captions say "overhead" from 30°.
+    overhead_elevation: float = 60.0
     # Whole words rewritten before tokenising, for priors that know a narrow grammar: the toy prior's captions all
     # read "a <colour> <shape>", and "an" is no word it knows (its embedding moves further than a colour change).
     prompt_aliases: dict[str, str] = field(default_factory=dict)
@@ -54,7 +57,7 @@ class Recipe:
                                  f"fix {RECIPE_FILE}")
         if (not 0.0 <= self.t_min < self.t_max <= 1.0 or self.guidance_scale <= 0 or self.lora_lr <= 0
                 or not -1.0 <= self.gamma <= 0.0
-                or self.lambda_sparsity < 0):
+                or self.lambda_sparsity < 0 or not 0.0 < self.overhead_elevation <= 90.0):
             raise UserInputError(where, f"out-of-range values in {self}", f"fix {RECIPE_FILE}")
 
 
@@ -69,6 +72,7 @@ RECIPE_FIELDS: dict[str, str] = {
     "t_max": "distill.t_max",
     "lora_lr": "phi.lr",
     "lambda_sparsity": "lambda_sparsity",
+    "overhead_elevation": "overhead_elevation",
 }
 
 

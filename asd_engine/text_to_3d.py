@@ -53,6 +53,7 @@ class TextTo3DConfig(RunConfig):
     lr_mlp: float = 1e-3
     lr_background: float = 1e-3
     lambda_sparsity: float | None = None  # mean √(opacity² + 0.01); None: the prior's recipe (official 10)
+    overhead_elevation: float | None = None  # "overhead view" above it (degrees); None: the prior's recipe (60)
     lambda_opacity_entropy: float = 1000.0  # mean binary entropy of the opacity, from `opacity_entropy_from` on
     opacity_entropy_from: int = 10_000
     cameras: CameraRanges = field(default_factory=CameraRanges)
@@ -66,6 +67,9 @@ class TextTo3DConfig(RunConfig):
             raise UserInputError("--preset", f"unknown preset '{self.preset}'", f"use one of {', '.join(PRESETS)}")
         if self.batch_size < 1:
             raise UserInputError("--batch-size", f"{self.batch_size}", "use an integer ≥ 1")
+        if self.overhead_elevation is not None and not 0.0 < self.overhead_elevation <= 90.0:
+            raise UserInputError("--overhead-elevation", f"{self.overhead_elevation}°",
+                                 "use an elevation in (0, 90] degrees")
         if not self.resolution_schedule or self.resolution_schedule[0][0] != 0 or any(
                 r < 8 for _, r in self.resolution_schedule):
             raise UserInputError("--resolution", f"bad schedule {self.resolution_schedule}",
@@ -124,7 +128,8 @@ class TextTo3D(DistillationRun):
         groups = self.nerf.parameter_groups(config.lr_grid, config.lr_mlp, config.lr_background)
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
         self.prompts = ViewPrompts(prior, config.prompt, config.negative_prompt,
-                                   view_dependent=config.view_dependent_prompts, perp_neg=config.perp_neg)
+                                   view_dependent=config.view_dependent_prompts, perp_neg=config.perp_neg,
+                                   overhead_elevation=config.overhead_elevation)
 
     def resolution(self, step: int) -> int:
         return [side for start, side in self.config.resolution_schedule if start <= step][-1]

@@ -4,7 +4,8 @@ This is what the embedded toy prior is trained on and what the quality harness m
 an exact render of a known 3D scene — a shape centred at the origin, Lambert-shaded by a fixed world light (so
 its appearance does not depend on the view, like the NeRF's colour field), on a white background — from a camera
 drawn by :func:`asd_engine.cameras.sample_cameras` with the trainer's :class:`CameraRanges` (z-up, front = +x).
-Captions use the same view words and thresholds as the view-dependent prompts: ``"a red cube, side view"``.
+Captions use the same view words and thresholds as the view-dependent prompts: ``"a red cube, side view"``; the
+elevation above which a view is "overhead" is the prior's own (its recipe's ``overhead_elevation``).
 Everything is a deterministic function of a seed; nothing is stored in the repository.
 """
 
@@ -113,15 +114,16 @@ class ToyBatch:
 
 
 def sample_batch(batch: int, size: int, generator: torch.Generator, ranges: CameraRanges | None = None,
-                 plain_caption_prob: float = 0.2) -> ToyBatch:
-    """Random shapes, colours and trainer cameras; a caption without a view word with ``plain_caption_prob``."""
+                 plain_caption_prob: float = 0.2, overhead_elevation: float = 60.0) -> ToyBatch:
+    """Random shapes, colours and trainer cameras; a caption without a view word with ``plain_caption_prob``, else
+    the camera's view word ("overhead" above ``overhead_elevation`` degrees)."""
     cameras = sample_cameras(batch, ranges or CameraRanges(), size, size, generator)
     shapes = torch.randint(len(SHAPES), (batch,), generator=generator).tolist()
     colours = torch.randint(len(COLOURS), (batch,), generator=generator).tolist()
     plain = (torch.rand(batch, generator=generator) < plain_caption_prob).tolist()
     names = list(COLOURS)
     images, alpha = render_shapes([SHAPES[s] for s in shapes], [names[c] for c in colours], cameras)
-    views = cameras.view_index().tolist()
+    views = cameras.view_index(overhead_degrees=overhead_elevation).tolist()
     captions = [caption(names[c], SHAPES[s], None if p else VIEWS[v])
                 for s, c, p, v in zip(shapes, colours, plain, views)]
     return ToyBatch(images, alpha, captions, shapes, colours, cameras)

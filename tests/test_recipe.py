@@ -37,7 +37,8 @@ def test_sd_folder_without_a_recipe_gets_the_official_one(tiny_eps_dir, preset):
     assert _values(run.config) == {"background": "random", "distill.guidance_scale": 7.5, "distill.gamma": -0.75,
                                    "distill.t_min": 0.02, "distill.t_max": 0.98, "phi.lr": 1e-4}
     assert run.config.lambda_sparsity == 10.0 and run.phi.optimizer.param_groups[0]["lr"] == 1e-4
-    assert set(run.config.from_recipe) == {*RECIPE_VALUES, "lambda_sparsity"}
+    assert run.config.overhead_elevation == 60.0 and run.prompts.overhead_elevation == 60.0  # DreamFusion's
+    assert set(run.config.from_recipe) == {*RECIPE_VALUES, "lambda_sparsity", "overhead_elevation"}
     run.phi.remove()
 
 
@@ -49,6 +50,8 @@ def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
                                    "distill.gamma": TOY_RECIPE.gamma, "distill.t_min": TOY_RECIPE.t_min,
                                    "distill.t_max": TOY_RECIPE.t_max, "phi.lr": TOY_RECIPE.lora_lr}
     assert run.config.lambda_sparsity == TOY_RECIPE.lambda_sparsity
+    assert run.config.overhead_elevation == TOY_RECIPE.overhead_elevation == 30.0
+    assert run.prompts.overhead_elevation == 30.0
     run.phi.remove()
     vsd = make_run(prior, NeRFGeneratorSpec(), "a red cube", 1, method="vsd")
     assert vsd.config.distill.gamma == 0.0  # VSD is ASD with γ = 0, whatever the recipe's γ
@@ -57,6 +60,9 @@ def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
     assert (run.config.distill.guidance_scale, run.config.distill.t_max, run.config.background) == (5.0, 0.7, "random")
     assert {"distill.guidance_scale", "distill.t_max", "background"}.isdisjoint(run.config.from_recipe)
     assert "distill.t_min" in run.config.from_recipe
+    run.phi.remove()
+    run = TextTo3D(preset_config("toy-cpu", "a red cube", steps=1, overhead_elevation=60.0), prior=prior)
+    assert run.prompts.overhead_elevation == 60.0 and "overhead_elevation" not in run.config.from_recipe
     run.phi.remove()
 
 

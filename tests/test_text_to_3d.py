@@ -68,6 +68,11 @@ def test_view_prompts_pick_the_view_and_perp_neg_interpolates(prior_eps):
     assert c.negatives.shape == (1, 2, *perp.base.shape[1:]) and c.negative_weights.shape == (1, 2)
     flat = ViewPrompts(prior_eps, "a red cube", view_dependent=False).conditioning(cams)
     assert torch.equal(flat.cond[1], prompts.base[0])
+    # a prior whose captions say "overhead" from 30° is prompted so at 40° (the 60° default says "front")
+    at_40 = cameras_from_angles(torch.tensor([40.0]), torch.tensor([0.0]), torch.ones(1), torch.tensor([60.0]), 8, 8)
+    assert torch.equal(prompts.conditioning(at_40).cond[0], prompts.views[0])
+    low = ViewPrompts(prior_eps, "a red cube", perp_neg=True, overhead_elevation=30.0)
+    assert torch.equal(low.conditioning(at_40).cond[0], low.views[3])
 
 
 # ---------------------------------------------------------------------------------------------- meshes

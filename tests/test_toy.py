@@ -45,6 +45,13 @@ def test_dataset_is_deterministic_and_captions_use_the_view_words():
     assert torch.equal(a.images, b.images) and a.captions == b.captions
     for text, shape, colour in zip(a.captions, a.shapes, a.colours):
         assert text.startswith(f"a {list(COLOURS)[colour]} {SHAPES[shape]}, ") and text.endswith(" view")
+    # the overhead threshold is the prior's: the same cameras, captioned for a prior that says "overhead" from 30°
+    c = sample_batch(64, 8, torch.Generator().manual_seed(5), plain_caption_prob=0.0, overhead_elevation=30.0)
+    high = c.cameras.elevation > 30.0
+    assert 0 < int(high.sum()) < 64
+    assert all(text.endswith(", overhead view") == bool(h) for text, h in zip(c.captions, high))
+    d = sample_batch(64, 8, torch.Generator().manual_seed(5), plain_caption_prob=0.0)  # DreamFusion's 60°
+    assert torch.equal(c.images, d.images) and not any(text.endswith("overhead view") for text in d.captions)
 
 
 def test_judge_is_right_on_true_renders():
@@ -152,6 +159,30 @@ def test_shipped_prior_is_small_loads_offline_and_samples():
     assert images.shape == (2, 3, 32, 32)
     info = json.loads((default_prior_path() / "toy_prior.json").read_text())
     assert info["steps"] >= 1000
+
+
+@shipped
+def test_fine_tuning_a_toy_prior_keeps_its_tokenizer_and_records_its_lineage(tmp_path, capsys):
+    from asd_engine.cli import main
+    from asd_engine.prior import DiffusionPrior
+    from asd_engine.recipe import read_recipe
+
+    out = tmp_path / "tuned"
+    assert main(["train-toy-prior", "--work", str(tmp_path / "work"), "--export", str(out), "--steps", "1",
+                 "--dataset-size", "64", "--init", str(default_prior_path()), "--ema-decay", "0.5",
+                 "--overhead-elevation", "35"]) == 0
+    info = json.loads((out / "toy_prior.json").read_text())
+    base = json.loads((default_prior_path() / "toy_prior.json").read_text())
+    assert info["steps"] == 1 and info["fine_tuned_from"]["steps"] == base["steps"]
+    assert info["training"]["init"] == str(default_prior_path()) and info["training"]["ema_decay"] == 0.5
+    assert read_recipe(out).overhead_elevation == 35.0  # the recipe says what the captions said
+    tuned, shipped_prior = (DiffusionPrior.from_pretrained(f, device="cpu") for f in (out, default_prior_path()))
+    assert tuned.tokenizer.get_vocab() == shipped_prior.tokenizer.get_vocab()
+    moved = [not torch.equal(a, b) for a, b in zip(tuned.unet.parameters(), shipped_prior.unet.parameters())]
+    assert any(moved)  # one step, EMA 0.5: the weights moved, from the shipped ones
+    assert (tmp_path / "work" / "dataset-seed0-n64-px32-overhead35.safetensors").is_file()
+    assert main(["train-toy-prior", "--work", str(tmp_path / "w2"), "--steps", "1", "--init", str(tmp_path)]) != 0
+    assert "--init: " in capsys.readouterr().err and not (tmp_path / "w2" / "checkpoint").exists()
 
 
 @shipped
