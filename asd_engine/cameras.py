@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 VIEWS = ("front", "side", "back", "overhead")
+OVERHEAD_DEGREES = 60.0  # DreamFusion's: above this elevation a view is "overhead" (a prior's recipe may differ)
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Cameras:
         return self.c2w.reshape(-1, 16)
 
     def view_index(self, front_degrees: float = 30.0, back_degrees: float = 30.0,
-                   overhead_degrees: float = 60.0) -> torch.Tensor:
+                   overhead_degrees: float = OVERHEAD_DEGREES) -> torch.Tensor:
         """Index into :data:`VIEWS` per camera ``[B]``: overhead above ``overhead_degrees`` elevation, front within
         ``front_degrees`` of azimuth 0, back within ``back_degrees`` of 180, side otherwise."""
         azimuth = wrap_degrees(self.azimuth)

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .cameras import VIEWS, Cameras, wrap_degrees
+from .cameras import OVERHEAD_DEGREES, VIEWS, Cameras, wrap_degrees
 from .distill import Conditioning
 from .prior import DiffusionPrior
 
@@ -38,7 +38,8 @@ class ViewPrompts:
     """Encodes the prompt once per view and builds each step's :class:`Conditioning` from the cameras."""
 
     def __init__(self, prior: DiffusionPrior, prompt: str, negative_prompt: str = "",
-                 view_dependent: bool = True, perp_neg: bool = False, overhead_elevation: float = 60.0) -> None:
+                 view_dependent: bool = True, perp_neg: bool = False,
+                 overhead_elevation: float = OVERHEAD_DEGREES) -> None:
         """``overhead_elevation``: cameras above it (degrees) get the overhead prompt (the prior's recipe value)."""
         self.view_dependent, self.perp_neg = view_dependent, perp_neg
         self.overhead_elevation = overhead_elevation

@@ -203,8 +203,8 @@ def summarise(runs: list[dict], mode: str) -> dict[str, dict[str, float]]:
         for key in keys:
             defined = [r for r in mine if r[key] == r[key]]  # drop NaNs (e.g. the hole opening of a holeless shape)
             entry[key] = statistics.fmean(float(r[key]) for r in defined) if defined else float("nan")
-            per_seed = [statistics.fmean(float(r[key]) for r in defined if r["seed"] == s) for s in seeds
-                        if any(r["seed"] == s for r in defined)]
+            by_seed = {s: [float(r[key]) for r in defined if r["seed"] == s] for s in seeds}
+            per_seed = [statistics.fmean(values) for values in by_seed.values() if values]
             entry[f"{key}_seed_std"] = statistics.pstdev(per_seed) if len(per_seed) > 1 else 0.0
         entry["seconds_per_run"] = statistics.fmean(r["seconds"] for r in mine)
         summary[method] = entry

@@ -23,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from .cameras import OVERHEAD_DEGREES
 from .errors import UserInputError
 
 RECIPE_FILE = "asd_recipe.json"
@@ -46,7 +47,7 @@ class Recipe:
     lambda_sparsity: float = 10.0         # 3D: weight of the sparsity term mean √(opacity² + 0.01)
     # 3D: a camera above this elevation (degrees) is prompted ", overhead view" (DreamFusion's 60° for SD). A prior
     # should be prompted with the view words as it learned them: the toy prior's captions say "overhead" from 30°.
-    overhead_elevation: float = 60.0
+    overhead_elevation: float = OVERHEAD_DEGREES
     # Whole words rewritten before tokenising, for priors that know a narrow grammar: the toy prior's captions all
     # read "a <colour> <shape>", and "an" is no word it knows (its embedding moves further than a colour change).
     prompt_aliases: dict[str, str] = field(default_factory=dict)

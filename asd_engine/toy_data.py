@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cameras import VIEWS, CameraRanges, Cameras, orbit_cameras, sample_cameras
+from .cameras import OVERHEAD_DEGREES, VIEWS, CameraRanges, Cameras, orbit_cameras, sample_cameras
 from .prompts import VIEW_SUFFIX
 from .render import ray_box
 
@@ -114,7 +114,7 @@ class ToyBatch:
 
 
 def sample_batch(batch: int, size: int, generator: torch.Generator, ranges: CameraRanges | None = None,
-                 plain_caption_prob: float = 0.2, overhead_elevation: float = 60.0) -> ToyBatch:
+                 plain_caption_prob: float = 0.2, overhead_elevation: float = OVERHEAD_DEGREES) -> ToyBatch:
     """Random shapes, colours and trainer cameras; a caption without a view word with ``plain_caption_prob``, else
     the camera's view word ("overhead" above ``overhead_elevation`` degrees)."""
     cameras = sample_cameras(batch, ranges or CameraRanges(), size, size, generator)

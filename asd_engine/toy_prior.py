@@ -18,10 +18,9 @@ for classifier-free guidance, EMA weights exported. Resumable: an atomic checkpo
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .cameras import VIEWS
+from .errors import UserInputError
 from .recipe import Recipe, write_recipe
 from .toy_data import COLOURS, SHAPES, caption, sample_batch
 
@@ -135,8 +135,6 @@ def _load_pipeline(folder: Path):
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .errors import UserInputError
-
     if not (folder / "unet").is_dir() or not (folder / "tokenizer").is_dir():
         raise UserInputError("--init", f"'{folder}' is not a toy-prior pipeline folder (no unet/ or tokenizer/)",
                              "give a folder that train-toy-prior exported, e.g. asd_engine/assets/toy-prior")
@@ -159,7 +157,7 @@ def save_pipeline(folder: Path, unet, text_encoder, tokenizer, scheduler, config
              "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    write_recipe(folder, dataclasses.replace(TOY_RECIPE, overhead_elevation=config.overhead_elevation))
+    write_recipe(folder, replace(TOY_RECIPE, overhead_elevation=config.overhead_elevation))
     (folder / "toy_prior.json").write_text(json.dumps({"training": asdict(config), **(extra or {})}, indent=2))
     return folder
 
