@@ -96,6 +96,9 @@ COMMON_SETTINGS: Settings = {
                     help="φ step with its own t', eps' (fresh, default) or the generator's (shared, one UNet call less)")),
     "--phi": ("phi.kind", dict(choices=["lora", "ti"], help="discriminator φ: LoRA (default) or textual inversion")),
     "--lora-rank": ("phi.lora_rank", dict(type=_int, help="LoRA rank of φ (default 4)")),
+    "--lora-targets": ("phi.lora_targets", dict(choices=["attention", "all"],
+                       help="UNet layers φ's LoRA adapts: attention (default, official) or all (every convolution "
+                            "and projection too; see docs/quality.md)")),
     "--phi-lr": ("phi.lr", dict(type=float, help="φ learning rate (default: LoRA from the prior's recipe, official "
                                                 "1e-4, toy prior 1e-2; TI 5e-3)")),
     "--ti-tokens": ("phi.num_tokens", dict(type=_int, help="number of TI tokens of φ (default 1)")),
@@ -129,8 +132,8 @@ SETTINGS_3D: Settings = {
                              "the prior's recipe; 60 for Stable Diffusion, 30 for the toy prior)")),
 }
 PATH_SETTINGS = ("--model", "--phi-model", "--reference")
-PHI_ONLY = ("--phi", "--phi-model", "--gamma", "--phi-noise", "--lora-rank", "--phi-lr", "--ti-tokens", "--ti-init",
-            "--camera-embedding")
+PHI_ONLY = ("--phi", "--phi-model", "--gamma", "--phi-noise", "--lora-rank", "--lora-targets", "--phi-lr",
+            "--ti-tokens", "--ti-init", "--camera-embedding")
 
 
 def _add_settings(p: argparse.ArgumentParser, settings: Settings) -> None:

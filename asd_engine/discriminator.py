@@ -30,7 +30,16 @@ from .errors import UserInputError
 from .prior import DiffusionPrior
 
 PHI_KINDS = ("lora", "ti")
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# Which UNet layers φ's LoRA adapts (peft matches these as module-name suffixes). "attention": the official recipe's
+# attention projections. In Stable Diffusion's UNet they sit at every latent resolution, the full one included; the
+# toy prior's UNet has attention only at 16 and 8 px, so there φ cannot follow the image's own pixels (its 2D
+# artefacts, docs/quality.md). "all" adds every convolution (ResNet, input/output, up/down-sampling) and the
+# transformer blocks' projections and feed-forwards, so φ can change the UNet at every resolution.
+LORA_TARGETS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "all": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+            "conv_in", "conv_out", "conv1", "conv2", "conv_shortcut", "conv"],
+}
 _instance_ids = itertools.count()
 
 
@@ -40,6 +49,7 @@ class PhiConfig:
 
     kind: str = "lora"
     lora_rank: int = 4
+    lora_targets: str = "attention"  # a key of LORA_TARGETS
     camera_embedding: bool = True
     camera_dropout: float = 0.1
     num_tokens: int = 1
@@ -52,6 +62,9 @@ class PhiConfig:
             raise UserInputError("--phi", f"unknown discriminator '{self.kind}'", f"use one of {', '.join(PHI_KINDS)}")
         if self.lora_rank < 1:
             raise UserInputError("--lora-rank", f"{self.lora_rank} is not a rank", "use an integer ≥ 1 (official: 4)")
+        if self.lora_targets not in LORA_TARGETS:
+            raise UserInputError("--lora-targets", f"unknown LoRA targets '{self.lora_targets}'",
+                                 f"use one of {', '.join(LORA_TARGETS)}")
         if self.num_tokens < 1:
             raise UserInputError("--ti-tokens", f"{self.num_tokens} tokens", "use an integer ≥ 1")
         if not 0.0 <= self.camera_dropout <= 1.0:
@@ -159,7 +172,7 @@ class LoraDiscriminator(_Discriminator):
         with warnings.catch_warnings():  # several φ on one UNet is intended; peft warns about it
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
             unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank,
-                                        target_modules=LORA_TARGETS), adapter_name=self.adapter_name)
+                                        target_modules=LORA_TARGETS[config.lora_targets]), adapter_name=self.adapter_name)
         # Toggling through the cached tuner layers is ~5× cheaper than unet.enable_adapters(), which walks
         # every module of the UNet on every call.
         self._layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]

@@ -71,8 +71,9 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tiny_eps_dir,
     assert final["a"] != final["c"]
 
 
-@pytest.mark.parametrize("model,extra", [("eps", []), ("v", ["--phi", "ti"]), ("eps", ["--param", "pixel"])],
-                         ids=["eps-lora", "v-ti", "eps-pixel"])
+@pytest.mark.parametrize("model,extra", [("eps", []), ("v", ["--phi", "ti"]), ("eps", ["--param", "pixel"]),
+                                         ("eps", ["--lora-targets", "all"])],
+                         ids=["eps-lora", "v-ti", "eps-pixel", "eps-lora-all-layers"])
 def test_resume_from_step_3_to_6_equals_a_straight_6_step_run(tiny_eps_dir, tiny_v_dir, tmp_path, model, extra):
     path = {"eps": tiny_eps_dir, "v": tiny_v_dir}[model]
     assert distill(path, tmp_path / "straight", *extra, steps=6) == 0

@@ -132,8 +132,33 @@ def test_state_tensors_round_trip(prior_eps, kind):
         wrong.load_state_tensors(saved)
 
 
+def test_lora_on_all_layers_reaches_every_resolution_and_leaves_the_prior_clean(prior_eps):
+    """``lora_targets="all"`` adapts the convolutions too (the toy UNet's full-resolution layers have no attention),
+    still starts equal to the prior, learns, and is removed without a trace."""
+    x_t, t, target = _batch(prior_eps)
+    with torch.no_grad():
+        plain = prior_eps.model_output(x_t, t, prior_eps.encode_prompt(["a red cube"]))
+    attention = build_discriminator(prior_eps, "a red cube", PhiConfig(kind="lora"))
+    everywhere = build_discriminator(prior_eps, "a red cube", PhiConfig(kind="lora", lora_targets="all", lr=1e-2))
+    adapted = lambda phi: {n.split(".lora_")[0] for n in phi._lora_params}  # noqa: E731
+    assert not any(n.startswith("conv_in") for n in adapted(attention))
+    assert {"conv_in", "conv_out"} <= {n.split(".")[0] for n in adapted(everywhere)}
+    assert any(".resnets." in n and n.endswith("conv1") for n in adapted(everywhere))
+    assert len(everywhere.parameters()) > 2 * len(attention.parameters())
+    with torch.no_grad():
+        assert torch.equal(everywhere.model_output(x_t, t), plain)  # B = 0 at init on every layer
+    losses = [float(everywhere.train_step(x_t, t, lambda out: discriminator_loss(out, target, None, 0.0))[1])
+              for _ in range(5)]
+    assert losses[-1] < losses[0]
+    attention.remove()
+    everywhere.remove()
+    assert not any("lora_" in k for k in prior_eps.unet.state_dict())
+    with torch.no_grad():
+        assert torch.equal(prior_eps.model_output(x_t, t, prior_eps.encode_prompt(["a red cube"])), plain)
+
+
 def test_bad_phi_settings_are_refused(prior_eps):
-    for config in (PhiConfig(kind="gan"), PhiConfig(lora_rank=0), PhiConfig(kind="ti", num_tokens=0),
+    for config in (PhiConfig(kind="gan"), PhiConfig(lora_rank=0), PhiConfig(lora_targets="convs"), PhiConfig(kind="ti", num_tokens=0),
                    PhiConfig(kind="ti", prompt_template="{prompt}")):
         with pytest.raises(UserInputError):
             build_discriminator(prior_eps, "a red cube", config)

@@ -114,6 +114,10 @@ def test_2d_chain_and_user_errors(pack, nodes, tiny_eps_dir, tmp_path, monkeypat
     assert torch.allclose(loaded.image, result.image, atol=1e-6)
     with pytest.raises(RuntimeError, match="resolution_schedule"):
         nodes["ASDNeRFGenerator"].build("toy-cpu", "64:32", 1, 0)
+    (phi,) = nodes["ASDDiscriminator"].build("lora", 4, 1, 0.0, 1.0, True, lora_targets="all")
+    assert phi.phi.lora_targets == "all" and phi.gamma is None
+    with pytest.raises(RuntimeError, match="lora-targets"):
+        nodes["ASDDiscriminator"].build("lora", 4, 1, 0.0, 1.0, True, lora_targets="convs")
 
 
 def test_load_checkpoint_lists_only_output_and_model_folders_and_refuses_other_paths(pack, nodes, tiny_eps_dir,
