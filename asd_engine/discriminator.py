@@ -35,7 +35,7 @@ PHI_KINDS = ("lora", "ti")
 # toy prior's UNet has attention only at 16 and 8 px, so there φ cannot follow the image's own pixels (its 2D
 # artefacts, docs/quality.md). "all" adds every convolution (ResNet, input/output, up/down-sampling) and the
 # transformer blocks' projections and feed-forwards, so φ can change the UNet at every resolution.
-LORA_TARGETS = {
+LORA_TARGETS = {  # keys = recipe.LORA_TARGET_CHOICES (tested)
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],
     "all": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
             "conv_in", "conv_out", "conv1", "conv2", "conv_shortcut", "conv"],
@@ -49,7 +49,7 @@ class PhiConfig:
 
     kind: str = "lora"
     lora_rank: int = 4
-    lora_targets: str = "attention"  # a key of LORA_TARGETS
+    lora_targets: str | None = None  # a key of LORA_TARGETS; None: from the prior's recipe (official "attention")
     camera_embedding: bool = True
     camera_dropout: float = 0.1
     num_tokens: int = 1
@@ -62,7 +62,7 @@ class PhiConfig:
             raise UserInputError("--phi", f"unknown discriminator '{self.kind}'", f"use one of {', '.join(PHI_KINDS)}")
         if self.lora_rank < 1:
             raise UserInputError("--lora-rank", f"{self.lora_rank} is not a rank", "use an integer ≥ 1 (official: 4)")
-        if self.lora_targets not in LORA_TARGETS:
+        if self.lora_targets is not None and self.lora_targets not in LORA_TARGETS:
             raise UserInputError("--lora-targets", f"unknown LoRA targets '{self.lora_targets}'",
                                  f"use one of {', '.join(LORA_TARGETS)}")
         if self.num_tokens < 1:
@@ -171,8 +171,9 @@ class LoraDiscriminator(_Discriminator):
         # lora_alpha = rank → scale 1; peft's default init (B = 0) makes φ equal the prior at step 0.
         with warnings.catch_warnings():  # several φ on one UNet is intended; peft warns about it
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-            unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank,
-                                        target_modules=LORA_TARGETS[config.lora_targets]), adapter_name=self.adapter_name)
+            targets = LORA_TARGETS[config.lora_targets or "attention"]  # None only outside a run (tests)
+            unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, target_modules=targets),
+                             adapter_name=self.adapter_name)
         # Toggling through the cached tuner layers is ~5× cheaper than unet.enable_adapters(), which walks
         # every module of the UNet on every call.
         self._layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]

@@ -156,7 +156,10 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 # the values the run actually used (from the prior's recipe unless the harness set them)
                 used = dict(cfg=run.config.distill.guidance_scale, gamma=run.config.distill.gamma,
                             background=run.config.background,
-                            phi_lr=run.config.phi.lr if run.phi is not None else None)
+                            phi_lr=run.config.phi.lr if run.phi is not None else None,
+                            lora_targets=run.config.phi.lora_targets if run.phi is not None else None)
+                if settings.mode == "3d":
+                    used["overhead_elevation"] = run.config.overhead_elevation
                 record = dict(identity, seconds=seconds, used=used)
                 if drift and drift[-1] is not None:  # φ's distance from the prior over the last tenth of the run
                     record["phi_drift"] = statistics.fmean(drift[-max(1, len(drift) // 10):])

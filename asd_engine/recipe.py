@@ -28,6 +28,7 @@ from .errors import UserInputError
 
 RECIPE_FILE = "asd_recipe.json"
 BACKGROUNDS = ("random", "white", "black")
+LORA_TARGET_CHOICES = ("attention", "all")  # the layer sets of discriminator.LORA_TARGETS
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class Recipe:
     t_min: float = 0.02
     t_max: float = 0.98
     lora_lr: float = 1e-4                 # φ's learning rate when φ is a LoRA (TI keeps its own default)
+    # Which UNet layers a LoRA φ adapts: "attention" (official: SD's UNet has attention at every latent resolution)
+    # or "all" (every convolution too, for a UNet whose full-resolution layers have no attention).
+    lora_targets: str = "attention"
     lambda_sparsity: float = 10.0         # 3D: weight of the sparsity term mean √(opacity² + 0.01)
     # 3D: a camera above this elevation (degrees) is prompted ", overhead view" (DreamFusion's 60° for SD). A prior
     # should be prompted with the view words as it learned them: the toy prior's captions say "overhead" from 30°.
@@ -56,6 +60,9 @@ class Recipe:
         if self.background not in BACKGROUNDS:
             raise UserInputError(where, f"background '{self.background}' is not one of {', '.join(BACKGROUNDS)}",
                                  f"fix {RECIPE_FILE}")
+        if self.lora_targets not in LORA_TARGET_CHOICES:
+            raise UserInputError(where, f"lora_targets '{self.lora_targets}' is not one of "
+                                        f"{', '.join(LORA_TARGET_CHOICES)}", f"fix {RECIPE_FILE}")
         if (not 0.0 <= self.t_min < self.t_max <= 1.0 or self.guidance_scale <= 0 or self.lora_lr <= 0
                 or not -1.0 <= self.gamma <= 0.0
                 or self.lambda_sparsity < 0 or not 0.0 < self.overhead_elevation <= 90.0):
@@ -72,6 +79,7 @@ RECIPE_FIELDS: dict[str, str] = {
     "t_min": "distill.t_min",
     "t_max": "distill.t_max",
     "lora_lr": "phi.lr",
+    "lora_targets": "phi.lora_targets",
     "lambda_sparsity": "lambda_sparsity",
     "overhead_elevation": "overhead_elevation",
 }
@@ -130,14 +138,15 @@ def _get(config: Any, dotted: str) -> tuple[Any, str, bool]:
 def resolve_recipe(config: Any, recipe: Recipe) -> list[str]:
     """Fill every ``None`` field of ``config`` that the recipe covers; returns the dotted names it filled.
 
-    φ's learning rate comes from the recipe only for a LoRA φ (textual inversion keeps its own default)."""
+    φ's learning rate and LoRA targets come from the recipe only for a LoRA φ (textual inversion keeps its own
+    default and has no LoRA)."""
     filled = []
     for key, dotted in RECIPE_FIELDS.items():
         owner, leaf, present = _get(config, dotted)
         value = getattr(recipe, key)
         if not present or getattr(owner, leaf) is not None:
             continue
-        if key == "lora_lr" and owner.kind != "lora":
+        if key in ("lora_lr", "lora_targets") and owner.kind != "lora":
             continue
         if key == "gamma" and owner.method != "asd":
             value = 0.0

@@ -153,16 +153,18 @@ class ASDDiscriminator:
         }, "optional": {
             "phi_model": ("ASD_PRIOR", {"tooltip": "A second model for φ (the official recipe: SD2.1-768 v for φ, "
                                                    "SD2.1-base as the prior). Empty: φ lives on the prior itself."}),
-            "lora_targets": (["attention", "all"], {"default": "attention",
-                             "tooltip": "UNet layers the LoRA adapts: attention (official) or all (every convolution "
-                                        "too; lets φ follow a pixel-space prior's full-resolution layers)."}),
+            "lora_targets": (["from prior", "attention", "all"], {"default": "from prior",
+                             "tooltip": "UNet layers the LoRA adapts: attention or all (every convolution too); "
+                                        "from prior = the prior's recipe (Stable Diffusion and the toy prior: the "
+                                        "official attention)."}),
         }}
 
     @engine_call
     def build(self, phi_type, lora_rank, ti_tokens, learning_rate, gamma, camera_embedding, phi_model=None,
               lora_targets=None):
-        # optional, so that API workflows saved before it existed still validate: absent = the official choice
-        phi = PhiConfig(kind=phi_type, lora_rank=lora_rank, lora_targets=lora_targets or "attention",
+        # optional, so that API workflows saved before it existed still validate: absent = from the prior's recipe
+        phi = PhiConfig(kind=phi_type, lora_rank=lora_rank,
+                        lora_targets=None if lora_targets in (None, "from prior") else lora_targets,
                         num_tokens=ti_tokens,
                         lr=learning_rate or None, camera_embedding=camera_embedding)
         phi.validate()

@@ -15,18 +15,20 @@ from asd_engine.errors import UserInputError
 from asd_engine.generators import ImageGenerator
 from asd_engine.prior import DiffusionPrior
 from asd_engine.quality import parse_toy_prompt
-from asd_engine.recipe import OFFICIAL, RECIPE_FILE, Recipe, apply_aliases, read_recipe, write_recipe
+from asd_engine.discriminator import LORA_TARGETS
+from asd_engine.recipe import LORA_TARGET_CHOICES, OFFICIAL, RECIPE_FILE, Recipe, apply_aliases, read_recipe, write_recipe
 from asd_engine.specs import ImageGeneratorSpec, NeRFGeneratorSpec, make_run
 from asd_engine.text_to_3d import TextTo3D, preset_config
 from asd_engine.toy_prior import TOY_RECIPE, default_prior_path
 
-RECIPE_VALUES = ("background", "distill.guidance_scale", "distill.gamma", "distill.t_min", "distill.t_max", "phi.lr")
+RECIPE_VALUES = ("background", "distill.guidance_scale", "distill.gamma", "distill.t_min", "distill.t_max", "phi.lr",
+                 "phi.lora_targets")
 
 
 def _values(config) -> dict:
     return {"background": config.background, "distill.guidance_scale": config.distill.guidance_scale,
             "distill.gamma": config.distill.gamma, "distill.t_min": config.distill.t_min,
-            "distill.t_max": config.distill.t_max, "phi.lr": config.phi.lr}
+            "distill.t_max": config.distill.t_max, "phi.lr": config.phi.lr, "phi.lora_targets": config.phi.lora_targets}
 
 
 @pytest.mark.parametrize("preset", ["quality", "low-vram"])
@@ -35,7 +37,8 @@ def test_sd_folder_without_a_recipe_gets_the_official_one(tiny_eps_dir, preset):
     assert not (tiny_eps_dir / RECIPE_FILE).exists() and prior.recipe == OFFICIAL
     run = TextTo3D(preset_config(preset, "a cat", steps=1, prior_resolution=32), prior=prior)
     assert _values(run.config) == {"background": "random", "distill.guidance_scale": 7.5, "distill.gamma": -0.75,
-                                   "distill.t_min": 0.02, "distill.t_max": 0.98, "phi.lr": 1e-4}
+                                   "distill.t_min": 0.02, "distill.t_max": 0.98, "phi.lr": 1e-4,
+                                   "phi.lora_targets": "attention"}
     assert run.config.lambda_sparsity == 10.0 and run.phi.optimizer.param_groups[0]["lr"] == 1e-4
     assert run.config.overhead_elevation == 60.0 and run.prompts.overhead_elevation == 60.0  # DreamFusion's
     assert set(run.config.from_recipe) == {*RECIPE_VALUES, "lambda_sparsity", "overhead_elevation"}
@@ -48,7 +51,8 @@ def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
     run = make_run(prior, NeRFGeneratorSpec(), "a red cube", 1)
     assert _values(run.config) == {"background": "white", "distill.guidance_scale": TOY_RECIPE.guidance_scale,
                                    "distill.gamma": TOY_RECIPE.gamma, "distill.t_min": TOY_RECIPE.t_min,
-                                   "distill.t_max": TOY_RECIPE.t_max, "phi.lr": TOY_RECIPE.lora_lr}
+                                   "distill.t_max": TOY_RECIPE.t_max, "phi.lr": TOY_RECIPE.lora_lr,
+                                   "phi.lora_targets": TOY_RECIPE.lora_targets}
     assert run.config.lambda_sparsity == TOY_RECIPE.lambda_sparsity
     assert run.config.overhead_elevation == TOY_RECIPE.overhead_elevation == 30.0
     assert run.prompts.overhead_elevation == 30.0
@@ -77,6 +81,7 @@ def test_textual_inversion_keeps_its_own_learning_rate(tiny_v_dir, tmp_path):
     config.phi.kind = "ti"
     ti = Distill2D(config, prior=prior)
     assert ti.config.phi.lr is None and "phi.lr" not in ti.config.from_recipe
+    assert ti.config.phi.lora_targets is None and "phi.lora_targets" not in ti.config.from_recipe
 
 
 def test_resumed_run_keeps_the_values_it_started_with(tiny_v_dir, tmp_path):
@@ -93,12 +98,16 @@ def test_resumed_run_keeps_the_values_it_started_with(tiny_v_dir, tmp_path):
 
 
 def test_bad_recipe_files_are_named_errors(tiny_v_dir, tmp_path):
+    assert tuple(LORA_TARGETS) == LORA_TARGET_CHOICES  # the recipe validates the names φ knows
     folder = shutil.copytree(tiny_v_dir, tmp_path / "model")
     (folder / RECIPE_FILE).write_text(json.dumps({"guidance": 3}))
     with pytest.raises(UserInputError, match="unknown keys"):
         DiffusionPrior.from_pretrained(folder, device="cpu")
     (folder / RECIPE_FILE).write_text(json.dumps({"background": "grey"}))
     with pytest.raises(UserInputError, match="background"):
+        DiffusionPrior.from_pretrained(folder, device="cpu")
+    (folder / RECIPE_FILE).write_text(json.dumps({"lora_targets": "convs"}))
+    with pytest.raises(UserInputError, match="lora_targets"):
         DiffusionPrior.from_pretrained(folder, device="cpu")
     (folder / RECIPE_FILE).write_text("{")
     with pytest.raises(UserInputError, match="not valid JSON"):

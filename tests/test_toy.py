@@ -14,7 +14,7 @@ from asd_engine.errors import UserInputError
 from asd_engine.quality import TOP_ELEVATION, hole_opening, markdown_table, parse_toy_prompt, summarise
 from asd_engine.toy_data import (COLOURS, SHAPES, ToyJudge, best_rotation_iou, colour_error, crop_to_box,
                                  render_shapes, sample_batch, shape_sdf, truth_views)
-from asd_engine.toy_prior import default_prior_path
+from asd_engine.toy_prior import TOY_RECIPE, default_prior_path
 
 
 def test_sdfs_are_zero_on_the_known_surfaces():
@@ -277,6 +277,7 @@ def test_quality_harness_journal_resumes_without_rerunning(tmp_path, monkeypatch
     settings = quality.QualitySettings(methods=["asd"], prompts=["a red cube"], seeds=2, steps=2, mode="2d")
     first = quality.run_quality(settings, tmp_path, device="cpu", log=lambda line: None)
     assert len(first["runs"]) == 2 and (tmp_path / "grid.png").is_file()
+    assert first["runs"][0]["used"]["lora_targets"] == TOY_RECIPE.lora_targets  # what the run used, from the recipe
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
     assert len(list((tmp_path / "pictures").glob("asd__a_red_cube__seed*.png"))) == 2  # every run's picture kept
     grid = (tmp_path / "grid.png").read_bytes()

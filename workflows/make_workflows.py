@@ -99,7 +99,7 @@ def prior_and_phi(camera_embedding: bool) -> dict:
         1: ("ASDLoadPrior", "Load SD Model", (40, 60), {"model": TOY_PRIOR, "precision": "auto", "prediction_type": "auto"}),
         2: ("ASDDiscriminator", "ASD Discriminator (LoRA/TI)", (40, 240),
             {"phi_type": "lora", "lora_rank": 4, "ti_tokens": 1, "learning_rate": 0.0, "gamma": 1.0,
-             "camera_embedding": camera_embedding, "lora_targets": "attention"}),
+             "camera_embedding": camera_embedding, "lora_targets": "from prior"}),
     }
 
 
