@@ -98,7 +98,7 @@ COMMON_SETTINGS: Settings = {
     "--lora-rank": ("phi.lora_rank", dict(type=_int, help="LoRA rank of φ (default 4)")),
     "--lora-targets": ("phi.lora_targets", dict(choices=["attention", "all"],
                        help="UNet layers φ's LoRA adapts: attention or all (every convolution and projection too); "
-                            "default: from the prior's recipe (SD and toy prior: attention)")),
+                            "default: from the prior's recipe (SD attention, toy prior all)")),
     "--phi-lr": ("phi.lr", dict(type=float, help="φ learning rate (default: LoRA from the prior's recipe, official "
                                                 "1e-4, toy prior 1e-2; TI 5e-3)")),
     "--ti-tokens": ("phi.num_tokens", dict(type=_int, help="number of TI tokens of φ (default 1)")),

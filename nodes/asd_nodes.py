@@ -155,8 +155,8 @@ class ASDDiscriminator:
                                                    "SD2.1-base as the prior). Empty: φ lives on the prior itself."}),
             "lora_targets": (["from prior", "attention", "all"], {"default": "from prior",
                              "tooltip": "UNet layers the LoRA adapts: attention or all (every convolution too); "
-                                        "from prior = the prior's recipe (Stable Diffusion and the toy prior: the "
-                                        "official attention)."}),
+                                        "from prior = the prior's recipe (Stable Diffusion: the official attention; "
+                                        "toy prior: all)."}),
         }}
 
     @engine_call
