@@ -212,6 +212,9 @@ class DistillationRun:
             raise UserInputError("--resume", f"'{directory}' is a {meta.get('kind')} checkpoint",
                                  f"resume a {cls.kind} run from one of its own checkpoints")
         data = {**meta["config"], **(overrides or {})}
+        if isinstance(data.get("phi"), dict) and "lora_targets" not in data["phi"]:
+            # written before φ's LoRA targets were a setting: its LoRA is on attention, whatever the recipe says now
+            data["phi"] = {**data["phi"], "lora_targets": "attention"}
         run = cls(config_from_dict(cls.config_class, data), prior=prior, device=device, dtype=dtype,
                   phi_prior=phi_prior)
         if meta["step"] > run.config.steps:

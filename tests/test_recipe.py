@@ -95,6 +95,17 @@ def test_resumed_run_keeps_the_values_it_started_with(tiny_v_dir, tmp_path):
     resumed = Distill2D.from_checkpoint(tmp_path / "ckpt", overrides={"steps": 3})
     assert resumed.config.distill.guidance_scale == 2.0 and resumed.config.background == "white"
     assert "distill.guidance_scale" in resumed.config.from_recipe
+    resumed.phi.remove()
+    # a checkpoint written before `lora_targets` existed had φ on attention, whatever the prior's recipe says now
+    meta_path = tmp_path / "ckpt" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["config"]["phi"].pop("lora_targets") == "attention"
+    meta_path.write_text(json.dumps(meta))
+    write_recipe(folder, Recipe(name="changed later", lora_targets="all"))
+    older = Distill2D.from_checkpoint(tmp_path / "ckpt", overrides={"steps": 3})
+    assert older.config.phi.lora_targets == "attention"
+    older.run()
+    older.phi.remove()
 
 
 def test_bad_recipe_files_are_named_errors(tiny_v_dir, tmp_path):
