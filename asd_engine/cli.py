@@ -96,7 +96,7 @@ COMMON_SETTINGS: Settings = {
                     help="φ step with its own t', eps' (fresh, default) or the generator's (shared, one UNet call less)")),
     "--phi": ("phi.kind", dict(choices=["lora", "ti"], help="discriminator φ: LoRA (default) or textual inversion")),
     "--lora-rank": ("phi.lora_rank", dict(type=_int, help="LoRA rank of φ (default 4)")),
-    "--lora-targets": ("phi.lora_targets", dict(choices=["attention", "all"],
+    "--lora-targets": ("phi.lora_targets", dict(choices=["attention", "all"],  # discriminator.LORA_TARGETS (tested)
                        help="UNet layers φ's LoRA adapts: attention or all (every convolution and projection too); "
                             "default: from the prior's recipe (SD attention, toy prior all)")),
     "--phi-lr": ("phi.lr", dict(type=float, help="φ learning rate (default: LoRA from the prior's recipe, official "

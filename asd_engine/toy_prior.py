@@ -45,7 +45,7 @@ ASSET_DIR = Path(__file__).resolve().parent / "assets" / "toy-prior"
 # the views that show the hole and drew the common hole-less lozenge for every view: a distilled torus became a disc.
 # LoRA on every layer, not only attention: this UNet has no attention at 32 px, so an attention-only φ cannot follow
 # the image at full resolution, and 2D VSD/ASD grew a coloured frame and tint that φ never learned to explain
-# (docs/quality.md, fifth round; 3D IoU also rose, ASD 0.86 → 0.89).
+# (docs/quality.md, fifth round; 3D IoU also rose, ASD 0.864 → 0.897, VSD 0.874 → 0.891).
 TOY_RECIPE = Recipe(name="toy prior", background="white", guidance_scale=3.0, gamma=-0.75, t_min=0.02, t_max=0.98,
                     lora_lr=1e-2, lora_targets="all", lambda_sparsity=1.0, overhead_elevation=30.0,
                     prompt_aliases={"an": "a", "the": "a"})

@@ -14,7 +14,7 @@ import time
 import torch
 
 from ..asd_engine import specs
-from ..asd_engine.discriminator import PhiConfig
+from ..asd_engine.discriminator import LORA_TARGETS, PhiConfig
 from ..asd_engine.errors import UserInputError
 from ..asd_engine.loading import load_prior
 from ..asd_engine.prior import DiffusionPrior
@@ -153,7 +153,7 @@ class ASDDiscriminator:
         }, "optional": {
             "phi_model": ("ASD_PRIOR", {"tooltip": "A second model for φ (the official recipe: SD2.1-768 v for φ, "
                                                    "SD2.1-base as the prior). Empty: φ lives on the prior itself."}),
-            "lora_targets": (["from prior", "attention", "all"], {"default": "from prior",
+            "lora_targets": (["from prior", *LORA_TARGETS], {"default": "from prior",
                              "tooltip": "UNet layers the LoRA adapts: attention or all (every convolution too); "
                                         "from prior = the prior's recipe (Stable Diffusion: the official attention; "
                                         "toy prior: all)."}),

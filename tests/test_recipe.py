@@ -110,6 +110,7 @@ def test_resumed_run_keeps_the_values_it_started_with(tiny_v_dir, tmp_path):
 
 def test_bad_recipe_files_are_named_errors(tiny_v_dir, tmp_path):
     assert tuple(LORA_TARGETS) == LORA_TARGET_CHOICES  # the recipe validates the names φ knows
+    assert tuple(cli.COMMON_SETTINGS["--lora-targets"][1]["choices"]) == LORA_TARGET_CHOICES  # and the CLI offers
     folder = shutil.copytree(tiny_v_dir, tmp_path / "model")
     (folder / RECIPE_FILE).write_text(json.dumps({"guidance": 3}))
     with pytest.raises(UserInputError, match="unknown keys"):
