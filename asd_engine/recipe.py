@@ -14,6 +14,7 @@ came from, and a resumed run keeps the values it started with.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -21,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+import typing
 from typing import Any
 
 from .cameras import OVERHEAD_DEGREES
@@ -133,6 +135,25 @@ def _get(config: Any, dotted: str) -> tuple[Any, str, bool]:
             return config, leaf, False
         config = getattr(config, name)
     return config, leaf, hasattr(config, leaf)
+
+
+def official_where_absent(saved: dict[str, Any], config_class: type) -> dict[str, Any]:
+    """A run config saved by an older version (``dataclasses.asdict`` form), with every recipe field that the
+    config class has but ``saved`` lacks set to its :data:`OFFICIAL` value: before a recipe field existed the engine
+    always used the official value (LoRA on attention, "overhead" above 60°), so a resumed run keeps what it started
+    with instead of taking the prior's recipe of today (whose LoRA tensors, for one, would not match)."""
+    saved = copy.deepcopy(saved)
+    for key, dotted in RECIPE_FIELDS.items():
+        *parents, leaf = dotted.split(".")
+        owner, cls = saved, config_class
+        for name in parents:
+            owner, cls = owner.get(name), typing.get_type_hints(cls).get(name)
+            if not isinstance(owner, dict) or not dataclasses.is_dataclass(cls):
+                break
+        else:
+            if leaf in {f.name for f in dataclasses.fields(cls)} and leaf not in owner:
+                owner[leaf] = getattr(OFFICIAL, key)
+    return saved
 
 
 def resolve_recipe(config: Any, recipe: Recipe) -> list[str]:

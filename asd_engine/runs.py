@@ -24,7 +24,7 @@ from .distill import DistillConfig
 from .errors import UserInputError
 from .loading import load_prior
 from .prior import DiffusionPrior
-from .recipe import BACKGROUNDS, resolve_recipe
+from .recipe import BACKGROUNDS, official_where_absent, resolve_recipe
 
 
 def config_from_dict(cls: type, data: dict[str, Any]):
@@ -211,10 +211,7 @@ class DistillationRun:
         if meta.get("kind") != cls.kind:
             raise UserInputError("--resume", f"'{directory}' is a {meta.get('kind')} checkpoint",
                                  f"resume a {cls.kind} run from one of its own checkpoints")
-        data = {**meta["config"], **(overrides or {})}
-        if isinstance(data.get("phi"), dict) and "lora_targets" not in data["phi"]:
-            # written before φ's LoRA targets were a setting: its LoRA is on attention, whatever the recipe says now
-            data["phi"] = {**data["phi"], "lora_targets": "attention"}
+        data = {**official_where_absent(meta["config"], cls.config_class), **(overrides or {})}
         run = cls(config_from_dict(cls.config_class, data), prior=prior, device=device, dtype=dtype,
                   phi_prior=phi_prior)
         if meta["step"] > run.config.steps:

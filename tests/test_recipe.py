@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from asd_engine import cli
+from asd_engine.discriminator import LORA_TARGETS
 from asd_engine.distill_2d import Distill2D, Distill2DConfig
 from asd_engine.errors import UserInputError
 from asd_engine.generators import ImageGenerator
 from asd_engine.prior import DiffusionPrior
 from asd_engine.quality import parse_toy_prompt
-from asd_engine.discriminator import LORA_TARGETS
-from asd_engine.recipe import LORA_TARGET_CHOICES, OFFICIAL, RECIPE_FILE, Recipe, apply_aliases, read_recipe, write_recipe
+from asd_engine.recipe import (LORA_TARGET_CHOICES, OFFICIAL, RECIPE_FILE, Recipe, apply_aliases, official_where_absent,
+                               read_recipe, write_recipe)
 from asd_engine.specs import ImageGeneratorSpec, NeRFGeneratorSpec, make_run
 from asd_engine.text_to_3d import TextTo3D, preset_config
 from asd_engine.toy_prior import TOY_RECIPE, default_prior_path
@@ -28,7 +29,8 @@ RECIPE_VALUES = ("background", "distill.guidance_scale", "distill.gamma", "disti
 def _values(config) -> dict:
     return {"background": config.background, "distill.guidance_scale": config.distill.guidance_scale,
             "distill.gamma": config.distill.gamma, "distill.t_min": config.distill.t_min,
-            "distill.t_max": config.distill.t_max, "phi.lr": config.phi.lr, "phi.lora_targets": config.phi.lora_targets}
+            "distill.t_max": config.distill.t_max, "phi.lr": config.phi.lr,
+            "phi.lora_targets": config.phi.lora_targets}
 
 
 @pytest.mark.parametrize("preset", ["quality", "low-vram"])
@@ -106,6 +108,21 @@ def test_resumed_run_keeps_the_values_it_started_with(tiny_v_dir, tmp_path):
     assert older.config.phi.lora_targets == "attention"
     older.run()
     older.phi.remove()
+
+
+def test_a_recipe_field_missing_from_an_older_checkpoint_is_the_official_value():
+    """Before a recipe field existed the engine used the official value; a config saved then resumes with it."""
+    import dataclasses
+
+    saved = dataclasses.asdict(preset_config("toy-cpu", "a red cube", steps=1))
+    del saved["overhead_elevation"], saved["phi"]["lora_targets"]
+    filled = official_where_absent(saved, type(preset_config("toy-cpu", "a red cube")))
+    assert filled["overhead_elevation"] == 60.0 and filled["phi"]["lora_targets"] == "attention"
+    assert "overhead_elevation" not in saved  # the caller's dict is left as it was
+    assert {k: v for k, v in filled.items() if k not in ("overhead_elevation", "phi")} == {
+        k: v for k, v in saved.items() if k != "phi"}
+    flat = dataclasses.asdict(Distill2DConfig(prompt="a cat"))
+    assert official_where_absent(flat, Distill2DConfig) == flat  # nothing absent: nothing added (2D has no overhead)
 
 
 def test_bad_recipe_files_are_named_errors(tiny_v_dir, tmp_path):
