@@ -81,7 +81,8 @@ COMMON_SETTINGS: Settings = {
     "--gamma": ("distill.gamma", dict(type=float, help="ASD's γ in the φ loss (default: from the prior's recipe; "
                                                       "official -0.75; VSD is γ = 0)")),
     "--weighting": ("distill.weighting", dict(choices=["sds", "uniform", "sigma_over_alpha"],
-                    help="w(t): sds = 1-ᾱ (default), uniform, sigma_over_alpha = √((1-ᾱ)/ᾱ)")),
+                    help="w(t): sds = 1-ᾱ, uniform = 1, sigma_over_alpha = √((1-ᾱ)/ᾱ) (default: from the "
+                         "prior's recipe; sds, but uniform for the toy prior's 2D runs)")),
     "--t-min": ("distill.t_min", dict(type=float, help="lowest timestep as a fraction of T (default: from the "
                                                       "prior's recipe; official 0.02)")),
     "--t-max": ("distill.t_max", dict(type=float, help="highest timestep as a fraction of T (default: from the "
@@ -110,6 +111,9 @@ SETTINGS_2D: Settings = {
     "--param": ("parameterization", dict(choices=["latent", "pixel"],
                 help="optimise the model-space latent (default) or RGB pixels through the VAE encoder")),
     "--lr": ("lr", dict(type=float, help="image learning rate (default 0.03 latent, 0.01 pixel)")),
+    "--lr-decay-to": ("lr_decay_to", dict(type=float, help="the learning rate falls along a cosine to this fraction "
+                                                          "of --lr by the last step (default 0.05; 1 = constant; an "
+                                                          "extended run follows the cosine of its new total)")),
     "--reference": ("references", dict(nargs="+", metavar="IMAGE",
                     help="real images of the target: enables the real-sample terms of the full L_D (Eq. 5)")),
     "--eta": ("distill.eta", dict(type=float, help="η of the real-sample term (default 0.5; needs --reference)")),
@@ -204,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default="a red cube;a green torus;a blue sphere;a yellow cone",
                    help="semicolon-separated toy prompts (default %(default)s)")
     p.add_argument("--seeds", type=_int, default=3, help="seeds per prompt (default 3)")
-    p.add_argument("--steps", type=_int, help="steps per run (default: the toy-cpu preset's 300 in 3d, 150 in 2d)")
+    p.add_argument("--steps", type=_int,
+                   help="steps per run (default 300: the toy-cpu preset's in 3d, the Train Loop node's in 2d)")
     p.add_argument("--mode", choices=["3d", "2d"], default="3d")
     p.add_argument("--phi-noise", choices=["fresh", "shared"], default="fresh")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: from the prior's recipe)")

@@ -29,13 +29,13 @@ PHI_NOISE = ("fresh", "shared")
 @dataclass
 class DistillConfig:
     """Distillation settings; defaults follow the official ASD configs (DESIGN §2b). ASD and VSD share all but γ.
-    ``None`` (guidance scale, t range): "from the prior's recipe", filled when a run is built (:mod:`.recipe`)."""
+    ``None`` (CFG, γ, w(t), t range): "from the prior's recipe", filled when a run is built (:mod:`.recipe`)."""
 
     method: str = "asd"
     guidance_scale: float | None = None   # None: the prior's recipe (official: 7.5)
     gamma: float | None = None    # ASD's γ in L'_D (None: the prior's recipe, official -0.75); VSD is γ = 0
     eta: float = 0.5              # η of the real-sample term (Eq. 5), used only with reference images
-    weighting: str = "sds"        # w(t): "sds" = 1 - ᾱ_t, "uniform" = 1, "sigma_over_alpha" = √((1 - ᾱ_t)/ᾱ_t)
+    weighting: str | None = None  # w(t): sds 1-ᾱ_t, uniform 1, sigma_over_alpha √((1-ᾱ_t)/ᾱ_t); None: the recipe
     t_min: float | None = None    # generator timesteps are uniform integers in [t_min·T, t_max(step)·T] (official
     t_max: float | None = None    # 0.02 and 0.98; None: the prior's recipe)
     t_max_annealed: float = 0.5   # t_max from step `t_anneal_step` on (official 3D recipe: 980 → 500 at step 5000)
@@ -43,8 +43,8 @@ class DistillConfig:
     phi_noise: str = "fresh"      # "fresh": φ step draws its own t', eps' (official); "shared": reuses t, eps
 
     def validate(self) -> None:
-        checks = [("--method", self.method, METHODS), ("--weighting", self.weighting, WEIGHTINGS),
-                  ("--phi-noise", self.phi_noise, PHI_NOISE)]
+        checks = [("--method", self.method, METHODS), ("--weighting", self.weighting or "sds", WEIGHTINGS),
+                  ("--phi-noise", self.phi_noise, PHI_NOISE)]  # None (from the recipe) is checked once resolved
         for flag, value, allowed in checks:
             if value not in allowed:
                 raise UserInputError(flag, f"unknown value '{value}'", f"use one of {', '.join(allowed)}")
@@ -141,7 +141,7 @@ def distill_step(x0: torch.Tensor, prior, phi, conditioning: Conditioning, confi
     """One step of Alg. 1 on the rendered/optimised ``x0 [B, C, h, w]`` (model space, differentiable). Updates φ in
     place (step 7), returns the generator's surrogate loss (step 6) for the caller to backward.
     ``reference [B, C, h, w]``: real samples in model space; enables the full L_D."""
-    if None in (config.guidance_scale, config.t_min, config.t_max, config.gamma):
+    if None in (config.guidance_scale, config.t_min, config.t_max, config.gamma, config.weighting):
         raise ValueError("distill_step needs a resolved config: use recipe.with_recipe(config, prior.recipe)")
     lo, hi = time_schedule(step, config, prior.num_train_timesteps)
     t, eps = sample_timesteps_and_noise(x0.shape, lo, hi, generator, x0.device)

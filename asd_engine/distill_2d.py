@@ -9,6 +9,7 @@ exact checkpoints come from :class:`asd_engine.runs.DistillationRun`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,9 +27,14 @@ DEFAULT_LR = {"latent": 3e-2, "pixel": 1e-2}
 class Distill2DConfig(RunConfig):
     """Everything that defines a 2D run (stored in its checkpoints)."""
 
+    mode = "2d"
     size: int | None = None  # None: the prior's native size (UNet sample size × VAE factor; 512 for SD 2.1-base)
     parameterization: str = "latent"
     lr: float | None = None  # None → DEFAULT_LR[parameterization]
+    # The image's learning rate falls along a cosine from `lr` to lr × lr_decay_to at the last step (1: constant).
+    # Why: with φ, the update's noise keeps a pixel-scale speckle at an amplitude that grows with √lr, so the last
+    # steps are taken at a small rate (measured on the toy prior, docs/quality.md "Sixth round").
+    lr_decay_to: float = 0.05
     references: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -38,6 +44,14 @@ class Distill2DConfig(RunConfig):
                                  "use e.g. 512 for Stable Diffusion (64 or 32 for tiny models)")
         if self.lr is not None and self.lr <= 0:
             raise UserInputError("--lr", f"{self.lr} is not a positive learning rate", "use e.g. 0.03")
+        if not 0.0 < self.lr_decay_to <= 1.0:
+            raise UserInputError("--lr-decay-to", f"{self.lr_decay_to} is not in (0, 1]",
+                                 "use e.g. 0.05 (the default), or 1 for a constant learning rate")
+
+
+def lr_factor(step: int, steps: int, decay_to: float) -> float:
+    """Cosine from 1 at step 0 to ``decay_to`` at step ``steps`` (0-based ``step``; the last step is ``steps - 1``)."""
+    return decay_to + (1.0 - decay_to) * 0.5 * (1.0 + math.cos(math.pi * min(step / steps, 1.0)))
 
 
 class Distill2D(DistillationRun):
@@ -52,8 +66,8 @@ class Distill2D(DistillationRun):
             config.size = int(prior.unet.config.sample_size) * prior.vae_scale_factor
         prior.check_image_size(config.size)
         self.image = ImageGenerator(prior, config.size, config.parameterization, self.rng, config.background)
-        lr = config.lr if config.lr is not None else DEFAULT_LR[config.parameterization]
-        self.optimizer = torch.optim.Adam(self.image.parameters(), lr=lr)
+        self.base_lr = config.lr if config.lr is not None else DEFAULT_LR[config.parameterization]
+        self.optimizer = torch.optim.Adam(self.image.parameters(), lr=self.base_lr)
         self.conditioning = Conditioning(cond=prior.encode_prompt([config.prompt]),
                                          uncond=prior.encode_prompt([config.negative_prompt]))
         self.references = None
@@ -73,6 +87,8 @@ class Distill2D(DistillationRun):
                               self.rng, reference=reference)
         self.optimizer.zero_grad(set_to_none=True)
         result.generator_loss.backward()
+        for group in self.optimizer.param_groups:  # a function of the step alone: nothing to checkpoint
+            group["lr"] = self.base_lr * lr_factor(self.step, self.config.steps, self.config.lr_decay_to)
         self.optimizer.step()
         self.step += 1
         return StepInfo.of(self.step, self.config.steps, result)

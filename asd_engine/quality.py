@@ -118,7 +118,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
     targets = [parse_toy_prompt(p) for p in settings.prompts]
     if settings.mode not in ("3d", "2d"):
         raise UserInputError("--mode", f"unknown mode '{settings.mode}'", "use 3d or 2d")
-    steps = settings.steps or (300 if settings.mode == "3d" else 150)  # 3d: the demo's (toy-cpu preset's) count
+    steps = settings.steps or 300  # 3d: the demo's (toy-cpu preset's) count; 2d: the Train Loop node's default
     out.mkdir(parents=True, exist_ok=True)
     journal = out / "runs.jsonl"
     done = {}
@@ -155,11 +155,13 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 seconds = time.perf_counter() - started
                 # the values the run actually used (from the prior's recipe unless the harness set them)
                 used = dict(cfg=run.config.distill.guidance_scale, gamma=run.config.distill.gamma,
-                            background=run.config.background,
+                            weighting=run.config.distill.weighting, background=run.config.background,
                             phi_lr=run.config.phi.lr if run.phi is not None else None,
                             lora_targets=run.config.phi.lora_targets if run.phi is not None else None)
                 if settings.mode == "3d":
                     used["overhead_elevation"] = run.config.overhead_elevation
+                else:
+                    used["lr_decay_to"] = run.config.lr_decay_to
                 record = dict(identity, seconds=seconds, used=used)
                 if drift and drift[-1] is not None:  # φ's distance from the prior over the last tenth of the run
                     record["phi_drift"] = statistics.fmean(drift[-max(1, len(drift) // 10):])

@@ -26,6 +26,7 @@ import typing
 from typing import Any
 
 from .cameras import OVERHEAD_DEGREES
+from .distill import WEIGHTINGS
 from .errors import UserInputError
 
 RECIPE_FILE = "asd_recipe.json"
@@ -46,6 +47,11 @@ class Recipe:
     gamma: float = -0.75                  # ASD's γ (VSD is ASD with γ = 0, SDS has no φ: both always get 0)
     t_min: float = 0.02
     t_max: float = 0.98
+    # w(t) of the generator's update (distill.loss_weight): "sds" = 1 - ᾱ_t (official). `weighting_2d` overrides it
+    # for 2D runs (None: the same), whose image *is* the parameter: there the only force that removes pixel-scale
+    # noise acts at low t, which 1 - ᾱ_t all but switches off (measured on the toy prior, docs/quality.md).
+    weighting: str = "sds"
+    weighting_2d: str | None = None
     lora_lr: float = 1e-4                 # φ's learning rate when φ is a LoRA (TI keeps its own default)
     # Which UNet layers a LoRA φ adapts: "attention" (official: SD's UNet has attention at every latent resolution)
     # or "all" (every convolution too, for a UNet whose full-resolution layers have no attention).
@@ -62,6 +68,11 @@ class Recipe:
         if self.background not in BACKGROUNDS:
             raise UserInputError(where, f"background '{self.background}' is not one of {', '.join(BACKGROUNDS)}",
                                  f"fix {RECIPE_FILE}")
+        for key in ("weighting", "weighting_2d"):
+            value = getattr(self, key)
+            if value not in WEIGHTINGS and not (key == "weighting_2d" and value is None):
+                raise UserInputError(where, f"{key} '{value}' is not one of {', '.join(WEIGHTINGS)}",
+                                     f"fix {RECIPE_FILE}")
         if self.lora_targets not in LORA_TARGET_CHOICES:
             raise UserInputError(where, f"lora_targets '{self.lora_targets}' is not one of "
                                         f"{', '.join(LORA_TARGET_CHOICES)}", f"fix {RECIPE_FILE}")
@@ -80,6 +91,7 @@ RECIPE_FIELDS: dict[str, str] = {
     "gamma": "distill.gamma",
     "t_min": "distill.t_min",
     "t_max": "distill.t_max",
+    "weighting": "distill.weighting",  # in 2D runs: weighting_2d when the recipe sets it
     "lora_lr": "phi.lr",
     "lora_targets": "phi.lora_targets",
     "lambda_sparsity": "lambda_sparsity",
@@ -160,7 +172,7 @@ def resolve_recipe(config: Any, recipe: Recipe) -> list[str]:
     """Fill every ``None`` field of ``config`` that the recipe covers; returns the dotted names it filled.
 
     φ's learning rate and LoRA targets come from the recipe only for a LoRA φ (textual inversion keeps its own
-    default and has no LoRA)."""
+    default and has no LoRA). A 2D run (``config.mode == "2d"``) takes ``weighting_2d`` where the recipe has one."""
     filled = []
     for key, dotted in RECIPE_FIELDS.items():
         owner, leaf, present = _get(config, dotted)
@@ -171,6 +183,8 @@ def resolve_recipe(config: Any, recipe: Recipe) -> list[str]:
             continue
         if key == "gamma" and owner.method != "asd":
             value = 0.0
+        if key == "weighting" and getattr(config, "mode", None) == "2d" and recipe.weighting_2d is not None:
+            value = recipe.weighting_2d
         setattr(owner, leaf, value)
         filled.append(dotted)
     return filled

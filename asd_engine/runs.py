@@ -13,7 +13,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -62,6 +62,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 @dataclass
 class RunConfig:
     """Settings every run has; :class:`Distill2DConfig` and :class:`TextTo3DConfig` extend it."""
+
+    mode: ClassVar[str | None] = None     # "2d" / "3d": which of the recipe's mode-specific values apply
 
     prompt: str
     model: str | None = None              # pipeline folder or single-file checkpoint; None: the embedded prior

@@ -41,6 +41,7 @@ EXPORT_DEFAULTS = {"toy-cpu": {"views": 36, "size": 128, "mesh_resolution": 128}
 class TextTo3DConfig(RunConfig):
     """Everything that defines a text-to-3D run (stored in its checkpoints). Defaults = the ``quality`` preset."""
 
+    mode = "3d"
     steps: int = 25_000
     preset: str = "quality"
     batch_size: int = 1

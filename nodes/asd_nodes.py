@@ -15,6 +15,7 @@ import torch
 
 from ..asd_engine import specs
 from ..asd_engine.discriminator import LORA_TARGETS, PhiConfig
+from ..asd_engine.distill import WEIGHTINGS
 from ..asd_engine.errors import UserInputError
 from ..asd_engine.loading import load_prior
 from ..asd_engine.prior import DiffusionPrior
@@ -22,7 +23,6 @@ from ..asd_engine.runs import PRECISIONS
 from . import comfy_bridge as host
 
 METHODS = ["asd", "vsd", "sds"]
-WEIGHTINGS = ["sds", "uniform", "sigma_over_alpha"]
 PRESETS = ["toy-cpu", "quality", "low-vram"]
 
 
@@ -252,7 +252,9 @@ class ASDTrainLoop:
             "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
                     "tooltip": "Classifier-free guidance scale of the prior; 0 = default: from the prior's recipe "
                                "(Stable Diffusion 7.5, toy prior 3)."}),
-            "weighting": (WEIGHTINGS, {"default": "sds", "tooltip": "w(t): 1-ᾱ (sds), 1, or √((1-ᾱ)/ᾱ)."}),
+            "weighting": (["from prior", *WEIGHTINGS], {"default": "from prior", "tooltip":
+                          "w(t): 1-ᾱ (sds), 1 (uniform), or √((1-ᾱ)/ᾱ). Default: from the prior's recipe "
+                          "(sds; the toy prior's 2D runs: uniform)."}),
             "t_min": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.01,
                       "tooltip": "Lowest timestep as a fraction of T; -1 = default: from the prior's recipe (0.02)."}),
             "t_max": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.01,
@@ -276,7 +278,8 @@ class ASDTrainLoop:
               noise_sharing, background="from prior", phi=None, resume=None):
         # 0 / -1 / "from prior" are the widgets' way of saying None: the prior's recipe decides
         plan = specs.plan_run(prior, generator, prompt, steps, negative_prompt=negative_prompt, method=method,
-                              guidance_scale=cfg or None, weighting=weighting, t_min=None if t_min < 0 else t_min,
+                              guidance_scale=cfg or None, weighting=None if weighting == "from prior" else weighting,
+                              t_min=None if t_min < 0 else t_min,
                               t_max=None if t_max < 0 else t_max, phi_noise=noise_sharing, discriminator=phi,
                               background=None if background == "from prior" else background)
         if resume:

@@ -75,6 +75,9 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tiny_eps_dir,
                                          ("eps", ["--lora-targets", "all"])],
                          ids=["eps-lora", "v-ti", "eps-pixel", "eps-lora-all-layers"])
 def test_resume_from_step_3_to_6_equals_a_straight_6_step_run(tiny_eps_dir, tiny_v_dir, tmp_path, model, extra):
+    # extending a finished run: exact only with a constant learning rate (a decaying one follows the new total's
+    # cosine); stopping and resuming to the same total is exact with any schedule (test below)
+    extra = [*extra, "--lr-decay-to", "1"]
     path = {"eps": tiny_eps_dir, "v": tiny_v_dir}[model]
     assert distill(path, tmp_path / "straight", *extra, steps=6) == 0
     assert distill(path, tmp_path / "first", *extra, steps=3) == 0
@@ -83,6 +86,30 @@ def test_resume_from_step_3_to_6_equals_a_straight_6_step_run(tiny_eps_dir, tiny
     assert (tmp_path / "resumed" / "final.png").read_bytes() == (tmp_path / "straight" / "final.png").read_bytes()
     straight = (tmp_path / "straight" / "checkpoint" / "state.safetensors").read_bytes()
     assert (tmp_path / "resumed" / "checkpoint" / "state.safetensors").read_bytes() == straight
+
+
+def test_a_stopped_run_resumed_to_its_total_equals_the_straight_run(tiny_eps_dir, tmp_path):
+    """The image's learning rate falls along a cosine over the run's total (default lr_decay_to 0.05), a function of
+    the step alone: a run stopped at step 3 of 6 and resumed ends bit-identical to one that never stopped."""
+    import torch
+
+    from asd_engine.distill_2d import Distill2D, Distill2DConfig, lr_factor
+
+    assert lr_factor(0, 6, 0.05) == 1.0 and lr_factor(6, 6, 0.05) == pytest.approx(0.05)
+    assert lr_factor(3, 6, 0.05) == pytest.approx(0.525) and lr_factor(4, 6, 1.0) == 1.0
+    config = dict(prompt="a red cube", model=str(tiny_eps_dir), steps=6, size=32)
+    straight = Distill2D(Distill2DConfig(**config))
+    straight.run()
+    assert straight.config.lr_decay_to == 0.05
+    assert straight.optimizer.param_groups[0]["lr"] == pytest.approx(straight.base_lr * lr_factor(5, 6, 0.05))
+    stopped = Distill2D(Distill2DConfig(**config))
+    stopped.run(should_stop=lambda: stopped.step == 3)
+    stopped.save_checkpoint(tmp_path / "checkpoint")
+    resumed = Distill2D.from_checkpoint(tmp_path / "checkpoint")
+    resumed.run()
+    assert resumed.step == 6 and torch.equal(resumed.image.param, straight.image.param)
+    for run in (straight, stopped, resumed):
+        run.phi.remove()
 
 
 def test_resume_refuses_contradicting_flags_and_a_smaller_total(tiny_eps_dir, tmp_path, capsys):
@@ -112,6 +139,7 @@ def _bad_inputs(tiny_eps_dir: Path, tmp_path: Path) -> dict[str, tuple[list, str
         "unknown phi": (model + common + ["--phi", "gan"], "--phi"),
         "phi with sds": (model + common + ["--method", "sds", "--phi", "ti"], "--phi"),
         "gamma with vsd": (model + common + ["--method", "vsd", "--gamma", "-0.5"], "--gamma"),
+        "lr decay beyond 1": (model + common + ["--lr-decay-to", "1.5"], "--lr-decay-to"),
         "unwritable out": (model + ["--prompt", "x", "--steps", "3", "--out", str(not_a_dir / "sub")], "--out"),
         "bad resume": (["--resume", str(tmp_path / "nope"), "--steps", "3", "--out", str(tmp_path / "o")], "--resume"),
     }

@@ -22,15 +22,15 @@ from asd_engine.specs import ImageGeneratorSpec, NeRFGeneratorSpec, make_run
 from asd_engine.text_to_3d import TextTo3D, preset_config
 from asd_engine.toy_prior import TOY_RECIPE, default_prior_path
 
-RECIPE_VALUES = ("background", "distill.guidance_scale", "distill.gamma", "distill.t_min", "distill.t_max", "phi.lr",
-                 "phi.lora_targets")
+RECIPE_VALUES = ("background", "distill.guidance_scale", "distill.gamma", "distill.t_min", "distill.t_max",
+                 "distill.weighting", "phi.lr", "phi.lora_targets")
 
 
 def _values(config) -> dict:
     return {"background": config.background, "distill.guidance_scale": config.distill.guidance_scale,
             "distill.gamma": config.distill.gamma, "distill.t_min": config.distill.t_min,
-            "distill.t_max": config.distill.t_max, "phi.lr": config.phi.lr,
-            "phi.lora_targets": config.phi.lora_targets}
+            "distill.t_max": config.distill.t_max, "distill.weighting": config.distill.weighting,
+            "phi.lr": config.phi.lr, "phi.lora_targets": config.phi.lora_targets}
 
 
 @pytest.mark.parametrize("preset", ["quality", "low-vram"])
@@ -39,8 +39,8 @@ def test_sd_folder_without_a_recipe_gets_the_official_one(tiny_eps_dir, preset):
     assert not (tiny_eps_dir / RECIPE_FILE).exists() and prior.recipe == OFFICIAL
     run = TextTo3D(preset_config(preset, "a cat", steps=1, prior_resolution=32), prior=prior)
     assert _values(run.config) == {"background": "random", "distill.guidance_scale": 7.5, "distill.gamma": -0.75,
-                                   "distill.t_min": 0.02, "distill.t_max": 0.98, "phi.lr": 1e-4,
-                                   "phi.lora_targets": "attention"}
+                                   "distill.t_min": 0.02, "distill.t_max": 0.98, "distill.weighting": "sds",
+                                   "phi.lr": 1e-4, "phi.lora_targets": "attention"}
     assert run.config.lambda_sparsity == 10.0 and run.phi.optimizer.param_groups[0]["lr"] == 1e-4
     assert run.config.overhead_elevation == 60.0 and run.prompts.overhead_elevation == 60.0  # DreamFusion's
     assert set(run.config.from_recipe) == {*RECIPE_VALUES, "lambda_sparsity", "overhead_elevation"}
@@ -53,8 +53,8 @@ def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
     run = make_run(prior, NeRFGeneratorSpec(), "a red cube", 1)
     assert _values(run.config) == {"background": "white", "distill.guidance_scale": TOY_RECIPE.guidance_scale,
                                    "distill.gamma": TOY_RECIPE.gamma, "distill.t_min": TOY_RECIPE.t_min,
-                                   "distill.t_max": TOY_RECIPE.t_max, "phi.lr": TOY_RECIPE.lora_lr,
-                                   "phi.lora_targets": TOY_RECIPE.lora_targets}
+                                   "distill.t_max": TOY_RECIPE.t_max, "distill.weighting": TOY_RECIPE.weighting,
+                                   "phi.lr": TOY_RECIPE.lora_lr, "phi.lora_targets": TOY_RECIPE.lora_targets}
     assert run.config.lambda_sparsity == TOY_RECIPE.lambda_sparsity
     assert run.config.overhead_elevation == TOY_RECIPE.overhead_elevation == 30.0
     assert run.prompts.overhead_elevation == 30.0
@@ -135,6 +135,9 @@ def test_bad_recipe_files_are_named_errors(tiny_v_dir, tmp_path):
     (folder / RECIPE_FILE).write_text(json.dumps({"background": "grey"}))
     with pytest.raises(UserInputError, match="background"):
         DiffusionPrior.from_pretrained(folder, device="cpu")
+    (folder / RECIPE_FILE).write_text(json.dumps({"weighting_2d": "flat"}))
+    with pytest.raises(UserInputError, match="weighting_2d"):
+        DiffusionPrior.from_pretrained(folder, device="cpu")
     (folder / RECIPE_FILE).write_text(json.dumps({"lora_targets": "convs"}))
     with pytest.raises(UserInputError, match="lora_targets"):
         DiffusionPrior.from_pretrained(folder, device="cpu")
@@ -182,4 +185,24 @@ def test_harness_and_2d_spec_use_the_recipe():
     run = make_run(prior, ImageGeneratorSpec(), "a blue sphere", 1)
     assert run.config.background == "white" and run.config.distill.guidance_scale == TOY_RECIPE.guidance_scale
     assert float(run.images().mean()) > 0.9  # the 2D image starts white, as the toy prior's training images are
+    # the toy prior's 2D runs have their own w(t); its 3D runs (test above) the general one
+    assert run.config.distill.weighting == TOY_RECIPE.weighting_2d == "uniform" != TOY_RECIPE.weighting
+    assert "distill.weighting" in run.config.from_recipe
     run.phi.remove()
+    run = make_run(prior, ImageGeneratorSpec(), "a blue sphere", 1, weighting="sds")
+    assert run.config.distill.weighting == "sds" and "distill.weighting" not in run.config.from_recipe
+    run.phi.remove()
+
+
+def test_2d_weighting_falls_back_to_the_general_one(tiny_v_dir, tmp_path):
+    folder = shutil.copytree(tiny_v_dir, tmp_path / "model")
+    cases = ((Recipe(name="a", weighting="uniform"), "uniform", "uniform"),
+             (Recipe(name="b", weighting_2d="sigma_over_alpha"), "sigma_over_alpha", "sds"))
+    for recipe, weighting_2d, weighting_3d in cases:
+        write_recipe(folder, recipe)
+        prior = DiffusionPrior.from_pretrained(folder, device="cpu")
+        run = make_run(prior, ImageGeneratorSpec(size=32), "a cat", 1, method="sds")
+        assert run.config.distill.weighting == weighting_2d
+        config = preset_config("low-vram", "a cat", steps=1, prior_resolution=32)
+        config.distill.method = "sds"
+        assert TextTo3D(config, prior=prior).config.distill.weighting == weighting_3d

@@ -278,6 +278,7 @@ def test_quality_harness_journal_resumes_without_rerunning(tmp_path, monkeypatch
     first = quality.run_quality(settings, tmp_path, device="cpu", log=lambda line: None)
     assert len(first["runs"]) == 2 and (tmp_path / "grid.png").is_file()
     assert first["runs"][0]["used"]["lora_targets"] == TOY_RECIPE.lora_targets  # what the run used, from the recipe
+    assert first["runs"][0]["used"]["weighting"] == TOY_RECIPE.weighting_2d  # a 2D run: the recipe's 2D w(t)
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
     assert len(list((tmp_path / "pictures").glob("asd__a_red_cube__seed*.png"))) == 2  # every run's picture kept
     grid = (tmp_path / "grid.png").read_bytes()

@@ -103,8 +103,8 @@ def prior_and_phi(camera_embedding: bool) -> dict:
     }
 
 
-# the Train Loop's widgets that defer to the prior's recipe (CFG, t range, training background), and w(t)
-RECIPE_DEFAULTS = {"cfg": 0.0, "weighting": "sds", "t_min": -1.0, "t_max": -1.0, "background": "from prior"}
+# the Train Loop's widgets that defer to the prior's recipe (CFG, w(t), t range, training background)
+RECIPE_DEFAULTS = {"cfg": 0.0, "weighting": "from prior", "t_min": -1.0, "t_max": -1.0, "background": "from prior"}
 
 NERF_TOY = ("ASDNeRFGenerator", "NeRF Generator", (40, 520),
             {"preset": "toy-cpu", "resolution_schedule": "", "batch_size": 1, "seed": 0})
