@@ -28,6 +28,7 @@ class Distill2DConfig(RunConfig):
     """Everything that defines a 2D run (stored in its checkpoints)."""
 
     mode = "2d"
+    older_values = {"lr_decay_to": 1.0}  # checkpoints from before the falling learning rate resume at a constant one
     size: int | None = None  # None: the prior's native size (UNet sample size × VAE factor; 512 for SD 2.1-base)
     parameterization: str = "latent"
     lr: float | None = None  # None → DEFAULT_LR[parameterization]

@@ -64,6 +64,9 @@ class RunConfig:
     """Settings every run has; :class:`Distill2DConfig` and :class:`TextTo3DConfig` extend it."""
 
     mode: ClassVar[str | None] = None     # "2d" / "3d": which of the recipe's mode-specific values apply
+    # Non-recipe fields added after checkpoints were written: the value such a checkpoint resumes with, i.e. what
+    # the engine did before the field existed (recipe fields: recipe.official_where_absent).
+    older_values: ClassVar[dict[str, Any]] = {}
 
     prompt: str
     model: str | None = None              # pipeline folder or single-file checkpoint; None: the embedded prior
@@ -213,7 +216,8 @@ class DistillationRun:
         if meta.get("kind") != cls.kind:
             raise UserInputError("--resume", f"'{directory}' is a {meta.get('kind')} checkpoint",
                                  f"resume a {cls.kind} run from one of its own checkpoints")
-        data = {**official_where_absent(meta["config"], cls.config_class), **(overrides or {})}
+        saved = official_where_absent(meta["config"], cls.config_class)
+        data = {**cls.config_class.older_values, **saved, **(overrides or {})}
         run = cls(config_from_dict(cls.config_class, data), prior=prior, device=device, dtype=dtype,
                   phi_prior=phi_prior)
         if meta["step"] > run.config.steps:

@@ -102,10 +102,11 @@ def test_resumed_run_keeps_the_values_it_started_with(tiny_v_dir, tmp_path):
     meta_path = tmp_path / "ckpt" / "checkpoint.json"
     meta = json.loads(meta_path.read_text())
     assert meta["config"]["phi"].pop("lora_targets") == "attention"
+    assert meta["config"].pop("lr_decay_to") == 0.05  # nor a falling learning rate
     meta_path.write_text(json.dumps(meta))
     write_recipe(folder, Recipe(name="changed later", lora_targets="all"))
     older = Distill2D.from_checkpoint(tmp_path / "ckpt", overrides={"steps": 3})
-    assert older.config.phi.lora_targets == "attention"
+    assert older.config.phi.lora_targets == "attention" and older.config.lr_decay_to == 1.0
     older.run()
     older.phi.remove()
 
