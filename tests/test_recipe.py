@@ -11,6 +11,7 @@ import torch
 
 from asd_engine import cli
 from asd_engine.discriminator import LORA_TARGETS
+from asd_engine.distill import WEIGHTINGS
 from asd_engine.distill_2d import Distill2D, Distill2DConfig
 from asd_engine.errors import UserInputError
 from asd_engine.generators import ImageGenerator
@@ -129,6 +130,7 @@ def test_a_recipe_field_missing_from_an_older_checkpoint_is_the_official_value()
 def test_bad_recipe_files_are_named_errors(tiny_v_dir, tmp_path):
     assert tuple(LORA_TARGETS) == LORA_TARGET_CHOICES  # the recipe validates the names φ knows
     assert tuple(cli.COMMON_SETTINGS["--lora-targets"][1]["choices"]) == LORA_TARGET_CHOICES  # and the CLI offers
+    assert tuple(cli.COMMON_SETTINGS["--weighting"][1]["choices"]) == WEIGHTINGS  # the CLI's literal is the engine's
     folder = shutil.copytree(tiny_v_dir, tmp_path / "model")
     (folder / RECIPE_FILE).write_text(json.dumps({"guidance": 3}))
     with pytest.raises(UserInputError, match="unknown keys"):
