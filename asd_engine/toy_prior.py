@@ -51,8 +51,7 @@ ASSET_DIR = Path(__file__).resolve().parent / "assets" / "toy-prior"
 # 3D keeps 1 - ᾱ: the NeRF does not speckle, and w = 1 made its colours worse (a cone's error 0.03 → 0.12).
 TOY_RECIPE = Recipe(name="toy prior", background="white", guidance_scale=3.0, gamma=-0.75, t_min=0.02, t_max=0.98,
                     weighting="sds", weighting_2d="uniform", lora_lr=1e-2, lora_targets="all", lambda_sparsity=1.0,
-                    overhead_elevation=30.0,
-                    prompt_aliases={"an": "a", "the": "a"})
+                    overhead_elevation=30.0, prompt_aliases={"an": "a", "the": "a"})
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
