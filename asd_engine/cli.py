@@ -114,6 +114,9 @@ SETTINGS_2D: Settings = {
     "--lr-decay-to": ("lr_decay_to", dict(type=float, help="the learning rate falls along a cosine to this fraction "
                                                           "of --lr by the last step (default 0.05; 1 = constant; an "
                                                           "extended run follows the cosine of its new total)")),
+    "--jitter": ("jitter", dict(type=_int, help="each step the image is shown rolled by a random shift of up to this "
+                                               "many pixels per axis (default: from the prior's recipe; 0 for Stable "
+                                               "Diffusion, 2 for the toy prior; SDS 0)")),
     "--reference": ("references", dict(nargs="+", metavar="IMAGE",
                     help="real images of the target: enables the real-sample terms of the full L_D (Eq. 5)")),
     "--eta": ("distill.eta", dict(type=float, help="η of the real-sample term (default 0.5; needs --reference)")),

@@ -36,6 +36,7 @@ class Distill2DConfig(RunConfig):
     # Why: with φ, the update's noise keeps a pixel-scale speckle at an amplitude that grows with √lr, so the last
     # steps are taken at a small rate (measured on the toy prior, docs/quality.md "Sixth round").
     lr_decay_to: float = 0.05
+    jitter: int | None = None  # None: from the prior's recipe (recipe.Recipe.jitter_2d); 0: the image never moves
     references: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -45,6 +46,9 @@ class Distill2DConfig(RunConfig):
                                  "use e.g. 512 for Stable Diffusion (64 or 32 for tiny models)")
         if self.lr is not None and self.lr <= 0:
             raise UserInputError("--lr", f"{self.lr} is not a positive learning rate", "use e.g. 0.03")
+        if self.jitter is not None and self.jitter < 0:
+            raise UserInputError("--jitter", f"{self.jitter} is not a number of pixels >= 0",
+                                 "use 0 (the image never moves) or a small shift such as 2")
         if not 0.0 < self.lr_decay_to <= 1.0:
             raise UserInputError("--lr-decay-to", f"{self.lr_decay_to} is not in (0, 1]",
                                  "use e.g. 0.05 (the default), or 1 for a constant learning rate")
@@ -66,7 +70,8 @@ class Distill2D(DistillationRun):
         if config.size is None:
             config.size = int(prior.unet.config.sample_size) * prior.vae_scale_factor
         prior.check_image_size(config.size)
-        self.image = ImageGenerator(prior, config.size, config.parameterization, self.rng, config.background)
+        self.image = ImageGenerator(prior, config.size, config.parameterization, self.rng, config.background,
+                                    config.jitter)
         self.base_lr = config.lr if config.lr is not None else DEFAULT_LR[config.parameterization]
         self.optimizer = torch.optim.Adam(self.image.parameters(), lr=self.base_lr)
         self.conditioning = Conditioning(cond=prior.encode_prompt([config.prompt]),

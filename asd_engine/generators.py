@@ -22,10 +22,13 @@ PARAMETERIZATIONS = ("latent", "pixel")
 
 
 class ImageGenerator(nn.Module):
-    """One image optimised directly. ``forward(rng) → x0 [1, C, h, w]`` in the prior's model space."""
+    """One image optimised directly. ``forward(rng) → x0 [1, C, h, w]`` in the prior's model space, rolled (with
+    wrap-around) by a random shift of up to ``jitter`` model-space pixels along each axis when ``jitter > 0``: the 2D
+    stand-in for the new camera a 3D render gets every step (why: :class:`asd_engine.recipe.Recipe`, ``jitter_2d``).
+    The gradient of a roll is the opposite roll, so every pixel of the image is still trained."""
 
     def __init__(self, prior: DiffusionPrior, size: int, parameterization: str, rng: torch.Generator,
-                 background: str = "random") -> None:
+                 background: str = "random", jitter: int = 0) -> None:
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
             raise UserInputError("--param", f"unknown parameterisation '{parameterization}'",
@@ -44,11 +47,14 @@ class ImageGenerator(nn.Module):
             # third of its pixels beyond the clip range, and the residue shows as salt-and-pepper
             init = (2.0 * start - 1.0) + 0.2 * torch.randn((1, *prior.sample_shape(size)), generator=rng)
         self.param = nn.Parameter(init.to(prior.device))
+        self.jitter = jitter
 
     def forward(self, rng: torch.Generator | None = None) -> torch.Tensor:
-        if self.encodes:
-            return self.prior.encode_images(self.param, generator=rng)
-        return self.param
+        x0 = self.prior.encode_images(self.param, generator=rng) if self.encodes else self.param
+        if self.jitter > 0:  # no draw at 0, so runs without jitter keep their random stream
+            shift = torch.randint(-self.jitter, self.jitter + 1, (2,), generator=rng).tolist()
+            x0 = torch.roll(x0, shifts=shift, dims=(-2, -1))
+        return x0
 
     @torch.no_grad()
     def images(self) -> torch.Tensor:

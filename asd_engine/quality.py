@@ -161,7 +161,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 if settings.mode == "3d":
                     used["overhead_elevation"] = run.config.overhead_elevation
                 else:
-                    used["lr_decay_to"] = run.config.lr_decay_to
+                    used["lr_decay_to"], used["jitter"] = run.config.lr_decay_to, run.config.jitter
                 record = dict(identity, seconds=seconds, used=used)
                 if drift and drift[-1] is not None:  # φ's distance from the prior over the last tenth of the run
                     record["phi_drift"] = statistics.fmean(drift[-max(1, len(drift) // 10):])

@@ -52,6 +52,14 @@ class Recipe:
     # noise acts at low t, which 1 - ᾱ_t all but switches off (measured on the toy prior, docs/quality.md).
     weighting: str = "sds"
     weighting_2d: str | None = None
+    # 2D: each step the image is shown to the prior rolled by a random whole number of model-space pixels, up to this
+    # many in each direction (0: never; official). Why: the 3D generator is seen through a new camera every step, a
+    # 2D image through the same frame, so a fitting error of φ that sits at a fixed place (the toy prior's φ errs in
+    # the corners, where zero padding meets the frame on two sides) keeps pushing the same pixels and leaves specks
+    # there (measured on the toy prior, docs/quality.md "Seventh round"). The roll wraps around, so it suits priors
+    # whose images have a flat border; Stable Diffusion's do not, hence 0. SDS runs (no φ) always get 0: the prior
+    # pulls each rolled copy back to the centre, and those pulls blurred SDS's edges (measured, same place).
+    jitter_2d: int = 0
     lora_lr: float = 1e-4                 # φ's learning rate when φ is a LoRA (TI keeps its own default)
     # Which UNet layers a LoRA φ adapts: "attention" (official: SD's UNet has attention at every latent resolution)
     # or "all" (every convolution too, for a UNet whose full-resolution layers have no attention).
@@ -77,6 +85,7 @@ class Recipe:
             raise UserInputError(where, f"lora_targets '{self.lora_targets}' is not one of "
                                         f"{', '.join(LORA_TARGET_CHOICES)}", f"fix {RECIPE_FILE}")
         if (not 0.0 <= self.t_min < self.t_max <= 1.0 or self.guidance_scale <= 0 or self.lora_lr <= 0
+                or not isinstance(self.jitter_2d, int) or self.jitter_2d < 0
                 or not -1.0 <= self.gamma <= 0.0
                 or self.lambda_sparsity < 0 or not 0.0 < self.overhead_elevation <= 90.0):
             raise UserInputError(where, f"out-of-range values in {self}", f"fix {RECIPE_FILE}")
@@ -92,6 +101,7 @@ RECIPE_FIELDS: dict[str, str] = {
     "t_min": "distill.t_min",
     "t_max": "distill.t_max",
     "weighting": "distill.weighting",  # in 2D runs: weighting_2d when the recipe sets it
+    "jitter_2d": "jitter",  # 2D runs only
     "lora_lr": "phi.lr",
     "lora_targets": "phi.lora_targets",
     "lambda_sparsity": "lambda_sparsity",
@@ -172,7 +182,8 @@ def resolve_recipe(config: Any, recipe: Recipe) -> list[str]:
     """Fill every ``None`` field of ``config`` that the recipe covers; returns the dotted names it filled.
 
     φ's learning rate and LoRA targets come from the recipe only for a LoRA φ (textual inversion keeps its own
-    default and has no LoRA). A 2D run (``config.mode == "2d"``) takes ``weighting_2d`` where the recipe has one."""
+    default and has no LoRA). A 2D run (``config.mode == "2d"``) takes ``weighting_2d`` where the recipe has one, and
+    ``jitter_2d`` unless it is an SDS run (no φ to spread: 0)."""
     filled = []
     for key, dotted in RECIPE_FIELDS.items():
         owner, leaf, present = _get(config, dotted)
@@ -185,6 +196,8 @@ def resolve_recipe(config: Any, recipe: Recipe) -> list[str]:
             value = 0.0
         if key == "weighting" and getattr(config, "mode", None) == "2d" and recipe.weighting_2d is not None:
             value = recipe.weighting_2d
+        if key == "jitter_2d" and config.distill.method == "sds":
+            value = 0  # the roll spreads φ's fixed-place error; SDS has no φ, and a rolled SDS image blurs
         setattr(owner, leaf, value)
         filled.append(dotted)
     return filled

@@ -29,12 +29,14 @@ from .runs import DistillationRun, StepInfo
 
 @dataclass
 class ImageGeneratorSpec:
-    """2D: one image of ``size`` px (None: the prior's own size), optimised as a latent or as pixels."""
+    """2D: one image of ``size`` px (None: the prior's own size), optimised as a latent or as pixels; ``jitter``:
+    the largest random roll per step in model-space pixels (None: from the prior's recipe)."""
 
     size: int | None = None
     parameterization: str = "latent"
     lr: float | None = None
     seed: int = 0
+    jitter: int | None = None
     kind: str = "image"
 
 
@@ -191,7 +193,7 @@ def plan_run(prior: DiffusionPrior, generator: ImageGeneratorSpec | NeRFGenerato
         return RunPlan(TextTo3D, config, prior, phi_prior)
     config = Distill2DConfig(prompt=prompt, **models, negative_prompt=negative_prompt, steps=steps,
                              seed=generator.seed, size=generator.size, parameterization=generator.parameterization,
-                             lr=generator.lr, distill=DistillConfig(**distill_fields),
+                             lr=generator.lr, jitter=generator.jitter, distill=DistillConfig(**distill_fields),
                              phi=copy.deepcopy(discriminator.phi),  # the run fills it from the recipe
                              background=background)
     return RunPlan(Distill2D, config, prior, phi_prior)

@@ -217,11 +217,17 @@ class ASDImageGenerator:
                               "tooltip": "Adam learning rate of the image; 0 = default (0.03 latent, 0.01 pixel)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "control_after_generate": False,
                      "tooltip": SEED_TOOLTIP}),
+        }, "optional": {
+            "jitter": ("INT", {"default": -1, "min": -1, "max": 64, "tooltip":
+                       "Each step the prior sees the image rolled by a random shift of up to this many pixels (of "
+                       "its latent, for Stable Diffusion) per axis; 0 = never. -1 = default: from the prior's recipe "
+                       "(Stable Diffusion 0, toy prior 2; SDS runs 0)."}),
         }}
 
-    def build(self, size, parameterization, learning_rate, seed):
+    def build(self, size, parameterization, learning_rate, seed, jitter=None):
+        # optional, so that API workflows saved before it existed still validate: absent or -1 = from the recipe
         return (specs.ImageGeneratorSpec(size=size, parameterization=parameterization, lr=learning_rate or None,
-                                         seed=seed),)
+                                         seed=seed, jitter=None if jitter is None or jitter < 0 else jitter),)
 
 
 class ASDTrainLoop:

@@ -114,6 +114,8 @@ def test_2d_chain_and_user_errors(pack, nodes, tiny_eps_dir, tmp_path, monkeypat
     assert torch.allclose(loaded.image, result.image, atol=1e-6)
     with pytest.raises(RuntimeError, match="resolution_schedule"):
         nodes["ASDNeRFGenerator"].build("toy-cpu", "64:32", 1, 0)
+    for widget, jitter in ((None, None), (-1, None), (0, 0), (3, 3)):  # absent / -1: from the prior's recipe
+        assert nodes["ASDImageGenerator"].build(32, "latent", 0.0, 0, jitter=widget)[0].jitter == jitter
     (phi,) = nodes["ASDDiscriminator"].build("lora", 4, 1, 0.0, 1.0, True, lora_targets="all")
     assert phi.phi.lora_targets == "all" and phi.gamma is None
     with pytest.raises(RuntimeError, match="lora-targets"):

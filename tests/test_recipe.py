@@ -104,10 +104,12 @@ def test_resumed_run_keeps_the_values_it_started_with(tiny_v_dir, tmp_path):
     meta = json.loads(meta_path.read_text())
     assert meta["config"]["phi"].pop("lora_targets") == "attention"
     assert meta["config"].pop("lr_decay_to") == 0.05  # nor a falling learning rate
+    assert meta["config"].pop("jitter") == 0  # nor a rolled image
     meta_path.write_text(json.dumps(meta))
-    write_recipe(folder, Recipe(name="changed later", lora_targets="all"))
+    write_recipe(folder, Recipe(name="changed later", lora_targets="all", jitter_2d=3))
     older = Distill2D.from_checkpoint(tmp_path / "ckpt", overrides={"steps": 3})
     assert older.config.phi.lora_targets == "attention" and older.config.lr_decay_to == 1.0
+    assert older.config.jitter == 0 and older.image.jitter == 0
     older.run()
     older.phi.remove()
 
@@ -141,6 +143,10 @@ def test_bad_recipe_files_are_named_errors(tiny_v_dir, tmp_path):
     (folder / RECIPE_FILE).write_text(json.dumps({"weighting_2d": "flat"}))
     with pytest.raises(UserInputError, match="weighting_2d"):
         DiffusionPrior.from_pretrained(folder, device="cpu")
+    for jitter in (-1, 1.5):
+        (folder / RECIPE_FILE).write_text(json.dumps({"jitter_2d": jitter}))
+        with pytest.raises(UserInputError, match="out-of-range"):
+            DiffusionPrior.from_pretrained(folder, device="cpu")
     (folder / RECIPE_FILE).write_text(json.dumps({"lora_targets": "convs"}))
     with pytest.raises(UserInputError, match="lora_targets"):
         DiffusionPrior.from_pretrained(folder, device="cpu")
@@ -191,9 +197,11 @@ def test_harness_and_2d_spec_use_the_recipe():
     # the toy prior's 2D runs have their own w(t); its 3D runs (test above) the general one
     assert run.config.distill.weighting == TOY_RECIPE.weighting_2d == "uniform" != TOY_RECIPE.weighting
     assert "distill.weighting" in run.config.from_recipe
+    assert run.config.jitter == run.image.jitter == TOY_RECIPE.jitter_2d == 2 and "jitter" in run.config.from_recipe
     run.phi.remove()
-    run = make_run(prior, ImageGeneratorSpec(), "a blue sphere", 1, weighting="sds")
+    run = make_run(prior, ImageGeneratorSpec(jitter=0), "a blue sphere", 1, weighting="sds")
     assert run.config.distill.weighting == "sds" and "distill.weighting" not in run.config.from_recipe
+    assert run.image.jitter == 0 and "jitter" not in run.config.from_recipe
     run.phi.remove()
 
 
@@ -209,3 +217,41 @@ def test_2d_weighting_falls_back_to_the_general_one(tiny_v_dir, tmp_path):
         config = preset_config("low-vram", "a cat", steps=1, prior_resolution=32)
         config.distill.method = "sds"
         assert TextTo3D(config, prior=prior).config.distill.weighting == weighting_3d
+
+
+def test_2d_jitter_rolls_the_image_the_prior_sees_and_trains_every_pixel(tiny_v_dir, tmp_path):
+    prior = DiffusionPrior.from_pretrained(tiny_v_dir, device="cpu")
+    run = Distill2D(Distill2DConfig(prompt="a cat", steps=1, size=32), prior=prior)
+    assert run.config.jitter == 0 and run.image.jitter == 0  # the official recipe never moves the image
+    run.phi.remove()
+    folder = shutil.copytree(tiny_v_dir, tmp_path / "model")
+    write_recipe(folder, Recipe(name="rolled", jitter_2d=2))
+    rolled = DiffusionPrior.from_pretrained(folder, device="cpu")
+    for method, jitter, expected in (("asd", None, 2), ("vsd", None, 2), ("sds", None, 0), ("sds", 1, 1)):
+        config = Distill2DConfig(prompt="a cat", steps=1, size=32, jitter=jitter)
+        config.distill.method = method
+        run = Distill2D(config, prior=rolled)
+        assert run.image.jitter == expected, method  # SDS has no φ whose error a roll would spread: 0 unless asked
+        assert ("jitter" in run.config.from_recipe) == (jitter is None)
+        if run.phi is not None:
+            run.phi.remove()
+    image = ImageGenerator(prior, 32, "latent", torch.Generator().manual_seed(0), "white", jitter=2)
+    rng, replay = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    shifts = set()
+    for _ in range(40):
+        x0 = image(rng)
+        shift = tuple(torch.randint(-2, 3, (2,), generator=replay).tolist())
+        assert torch.equal(x0, torch.roll(image.param, shift, dims=(-2, -1)))
+        shifts.add(shift)
+    assert len(shifts) > 10 and all(abs(d) <= 2 for s in shifts for d in s)
+    weights = torch.randn_like(image.param)
+    image.param.grad = None
+    (image(torch.Generator().manual_seed(2)) * weights).sum().backward()
+    shift = tuple(torch.randint(-2, 3, (2,), generator=torch.Generator().manual_seed(2)).tolist())
+    assert torch.equal(image.param.grad, torch.roll(weights, [-d for d in shift], dims=(-2, -1)))  # every pixel
+    still = ImageGenerator(prior, 32, "latent", torch.Generator().manual_seed(0), "white")
+    rng = torch.Generator().manual_seed(3)
+    state = rng.get_state()
+    assert still(rng) is still.param and torch.equal(rng.get_state(), state)  # jitter 0 draws nothing
+    with pytest.raises(UserInputError, match="--jitter"):
+        Distill2D(Distill2DConfig(prompt="a cat", steps=1, size=32, jitter=-1), prior=prior)

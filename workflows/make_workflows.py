@@ -136,7 +136,7 @@ def image_2d() -> dict:
     return {
         **prior_and_phi(camera_embedding=False),
         3: ("ASDImageGenerator", "Image Generator", (40, 520),
-            {"size": 32, "parameterization": "latent", "learning_rate": 0.0, "seed": 0}),
+            {"size": 32, "parameterization": "latent", "learning_rate": 0.0, "seed": 0, "jitter": -1}),
         4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
             {"prior": (1, 0), "generator": (3, 0), "prompt": "a blue torus", "negative_prompt": "", "method": "asd",
              "steps": 300, **RECIPE_DEFAULTS, "noise_sharing": "fresh",
