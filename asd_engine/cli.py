@@ -116,7 +116,7 @@ SETTINGS_2D: Settings = {
                                                           "extended run follows the cosine of its new total)")),
     "--jitter": ("jitter", dict(type=_int, help="each step the image is shown rolled by a random shift of up to this "
                                                "many pixels per axis (default: from the prior's recipe; 0 for Stable "
-                                               "Diffusion, 2 for the toy prior; SDS 0)")),
+                                               "Diffusion, 1 for the toy prior; SDS 0)")),
     "--reference": ("references", dict(nargs="+", metavar="IMAGE",
                     help="real images of the target: enables the real-sample terms of the full L_D (Eq. 5)")),
     "--eta": ("distill.eta", dict(type=float, help="η of the real-sample term (default 0.5; needs --reference)")),

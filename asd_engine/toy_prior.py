@@ -49,10 +49,11 @@ ASSET_DIR = Path(__file__).resolve().parent / "assets" / "toy-prior"
 # 2D runs weight every timestep alike (w = 1, not 1 - ᾱ): the image is the parameter, and the only force that removes
 # the pixel speckle φ's noise makes acts at t < 400, which 1 - ᾱ weights down 5-30× (docs/quality.md, sixth round).
 # 3D keeps 1 - ᾱ: the NeRF does not speckle, and w = 1 made its colours worse (a cone's error 0.03 → 0.12).
-# 2D images are rolled by up to 2 px each step: φ's error piles up in the frame's corners and left single-pixel
-# specks there that the scale-normalised judge reads as part of the object (docs/quality.md, seventh round).
+# 2D ASD/VSD images are rolled by up to 1 px each step: φ's error piles up in the frame's corners and left
+# single-pixel specks there that the scale-normalised judge reads as part of the object. 2 px removed them too, but
+# softened the edges 3-6× as much as 1 px (docs/quality.md, seventh round).
 TOY_RECIPE = Recipe(name="toy prior", background="white", guidance_scale=3.0, gamma=-0.75, t_min=0.02, t_max=0.98,
-                    weighting="sds", weighting_2d="uniform", jitter_2d=2, lora_lr=1e-2, lora_targets="all",
+                    weighting="sds", weighting_2d="uniform", jitter_2d=1, lora_lr=1e-2, lora_targets="all",
                     lambda_sparsity=1.0, overhead_elevation=30.0, prompt_aliases={"an": "a", "the": "a"})
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

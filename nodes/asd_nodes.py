@@ -221,7 +221,7 @@ class ASDImageGenerator:
             "jitter": ("INT", {"default": -1, "min": -1, "max": 64, "tooltip":
                        "Each step the prior sees the image rolled by a random shift of up to this many pixels (of "
                        "its latent, for Stable Diffusion) per axis; 0 = never. -1 = default: from the prior's recipe "
-                       "(Stable Diffusion 0, toy prior 2; SDS runs 0)."}),
+                       "(Stable Diffusion 0, toy prior 1; SDS runs 0)."}),
         }}
 
     def build(self, size, parameterization, learning_rate, seed, jitter=None):

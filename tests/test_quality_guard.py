@@ -24,8 +24,8 @@ from asd_engine.toy_prior import default_prior_path
 GUARD_3D = {"prompt": "a red cube", "steps": 200, "iou": 0.87, "colour_error": 0.06}
 # 2D: SDS, and ASD, whose images were speckled until the sixth round (w = 1 and a falling learning rate in 2D): then
 # ASD's red read as orange. Measured with 1 thread: red cube, both judges right, border std 0.029 and no foreground
-# pixel in the 3-pixel frame, in 52 s (seventh round, with the 2D jitter; without it 0.032 and 3 foreground pixels
-# in the frame, the corner specks; with 1 - ᾱ and the same falling rate, VSD's border std was 0.055).
+# pixel in the 3-pixel frame, in 51 s (seventh round, with the 2D jitter of 1 px; without it 0.032 and 3 foreground
+# pixels in the frame, the corner specks; with 1 - ᾱ and the same falling rate, VSD's border std was 0.055).
 GUARD_2D = {"prompt": "a blue sphere", "steps": 150}
 GUARD_2D_ASD = {"prompt": "a red cube", "steps": 300, "border_std": 0.029}
 

@@ -197,7 +197,7 @@ def test_harness_and_2d_spec_use_the_recipe():
     # the toy prior's 2D runs have their own w(t); its 3D runs (test above) the general one
     assert run.config.distill.weighting == TOY_RECIPE.weighting_2d == "uniform" != TOY_RECIPE.weighting
     assert "distill.weighting" in run.config.from_recipe
-    assert run.config.jitter == run.image.jitter == TOY_RECIPE.jitter_2d == 2 and "jitter" in run.config.from_recipe
+    assert run.config.jitter == run.image.jitter == TOY_RECIPE.jitter_2d == 1 and "jitter" in run.config.from_recipe
     run.phi.remove()
     run = make_run(prior, ImageGeneratorSpec(jitter=0), "a blue sphere", 1, weighting="sds")
     assert run.config.distill.weighting == "sds" and "distill.weighting" not in run.config.from_recipe
