@@ -48,7 +48,7 @@ class Distill2DConfig(RunConfig):
             raise UserInputError("--lr", f"{self.lr} is not a positive learning rate", "use e.g. 0.03")
         if self.jitter is not None and self.jitter < 0:
             raise UserInputError("--jitter", f"{self.jitter} is not a number of pixels >= 0",
-                                 "use 0 (the image never moves) or a small shift such as 2")
+                                 "use 0 (the image never moves) or a small shift such as 1")
         if not 0.0 < self.lr_decay_to <= 1.0:
             raise UserInputError("--lr-decay-to", f"{self.lr_decay_to} is not in (0, 1]",
                                  "use e.g. 0.05 (the default), or 1 for a constant learning rate")

@@ -57,8 +57,8 @@ class Recipe:
     # 2D image through the same frame, so a fitting error of φ that sits at a fixed place (the toy prior's φ errs in
     # the corners, where zero padding meets the frame on two sides) keeps pushing the same pixels and leaves specks
     # there (measured on the toy prior, docs/quality.md "Seventh round"). The roll wraps around, so it suits priors
-    # whose images have a flat border; Stable Diffusion's do not, hence 0. SDS runs (no φ) always get 0: the prior
-    # pulls each rolled copy back to the centre, and those pulls blurred SDS's edges (measured, same place).
+    # whose images have a flat border; Stable Diffusion's do not, hence 0. SDS runs (no φ, nothing to spread) always
+    # get 0: rolled, SDS's edges blurred and its colours paled (measured, same place).
     jitter_2d: int = 0
     lora_lr: float = 1e-4                 # φ's learning rate when φ is a LoRA (TI keeps its own default)
     # Which UNet layers a LoRA φ adapts: "attention" (official: SD's UNet has attention at every latent resolution)
