@@ -72,8 +72,8 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tiny_eps_dir,
 
 
 @pytest.mark.parametrize("model,extra", [("eps", []), ("v", ["--phi", "ti"]), ("eps", ["--param", "pixel"]),
-                                         ("eps", ["--lora-targets", "all"])],
-                         ids=["eps-lora", "v-ti", "eps-pixel", "eps-lora-all-layers"])
+                                         ("eps", ["--lora-targets", "all"]), ("eps", ["--jitter", "2"])],
+                         ids=["eps-lora", "v-ti", "eps-pixel", "eps-lora-all-layers", "eps-jitter"])
 def test_resume_from_step_3_to_6_equals_a_straight_6_step_run(tiny_eps_dir, tiny_v_dir, tmp_path, model, extra):
     # extending a finished run: exact only with a constant learning rate (a decaying one follows the new total's
     # cosine); stopping and resuming to the same total is exact with any schedule (test below)
@@ -86,6 +86,9 @@ def test_resume_from_step_3_to_6_equals_a_straight_6_step_run(tiny_eps_dir, tiny
     assert (tmp_path / "resumed" / "final.png").read_bytes() == (tmp_path / "straight" / "final.png").read_bytes()
     straight = (tmp_path / "straight" / "checkpoint" / "state.safetensors").read_bytes()
     assert (tmp_path / "resumed" / "checkpoint" / "state.safetensors").read_bytes() == straight
+    if "--jitter" in extra:  # the flag reached the run and its checkpoint (the shifts come from the saved generator)
+        meta = json.loads((tmp_path / "resumed" / "checkpoint" / "checkpoint.json").read_text())
+        assert meta["config"]["jitter"] == 2 and "jitter" not in meta["config"]["from_recipe"]
 
 
 def test_a_stopped_run_resumed_to_its_total_equals_the_straight_run(tiny_eps_dir, tmp_path):
