@@ -196,8 +196,8 @@ def resolve_recipe(config: Any, recipe: Recipe) -> list[str]:
             value = 0.0
         if key == "weighting" and getattr(config, "mode", None) == "2d" and recipe.weighting_2d is not None:
             value = recipe.weighting_2d
-        if key == "jitter_2d" and config.distill.method == "sds":
-            value = 0  # the roll spreads φ's fixed-place error; SDS has no φ, and a rolled SDS image blurs
+        if key == "jitter_2d" and not config.distill.uses_phi:
+            value = 0  # the roll spreads φ's fixed-place error; without φ (SDS) a rolled image only blurs
         setattr(owner, leaf, value)
         filled.append(dotted)
     return filled
