@@ -134,6 +134,10 @@ SETTINGS_3D: Settings = {
                            help="condition the LoRA φ on the camera (default on)")),
     "--lambda-sparsity": ("lambda_sparsity", dict(type=float, help="weight of the sparsity regulariser (default: "
                                                                   "from the prior's recipe; official 10)")),
+    "--blob-fade": ("blob_fade", dict(type=_on_off, metavar="on|off", help=
+                    "fade the NeRF's initial ball of density to nothing by the second phase, so that the centre can "
+                    "become empty (a torus's hole); default: from the prior's recipe (Stable Diffusion off, toy "
+                    "prior on)")),
     "--overhead-elevation": ("overhead_elevation", dict(type=float, help=
                              "cameras above this elevation (degrees) are prompted ', overhead view' (default: from "
                              "the prior's recipe; 60 for Stable Diffusion, 30 for the toy prior)")),
@@ -183,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/mesh.glb, OUT/mesh.obj, OUT/turntable.webp, OUT/views/, OUT/previews/, "
                                    "OUT/checkpoint/ and OUT/metrics.jsonl.")
     _add_settings(p, SETTINGS_3D)
-    _add_run_options(p, "total number of steps (default per preset: 300 toy-cpu, 25000 otherwise)",
+    _add_run_options(p, "total number of steps (default per preset: 600 toy-cpu, 25000 otherwise)",
                      steps_required=False)
     _add_export_options(p)
 
@@ -199,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mesh.glb, mesh.obj, turntable.webp and views/ into --out.")
     p.add_argument("--prompt", default="a red cube", help="a colour and a shape the toy prior knows (default %(default)s)")
     p.add_argument("--method", choices=["asd", "vsd", "sds"], default="asd")
-    p.add_argument("--steps", type=_int, help="total steps (default: the toy-cpu preset's 300)")
+    p.add_argument("--steps", type=_int, help="total steps (default: the toy-cpu preset's 600)")
     p.add_argument("--seed", type=_int, default=0)
     p.add_argument("--out", default="runs/demo", help="output folder (default %(default)s)")
 
@@ -212,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="semicolon-separated toy prompts (default %(default)s)")
     p.add_argument("--seeds", type=_int, default=3, help="seeds per prompt (default 3)")
     p.add_argument("--steps", type=_int,
-                   help="steps per run (default 300: the toy-cpu preset's in 3d, the Train Loop node's in 2d)")
+                   help="steps per run (default: the toy-cpu preset's 600 in 3d, the Train Loop node's 300 in 2d)")
     p.add_argument("--mode", choices=["3d", "2d"], default="3d")
     p.add_argument("--phi-noise", choices=["fresh", "shared"], default="fresh")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: from the prior's recipe)")

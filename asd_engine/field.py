@@ -31,7 +31,7 @@ class FieldConfig:
     per_level_scale: float = 1.4472692374403782  # finest level 4096 (tcnn's resolution rule)
     hidden_dim: int = 64
     density_blob_scale: float = 10.0    # "blob" density prior: + scale · (1 - |x| / std) before softplus
-    density_blob_std: float = 0.5
+    density_blob_std: float = 0.5       # (its positive part, the seed ball, can fade: NeRFField.blob_seed)
     background_hidden_dim: int = 16
     backend: str = "auto"               # "auto" (tcnn on CUDA when importable), "torch" or "tcnn"
 
@@ -165,6 +165,12 @@ class NeRFField(nn.Module):
 
     ``density(p [N,3]) → [N]`` (softplus, with the "blob" bias that starts training from a centred ball);
     ``forward(p) → (density [N], rgb [N, 3])``; ``normals(p) → [N, 3]`` from the density gradient.
+
+    The blob bias ``scale · (1 - |x| / std)`` has two parts. Outside ``std`` it is negative and keeps density out of
+    the scene cube's corners. Inside it is positive, a ball of density that training starts from, and it stays
+    there (Magic3D, threestudio): at the centre +scale, which the field must learn to cancel before anything
+    hollow can form there (a torus's hole). ``blob_seed`` (a saved buffer, 1 = the permanent blob) scales the
+    positive part only; a run can fade it to 0 (``TextTo3DConfig.blob_fade``).
     """
 
     def __init__(self, config: FieldConfig, device: torch.device | str = "cpu") -> None:
@@ -178,6 +184,7 @@ class NeRFField(nn.Module):
         self.encoding: nn.Module = TcnnHashGrid(grid.to(device)) if use_tcnn else grid
         self.density_head = mlp(self.encoding.output_dim, config.hidden_dim, 1)
         self.color_head = mlp(self.encoding.output_dim, config.hidden_dim, 3)
+        self.register_buffer("blob_seed", torch.ones(()))
         self.to(device)
 
     def _features(self, points: torch.Tensor) -> torch.Tensor:
@@ -185,7 +192,8 @@ class NeRFField(nn.Module):
         return self.encoding(unit)
 
     def _density_from(self, features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        blob = self.config.density_blob_scale * (1.0 - points.norm(dim=-1) / self.config.density_blob_std)
+        ramp = 1.0 - points.norm(dim=-1) / self.config.density_blob_std
+        blob = self.config.density_blob_scale * (ramp.clamp_max(0.0) + self.blob_seed * ramp.clamp_min(0.0))
         return F.softplus(self.density_head(features).squeeze(-1) + blob)
 
     def density(self, points: torch.Tensor) -> torch.Tensor:

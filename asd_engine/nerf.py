@@ -104,6 +104,7 @@ class NeRFGenerator(nn.Module):
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         tensors = dict(tensors)
+        tensors.setdefault("field.blob_seed", torch.ones(()))  # saved before the blob could fade: the permanent blob
         if self.field.backend == "tcnn":
             tensors["field.encoding.encoding.params"] = tensors.pop("field.encoding.params").reshape(-1)
         self.load_state_dict({k: v.to(self.device) for k, v in tensors.items()})

@@ -118,7 +118,9 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
     targets = [parse_toy_prompt(p) for p in settings.prompts]
     if settings.mode not in ("3d", "2d"):
         raise UserInputError("--mode", f"unknown mode '{settings.mode}'", "use 3d or 2d")
-    steps = settings.steps or 300  # 3d: the demo's (toy-cpu preset's) count; 2d: the Train Loop node's default
+    from .text_to_3d import TOY_CPU_STEPS
+
+    steps = settings.steps or (TOY_CPU_STEPS if settings.mode == "3d" else 300)  # 2d: the Train Loop node's default
     out.mkdir(parents=True, exist_ok=True)
     journal = out / "runs.jsonl"
     done = {}
@@ -159,7 +161,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                             phi_lr=run.config.phi.lr if run.phi is not None else None,
                             lora_targets=run.config.phi.lora_targets if run.phi is not None else None)
                 if settings.mode == "3d":
-                    used["overhead_elevation"] = run.config.overhead_elevation
+                    used["overhead_elevation"], used["blob_fade"] = run.config.overhead_elevation, run.config.blob_fade
                 else:
                     used["lr_decay_to"], used["jitter"] = run.config.lr_decay_to, run.config.jitter
                 record = dict(identity, seconds=seconds, used=used)

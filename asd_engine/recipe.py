@@ -65,6 +65,10 @@ class Recipe:
     # or "all" (every convolution too, for a UNet whose full-resolution layers have no attention).
     lora_targets: str = "attention"
     lambda_sparsity: float = 10.0         # 3D: weight of the sparsity term mean √(opacity² + 0.01)
+    # 3D: fade the NeRF's initial ball of density (the "blob" seed) to nothing by the second phase. Official: it stays
+    # (Magic3D, threestudio); a 25 000-step run has time to learn it away where it must. In the toy prior's 600-step
+    # runs a permanent ball kept every torus's hole filled (docs/quality.md "Eighth round").
+    blob_fade: bool = False
     # 3D: a camera above this elevation (degrees) is prompted ", overhead view" (DreamFusion's 60° for SD). A prior
     # should be prompted with the view words as it learned them: the toy prior's captions say "overhead" from 30°.
     overhead_elevation: float = OVERHEAD_DEGREES
@@ -85,7 +89,7 @@ class Recipe:
             raise UserInputError(where, f"lora_targets '{self.lora_targets}' is not one of "
                                         f"{', '.join(LORA_TARGET_CHOICES)}", f"fix {RECIPE_FILE}")
         if (not 0.0 <= self.t_min < self.t_max <= 1.0 or self.guidance_scale <= 0 or self.lora_lr <= 0
-                or not isinstance(self.jitter_2d, int) or self.jitter_2d < 0
+                or not isinstance(self.jitter_2d, int) or self.jitter_2d < 0 or not isinstance(self.blob_fade, bool)
                 or not -1.0 <= self.gamma <= 0.0
                 or self.lambda_sparsity < 0 or not 0.0 < self.overhead_elevation <= 90.0):
             raise UserInputError(where, f"out-of-range values in {self}", f"fix {RECIPE_FILE}")
@@ -105,6 +109,7 @@ RECIPE_FIELDS: dict[str, str] = {
     "lora_lr": "phi.lr",
     "lora_targets": "phi.lora_targets",
     "lambda_sparsity": "lambda_sparsity",
+    "blob_fade": "blob_fade",  # 3D runs only
     "overhead_elevation": "overhead_elevation",
 }
 

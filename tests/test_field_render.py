@@ -12,6 +12,7 @@ from asd_engine.cameras import CameraRanges, VIEWS, cameras_from_angles, orbit_c
 from asd_engine.field import FieldConfig, HashGrid, NeRFField
 from asd_engine.nerf import NeRFGenerator
 from asd_engine.render import OccupancyGrid, RenderConfig, left_pack, march, ray_box, volume_render
+from asd_engine.text_to_3d import blob_seed
 
 
 # ---------------------------------------------------------------------------------------------- hash grid
@@ -133,6 +134,29 @@ def test_field_starts_as_a_centred_blob_and_its_normals_point_outwards():
     points = torch.tensor([[0.3, 0.0, 0.0], [0.0, -0.3, 0.0], [0.0, 0.0, 0.3]])
     normals = field.normals(points)
     assert torch.allclose((normals * points / 0.3).sum(-1), torch.ones(3), atol=0.05)
+
+
+def test_the_blob_seed_fades_its_positive_part_only_and_is_saved():
+    field = NeRFField(FieldConfig(n_levels=4, log2_hashmap_size=12, hidden_dim=16))
+    with torch.no_grad():
+        field.density_head[-1].weight.normal_()  # a field that has learned something
+    points = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.2, 0.1], [0.9, 0.0, 0.0]])
+    head = field.density_head(field._features(points)).squeeze(-1)
+    ramp = 1.0 - points.norm(dim=-1) / 0.5
+    assert torch.equal(field.density(points), torch.nn.functional.softplus(head + 10.0 * ramp))  # seed 1: as before
+    field.blob_seed.fill_(0.0)
+    faded = field.density(points)
+    assert torch.allclose(faded[:2], torch.nn.functional.softplus(head[:2]))  # inside: no seeded density left
+    assert faded[2] == torch.nn.functional.softplus(head[2] + 10.0 * ramp[2])  # outside: still held empty
+    nerf = NeRFGenerator(FieldConfig(n_levels=4, log2_hashmap_size=12, hidden_dim=16), RenderConfig())
+    nerf.field.blob_seed.fill_(0.25)
+    state = nerf.state_tensors()
+    assert state["field.blob_seed"] == 0.25
+    nerf.load_state_tensors({k: v for k, v in state.items() if k != "field.blob_seed"})
+    assert nerf.field.blob_seed == 1.0  # a NeRF saved before the blob could fade had the permanent blob
+    # the schedule: 1 → 0 by the second phase's start (or the last step without one), then 0
+    assert [blob_seed(s, 4, 100) for s in (0, 1, 2, 4, 9)] == [1.0, 0.75, 0.5, 0.0, 0.0]
+    assert blob_seed(5, None, 10) == 0.5 and blob_seed(0, 0, 10) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------- cameras

@@ -44,7 +44,8 @@ def test_sd_folder_without_a_recipe_gets_the_official_one(tiny_eps_dir, preset):
                                    "phi.lr": 1e-4, "phi.lora_targets": "attention"}
     assert run.config.lambda_sparsity == 10.0 and run.phi.optimizer.param_groups[0]["lr"] == 1e-4
     assert run.config.overhead_elevation == 60.0 and run.prompts.overhead_elevation == 60.0  # DreamFusion's
-    assert set(run.config.from_recipe) == {*RECIPE_VALUES, "lambda_sparsity", "overhead_elevation"}
+    assert run.config.blob_fade is False and run.nerf.field.blob_seed == 1.0  # the permanent blob
+    assert set(run.config.from_recipe) == {*RECIPE_VALUES, "lambda_sparsity", "blob_fade", "overhead_elevation"}
     run.phi.remove()
 
 
@@ -59,6 +60,7 @@ def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
     assert run.config.lambda_sparsity == TOY_RECIPE.lambda_sparsity
     assert run.config.overhead_elevation == TOY_RECIPE.overhead_elevation == 30.0
     assert run.prompts.overhead_elevation == 30.0
+    assert run.config.blob_fade is TOY_RECIPE.blob_fade is True
     run.phi.remove()
     vsd = make_run(prior, NeRFGeneratorSpec(), "a red cube", 1, method="vsd")
     assert vsd.config.distill.gamma == 0.0  # VSD is ASD with γ = 0, whatever the recipe's γ
@@ -119,11 +121,12 @@ def test_a_recipe_field_missing_from_an_older_checkpoint_is_the_official_value()
     import dataclasses
 
     saved = dataclasses.asdict(preset_config("toy-cpu", "a red cube", steps=1))
-    del saved["overhead_elevation"], saved["phi"]["lora_targets"]
+    del saved["overhead_elevation"], saved["phi"]["lora_targets"], saved["blob_fade"]
     filled = official_where_absent(saved, type(preset_config("toy-cpu", "a red cube")))
     assert filled["overhead_elevation"] == 60.0 and filled["phi"]["lora_targets"] == "attention"
+    assert filled["blob_fade"] is False  # the permanent blob
     assert "overhead_elevation" not in saved  # the caller's dict is left as it was
-    assert {k: v for k, v in filled.items() if k not in ("overhead_elevation", "phi")} == {
+    assert {k: v for k, v in filled.items() if k not in ("overhead_elevation", "phi", "blob_fade")} == {
         k: v for k, v in saved.items() if k != "phi"}
     flat = dataclasses.asdict(Distill2DConfig(prompt="a cat"))
     assert official_where_absent(flat, Distill2DConfig) == flat  # nothing absent: nothing added (2D has no overhead)

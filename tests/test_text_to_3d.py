@@ -153,8 +153,11 @@ def test_latent_prior_text_to_3d_with_perp_neg_and_ti(tiny_eps_dir, tmp_path):
 def test_text_to_3d_resume_equals_a_straight_run_and_render_reproduces_the_views(tiny_v_dir, tmp_path):
     # Bit-identity holds on the CPU. On CUDA the hash grid's backward (index_add) accumulates with atomics, in no
     # fixed order, so two straight runs already differ in the last bits (seen on an H200); hence device cpu.
+    # the blob fades over the first 4 steps (a recipe field, here set by hand): the resumed run must pick up the
+    # fade where it stopped, and `render` must draw the saved NeRF with its faded blob
     cpu = ["--device", "cpu"]
-    common = ["--model", tiny_v_dir, "--prompt", "a red cube", "--seed", 3, *FAST, *cpu]
+    common = ["--model", tiny_v_dir, "--prompt", "a red cube", "--seed", 3, "--blob-fade", "on", "--t-anneal-step", 4,
+              *FAST, *cpu]
     assert run_cli("text-to-3d", *common, "--steps", 6, "--out", tmp_path / "straight") == 0
     assert run_cli("text-to-3d", *common, "--steps", 3, "--out", tmp_path / "first") == 0
     assert run_cli("text-to-3d", "--resume", tmp_path / "first" / "checkpoint", "--steps", 6,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from asd_engine import comfy_client
+from asd_engine.text_to_3d import TOY_CPU_STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -85,7 +86,7 @@ def test_client_overrides_by_id_title_and_class():
                                                    "ASDRenderViews.views=[3]", "Load SD Model.precision=fp32"])
     assert changed["4"]["inputs"]["steps"] == 12 and changed["4"]["inputs"]["prompt"] == "a blue torus"
     assert changed["5"]["inputs"]["views"] == [3]
-    assert graph["4"]["inputs"]["steps"] == 300  # the original is left alone
+    assert graph["4"]["inputs"]["steps"] == TOY_CPU_STEPS  # the original is left alone (the toy-cpu preset's count)
     for bad, message in (("4.nope=1", "no input 'nope'"), ("99.steps=1", "no node '99'"), ("steps=1", "NODE.INPUT"),
                          ("SaveAnimatedWEBP.fps=1", None)):
         if message is None:

@@ -108,6 +108,7 @@ RECIPE_DEFAULTS = {"cfg": 0.0, "weighting": "from prior", "t_min": -1.0, "t_max"
 
 NERF_TOY = ("ASDNeRFGenerator", "NeRF Generator", (40, 520),
             {"preset": "toy-cpu", "resolution_schedule": "", "batch_size": 1, "seed": 0})
+TOY_3D_STEPS = 600  # the toy-cpu preset's count (asd_engine.text_to_3d.TOY_CPU_STEPS; tests/test_workflows checks)
 
 
 def text_to_3d() -> dict:
@@ -116,7 +117,7 @@ def text_to_3d() -> dict:
         3: NERF_TOY,
         4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
             {"prior": (1, 0), "generator": (3, 0), "prompt": "a red cube", "negative_prompt": "", "method": "asd",
-             "steps": 300, **RECIPE_DEFAULTS, "noise_sharing": "fresh",
+             "steps": TOY_3D_STEPS, **RECIPE_DEFAULTS, "noise_sharing": "fresh",
              "phi": (2, 0)}),
         5: ("ASDRenderViews", "Render Views", (820, 60),
             {"result": (4, 0), "views": 36, "size": 128, "elevation": 15.0, "distance": 1.5, "fov": 70.0,
@@ -152,7 +153,7 @@ def compare_methods() -> dict:
         y = 60 + 420 * row
         graph[base] = ("ASDTrainLoop", f"Train Loop ({method.upper()})", (420, y),
                        {"prior": (1, 0), "generator": (3, 0), "prompt": "a red cube", "negative_prompt": "",
-                        "method": method, "steps": 300, **RECIPE_DEFAULTS,
+                        "method": method, "steps": TOY_3D_STEPS, **RECIPE_DEFAULTS,
                         "noise_sharing": "fresh", "phi": (2, 0)})
         graph[base + 1] = ("ASDRenderViews", f"Render Views ({method.upper()})", (820, y),
                            {"result": (base, 0), "views": 36, "size": 128, "elevation": 15.0, "distance": 1.5,
