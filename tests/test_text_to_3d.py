@@ -174,6 +174,25 @@ def test_text_to_3d_resume_equals_a_straight_run_and_render_reproduces_the_views
     assert (tmp_path / "again" / "mesh.glb").is_file()
 
 
+def test_an_extended_run_without_a_second_phase_does_not_grow_the_blob_back(tiny_v_dir, tmp_path):
+    # without a second phase the seed ball fades over the run's steps; extending the run must not bring it back
+    from asd_engine.text_to_3d import TextTo3D, preset_config
+
+    config = preset_config("toy-cpu", "a red cube", steps=3, model=str(tiny_v_dir), prior_resolution=32,
+                           blob_fade=True)
+    config.distill.t_anneal_step = None
+    run = TextTo3D(config)
+    seeds: list[float] = []
+    run.run(on_step=lambda info: seeds.append(float(run.nerf.field.blob_seed)))
+    run.save_checkpoint(tmp_path / "ckpt")
+    run.phi.remove()
+    longer = TextTo3D.from_checkpoint(tmp_path / "ckpt", overrides={"steps": 8})
+    longer.run(on_step=lambda info: seeds.append(float(longer.nerf.field.blob_seed)))
+    longer.phi.remove()
+    assert seeds[:3] == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert seeds[3:] == pytest.approx([1 / 3, 1 / 3, 1 / 3, 2 / 8, 1 / 8])  # 1 - step/8 only once it is lower
+
+
 @pytest.mark.parametrize("args,flag", [
     (["--preset", "huge"], "--preset"), (["--method", "gan"], "--method"), (["--steps", "0"], "--steps"),
     (["--model", "/nonexistent/model"], "--model"), (["--perp-neg", "maybe"], "--perp-neg")])
