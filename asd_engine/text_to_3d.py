@@ -163,9 +163,8 @@ class TextTo3D(DistillationRun):
 
     def train_step(self) -> StepInfo:
         config, step = self.config, self.step
-        if config.blob_fade:  # never grows back: a run extended past its end without a second phase keeps the fade
-            seed = self.nerf.field.blob_seed
-            seed.fill_(min(float(seed), blob_seed(step, config.distill.t_anneal_step, config.steps)))
+        if config.blob_fade:  # clamp: never grows back when a run without a second phase is extended past its end
+            self.nerf.field.blob_seed.clamp_(max=blob_seed(step, config.distill.t_anneal_step, config.steps))
         self.nerf.update_grid(step, self.rng)
         side = self.resolution(step)
         cameras = sample_cameras(config.batch_size, config.cameras, side, side, self.rng)

@@ -19,6 +19,7 @@ from asd_engine.field import FieldConfig
 from asd_engine.nerf import NeRFGenerator
 from asd_engine.prompts import ViewPrompts
 from asd_engine.render import RenderConfig
+from asd_engine.text_to_3d import TextTo3D, preset_config
 
 # tiny settings so a CLI run takes seconds: few steps, few small views, a coarse mesh grid
 FAST = ["--preset", "toy-cpu", "--views", "3", "--view-size", "32", "--mesh-resolution", "40"]
@@ -176,8 +177,6 @@ def test_text_to_3d_resume_equals_a_straight_run_and_render_reproduces_the_views
 
 def test_an_extended_run_without_a_second_phase_does_not_grow_the_blob_back(tiny_v_dir, tmp_path):
     # without a second phase the seed ball fades over the run's steps; extending the run must not bring it back
-    from asd_engine.text_to_3d import TextTo3D, preset_config
-
     config = preset_config("toy-cpu", "a red cube", steps=3, model=str(tiny_v_dir), prior_resolution=32,
                            blob_fade=True)
     config.distill.t_anneal_step = None
