@@ -108,7 +108,7 @@ RECIPE_DEFAULTS = {"cfg": 0.0, "weighting": "from prior", "t_min": -1.0, "t_max"
 
 NERF_TOY = ("ASDNeRFGenerator", "NeRF Generator", (40, 520),
             {"preset": "toy-cpu", "resolution_schedule": "", "batch_size": 1, "seed": 0})
-TOY_3D_STEPS = 600  # the toy-cpu preset's count (asd_engine.text_to_3d.TOY_CPU_STEPS; tests/test_workflows checks)
+TOY_3D_STEPS = 900  # the toy-cpu preset's count (asd_engine.text_to_3d.TOY_CPU_STEPS; tests/test_workflows checks)
 
 
 def text_to_3d() -> dict:
