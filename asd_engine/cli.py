@@ -166,7 +166,8 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--views", type=_int, help="turntable views (default per preset: 36 toy-cpu, 120 otherwise)")
     p.add_argument("--view-size", type=_int, help="turntable image side in px (default 128 toy-cpu, 512 otherwise)")
     p.add_argument("--mesh-resolution", type=_int, help="marching-cubes grid (default 128 toy-cpu, 256 otherwise)")
-    p.add_argument("--mesh-threshold", type=float, default=25.0, help="density isosurface level (default 25)")
+    p.add_argument("--mesh-threshold", type=float,
+                   help="density isosurface level (default per preset: 5 toy-cpu, 25 otherwise)")
     p.add_argument("--background", choices=["white", "black", "learned"], default="white",
                    help="background of the turntable and views (default white)")
     p.add_argument("--animation", choices=["webp", "gif"], default="webp", help="turntable file format")
@@ -466,7 +467,8 @@ def _export(nerf, preset: str, out: Path, args: argparse.Namespace) -> str:
     written = export_outputs(nerf, out, views=args.views or defaults["views"],
                              size=args.view_size or defaults["size"],
                              mesh_resolution=args.mesh_resolution or defaults["mesh_resolution"],
-                             mesh_threshold=args.mesh_threshold, background=args.background,
+                             mesh_threshold=defaults["mesh_threshold"] if args.mesh_threshold is None
+                             else args.mesh_threshold, background=args.background,
                              animation=args.animation)
     return "wrote " + ", ".join(str(p) for p in written)
 

@@ -23,7 +23,8 @@ from .asd_nodes import engine_call
 RESULT_INPUT = ("ASD_RESULT", {"tooltip": "From ASD Train Loop or Load ASD Checkpoint (3D)."})
 RESOLUTION_INPUT = ("INT", {"default": 128, "min": 16, "max": 512, "tooltip": "Marching-cubes grid size."})
 THRESHOLD_INPUT = ("FLOAT", {"default": 25.0, "min": 0.0, "max": 1000.0, "step": 0.5,
-                             "tooltip": "Density isosurface (lowered with a warning if nothing reaches it)."})
+                             "tooltip": "Density isosurface: 25 for the SD presets, about 5 for toy-cpu "
+                                        "(lowered with a warning if nothing reaches it)."})
 
 
 def _nerf_of(result, node: str):

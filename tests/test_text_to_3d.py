@@ -121,6 +121,22 @@ def test_mesh_threshold_falls_back_with_a_warning_and_an_empty_field_is_an_error
         extract_mesh(nerf, resolution=32)
 
 
+@pytest.mark.parametrize("given, preset, expected", [(None, "toy-cpu", 5.0), (None, "quality", 25.0),
+                                                     (12.0, "toy-cpu", 12.0)])
+def test_export_meshes_at_the_presets_isosurface_unless_told(monkeypatch, tmp_path, given, preset, expected):
+    """toy-cpu marches ~5x longer steps than the SD presets, so its objects' density is ~5x lower (EXPORT_DEFAULTS)."""
+    import argparse
+
+    from asd_engine import cli, export
+
+    seen = {}
+    monkeypatch.setattr(export, "export_outputs", lambda nerf, out, **kw: seen.update(kw) or [])
+    args = argparse.Namespace(views=None, view_size=None, mesh_resolution=None, mesh_threshold=given,
+                              background="white", animation="webp")
+    cli._export(None, preset, tmp_path, args)
+    assert seen["mesh_threshold"] == expected
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 @pytest.mark.parametrize("method", ["asd", "vsd", "sds"])
 def test_short_text_to_3d_run_writes_mesh_turntable_and_views(tiny_v_dir, tmp_path, method):

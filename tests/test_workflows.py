@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from asd_engine import comfy_client
-from asd_engine.text_to_3d import TOY_CPU_STEPS
+from asd_engine.text_to_3d import EXPORT_DEFAULTS, TOY_CPU_STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -77,6 +77,20 @@ def test_workflows_use_only_known_nodes(pack, make_workflows):
     for name in NAMES:
         for node in json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()).values():
             assert node["class_type"] in pack.NODE_CLASS_MAPPINGS or node["class_type"] in generator.CORE_INPUTS
+
+
+def test_3d_workflows_mesh_at_their_presets_isosurface():
+    """The toy NeRF's density inside an object is 10-25: at the SD presets' 25 only its peaks would be meshed."""
+    meshed = 0
+    for name in NAMES:
+        nodes = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()).values()
+        presets = {n["inputs"]["preset"] for n in nodes if n["class_type"] == "ASDNeRFGenerator"}
+        for node in nodes:
+            if node["class_type"] in ("ASDExportMesh", "ASDNeRFToMesh"):
+                (preset,) = presets
+                assert node["inputs"]["threshold"] == EXPORT_DEFAULTS[preset]["mesh_threshold"], name
+                meshed += preset == "toy-cpu"
+    assert meshed >= 2  # text_to_3d_asd and mesh_to_core_save_glb
 
 
 # ---------------------------------------------------------------------------------------------- client, offline

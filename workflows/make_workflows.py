@@ -109,6 +109,7 @@ RECIPE_DEFAULTS = {"cfg": 0.0, "weighting": "from prior", "t_min": -1.0, "t_max"
 NERF_TOY = ("ASDNeRFGenerator", "NeRF Generator", (40, 520),
             {"preset": "toy-cpu", "resolution_schedule": "", "batch_size": 1, "seed": 0})
 TOY_3D_STEPS = 900  # the toy-cpu preset's count (asd_engine.text_to_3d.TOY_CPU_STEPS; tests/test_workflows checks)
+TOY_MESH_THRESHOLD = 5.0  # the toy-cpu preset's isosurface (text_to_3d.EXPORT_DEFAULTS; tests/test_workflows checks)
 
 
 def text_to_3d() -> dict:
@@ -127,7 +128,7 @@ def text_to_3d() -> dict:
              "method": "default"}),
         7: ("SaveImage", "Depth maps", (1180, 420), {"images": (5, 1), "filename_prefix": "asd/depth"}),
         8: ("ASDExportMesh", "Export Mesh", (820, 460),
-            {"result": (4, 0), "resolution": 128, "threshold": 25.0, "format": "glb+obj",
+            {"result": (4, 0), "resolution": 128, "threshold": TOY_MESH_THRESHOLD, "format": "glb+obj",
              "filename_prefix": "asd_mesh"}),
         9: ("Preview3D", "Preview mesh", (1180, 760), {"model_file": (8, 0)}),
     }
@@ -170,7 +171,7 @@ def mesh_for_core() -> dict:
     graph = {key: value for key, value in text_to_3d().items() if key in (1, 2, 3, 4)}
     graph[4][3]["prompt"] = "a yellow cone"
     graph.update({
-        5: ("ASDNeRFToMesh", "NeRF to Mesh", (820, 60), {"result": (4, 0), "resolution": 128, "threshold": 25.0}),
+        5: ("ASDNeRFToMesh", "NeRF to Mesh", (820, 60), {"result": (4, 0), "resolution": 128, "threshold": TOY_MESH_THRESHOLD}),
         6: ("SaveGLB", "Save GLB (core)", (1180, 60), {"mesh": (5, 0), "filename_prefix": "mesh/asd_core"}),
         7: ("ASDSaveMeshGLB", "Save Coloured GLB", (1180, 360), {"mesh": (5, 0), "filename_prefix": "asd_mesh"}),
         8: ("LossGraphNode", "Plot Loss Graph (core)", (820, 420), {"loss": (4, 3), "filename_prefix": "asd_loss"}),
