@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/mesh.glb, OUT/mesh.obj, OUT/turntable.webp, OUT/views/, OUT/previews/, "
                                    "OUT/checkpoint/ and OUT/metrics.jsonl.")
     _add_settings(p, SETTINGS_3D)
-    _add_run_options(p, "total number of steps (default per preset: 600 toy-cpu, 25000 otherwise)",
+    _add_run_options(p, "total number of steps (default per preset: 900 toy-cpu, 25000 otherwise)",
                      steps_required=False)
     _add_export_options(p)
 
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mesh.glb, mesh.obj, turntable.webp and views/ into --out.")
     p.add_argument("--prompt", default="a red cube", help="a colour and a shape the toy prior knows (default %(default)s)")
     p.add_argument("--method", choices=["asd", "vsd", "sds"], default="asd")
-    p.add_argument("--steps", type=_int, help="total steps (default: the toy-cpu preset's 600)")
+    p.add_argument("--steps", type=_int, help="total steps (default: the toy-cpu preset's 900)")
     p.add_argument("--seed", type=_int, default=0)
     p.add_argument("--out", default="runs/demo", help="output folder (default %(default)s)")
 
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="semicolon-separated toy prompts (default %(default)s)")
     p.add_argument("--seeds", type=_int, default=3, help="seeds per prompt (default 3)")
     p.add_argument("--steps", type=_int,
-                   help="steps per run (default: the toy-cpu preset's 600 in 3d, the Train Loop node's 300 in 2d)")
+                   help="steps per run (default: the toy-cpu preset's 900 in 3d, the Train Loop node's 300 in 2d)")
     p.add_argument("--mode", choices=["3d", "2d"], default="3d")
     p.add_argument("--phi-noise", choices=["fresh", "shared"], default="fresh")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: from the prior's recipe)")

@@ -137,6 +137,18 @@ def test_export_meshes_at_the_presets_isosurface_unless_told(monkeypatch, tmp_pa
     assert seen["mesh_threshold"] == expected
 
 
+def test_cli_help_states_the_toy_cpu_step_count():
+    """The CLI keeps torch-free imports for a quick --help, so its help spells the count out; it must not drift."""
+    import argparse
+
+    from asd_engine.cli import build_parser
+    from asd_engine.text_to_3d import TOY_CPU_STEPS
+
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for name in ("text-to-3d", "demo", "quality"):
+        assert f"{TOY_CPU_STEPS}" in " ".join(commands.choices[name].format_help().split()), name
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 @pytest.mark.parametrize("method", ["asd", "vsd", "sds"])
 def test_short_text_to_3d_run_writes_mesh_turntable_and_views(tiny_v_dir, tmp_path, method):
