@@ -28,7 +28,7 @@ import torch
 
 from .errors import UserInputError
 from .images import save_png
-from .toy_data import COLOURS, SHAPES, best_rotation_iou, colour_error, truth_views
+from .toy_data import COLOURS, SHAPES, best_rotation_iou, colour_error, enclosed_holes, truth_views
 
 EVAL_VIEWS, EVAL_SIZE = 8, 64
 TOP_VIEWS, TOP_ELEVATION = 4, 75.0  # seen from above: a torus's hole (true centre opacity 0.03 at 64 px)
@@ -66,11 +66,7 @@ def evaluate_nerf(nerf, shape: str, colour: str) -> dict[str, float]:
 def hole_opening(alpha: torch.Tensor, truth_alpha: torch.Tensor) -> float:
     """Mean ``1 - alpha`` of ``alpha [V, 1, H, W]`` over the holes of the truth's silhouettes (the pixels that
     filling them adds); NaN when the truth has no hole (every shape but the torus)."""
-    from scipy.ndimage import binary_fill_holes  # scipy comes with scikit-image
-
-    truth = truth_alpha[:, 0] > 0.5
-    filled = torch.stack([torch.from_numpy(binary_fill_holes(view.numpy())) for view in truth.cpu()])
-    holes = filled & ~truth
+    holes = enclosed_holes(truth_alpha[:, 0] > 0.5)
     if not holes.any():
         return float("nan")
     return float((1.0 - alpha[:, 0].cpu().clamp(0, 1))[holes].mean())

@@ -151,6 +151,25 @@ def crop_to_box(masks: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
+def foreground_masks(images: torch.Tensor, threshold: float = 0.15) -> torch.Tensor:
+    """``images [B, 3, H, W]`` → foreground masks ``[B, H, W]``: pixels more than ``threshold`` (in any channel) from
+    the image's own background, the median colour of its border. Not assumed white: a sampled image's background is
+    tinted."""
+    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=-1)
+    background = border.median(dim=-1).values                             # [B, 3]
+    return (images - background[:, :, None, None]).abs().amax(1) > threshold
+
+
+def enclosed_holes(masks: torch.Tensor) -> torch.Tensor:
+    """Foreground masks ``[B, H, W]`` → the background pixels each one encloses ``[B, H, W]`` (what filling its holes
+    adds: a torus's hole, seen from above)."""
+    from scipy.ndimage import binary_fill_holes  # scipy comes with scikit-image
+
+    masks = masks.cpu()
+    filled = torch.stack([torch.from_numpy(binary_fill_holes(mask.numpy())) for mask in masks])
+    return filled & ~masks
+
+
 class ToyJudge:
     """Tells which shape and colour an image shows, using ground-truth renders only.
 
@@ -187,10 +206,8 @@ class ToyJudge:
         return crop_to_box(masks, size) if self.scale_normalised else masks
 
     def foreground(self, images: torch.Tensor) -> torch.Tensor:
-        """``images [B, 3, H, W]`` → foreground masks ``[B, H, W]`` (far from the border's median colour)."""
-        border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=-1)
-        background = border.median(dim=-1).values                             # [B, 3]
-        return (images - background[:, :, None, None]).abs().amax(1) > 0.15
+        """``images [B, 3, H, W]`` → foreground masks ``[B, H, W]`` (:func:`foreground_masks`)."""
+        return foreground_masks(images)
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``images [B, 3, H, W]`` in [0, 1] → ``(shape index [B], colour index [B])`` (-1 where empty)."""

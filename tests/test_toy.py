@@ -13,8 +13,9 @@ from asd_engine.cameras import cameras_from_angles
 from asd_engine.errors import UserInputError
 from asd_engine.quality import TOP_ELEVATION, hole_opening, markdown_table, parse_toy_prompt, summarise
 from asd_engine.toy_data import (COLOURS, SHAPES, ToyJudge, best_rotation_iou, colour_error, crop_to_box,
-                                 render_shapes, sample_batch, shape_sdf, truth_views)
-from asd_engine.toy_prior import TOY_RECIPE, default_prior_path
+                                 enclosed_holes, foreground_masks, render_shapes, sample_batch, shape_sdf,
+                                 truth_views)
+from asd_engine.toy_prior import HOLE_MIN_PIXELS, TOY_RECIPE, default_prior_path
 
 
 def test_sdfs_are_zero_on_the_known_surfaces():
@@ -123,6 +124,20 @@ def test_the_torus_hole_is_measured_from_above_where_the_low_orbit_cannot_see_it
     assert "| 0.700 | — |" in markdown_table({"settings": {"mode": "3d"}, "summary": no_torus})
 
 
+def test_the_hole_detector_sees_a_torus_hole_from_above_on_a_tinted_background():
+    images, alpha = truth_views("torus", "orange", views=4, size=32, elevation=60.0)
+    count = lambda x: enclosed_holes(foreground_masks(x)).flatten(1).sum(1)  # noqa: E731
+    assert (count(images) >= HOLE_MIN_PIXELS).all()
+    by_alpha, by_colour = enclosed_holes(alpha[:, 0] > 0.5), enclosed_holes(foreground_masks(images))
+    # the colour detector counts more of the antialiased rim as torus: its hole is the alpha mask's, a little smaller
+    assert not (by_colour & ~by_alpha).any() and (by_colour.flatten(1).sum(1) >= 0.5 * by_alpha.flatten(1).sum(1)).all()
+    tint = torch.tensor([0.75, 0.9, 1.0]).view(1, 3, 1, 1)  # a sampled image's background is not white
+    assert (count(images - (1.0 - alpha) * (1.0 - tint)) >= HOLE_MIN_PIXELS).all()
+    side, _ = truth_views("torus", "orange", views=4, size=32, elevation=0.0)
+    sphere, _ = truth_views("sphere", "orange", views=4, size=32, elevation=60.0)
+    assert count(side).sum() == 0 and count(sphere).sum() == 0
+
+
 def test_quality_prompt_parsing_and_summary():
     assert parse_toy_prompt("A Green Torus") == ("torus", "green")
     with pytest.raises(UserInputError, match="--prompts"):
@@ -159,6 +174,18 @@ def test_shipped_prior_is_small_loads_offline_and_samples():
     assert images.shape == (2, 3, 32, 32)
     info = json.loads((default_prior_path() / "toy_prior.json").read_text())
     assert info["steps"] >= 1000
+
+
+@shipped
+def test_toy_prior_report_writes_fidelity_and_the_overhead_tori_hole_rate(tmp_path, capsys):
+    from asd_engine.cli import main
+
+    assert main(["toy-prior-report", "--out", str(tmp_path), "--per-prompt", "1", "--sampler-steps", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    holes = json.loads((tmp_path / "report.json").read_text())["overhead_holes"]
+    assert set(holes["per_colour"]) == set(COLOURS) and printed["overhead_holes"]["mean"] == holes["mean"]
+    assert holes["data"] > 0.7  # exact renders from the trainer's overhead cameras mostly show the hole at 32 px
+    assert 0.0 <= printed["shape_right"] <= 1.0 and (tmp_path / "samples.png").is_file()
 
 
 @shipped
