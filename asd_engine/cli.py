@@ -94,7 +94,9 @@ COMMON_SETTINGS: Settings = {
                         help="from this step on use --t-max-annealed (2D default: never; 3D: per preset)")),
     "--t-max-annealed": ("distill.t_max_annealed", dict(type=float, help="t_max after annealing (default 0.5)")),
     "--phi-noise": ("distill.phi_noise", dict(choices=["fresh", "shared"],
-                    help="φ step with its own t', eps' (fresh, default) or the generator's (shared, one UNet call less)")),
+                    help="φ step with its own t', eps' (fresh; official) or the generator's (shared, one UNet "
+                         "call less) (default: from the prior's recipe; fresh for Stable Diffusion, shared for the "
+                         "toy prior's 3D runs)")),
     "--phi": ("phi.kind", dict(choices=["lora", "ti"], help="discriminator φ: LoRA (default) or textual inversion")),
     "--lora-rank": ("phi.lora_rank", dict(type=_int, help="LoRA rank of φ (default 4)")),
     "--lora-targets": ("phi.lora_targets", dict(choices=["attention", "all"],  # discriminator.LORA_TARGETS (tested)
@@ -219,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_int,
                    help="steps per run (default: the toy-cpu preset's 900 in 3d, the Train Loop node's 300 in 2d)")
     p.add_argument("--mode", choices=["3d", "2d"], default="3d")
-    p.add_argument("--phi-noise", choices=["fresh", "shared"], default="fresh")
+    p.add_argument("--phi-noise", choices=["fresh", "shared"],
+                   help="φ's noise (default: from the prior's recipe; shared for the toy prior)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: from the prior's recipe)")
     p.add_argument("--model", help="prior folder (default: the embedded toy prior)")
     p.add_argument("--out", required=True, help="output folder; a rerun with the same folder skips finished runs")

@@ -40,11 +40,12 @@ class DistillConfig:
     t_max: float | None = None    # 0.02 and 0.98; None: the prior's recipe)
     t_max_annealed: float = 0.5   # t_max from step `t_anneal_step` on (official 3D recipe: 980 → 500 at step 5000)
     t_anneal_step: int | None = None  # absolute step, so a resumed or extended run keeps the same schedule
-    phi_noise: str = "fresh"      # "fresh": φ step draws its own t', eps' (official); "shared": reuses t, eps
+    phi_noise: str | None = None  # "fresh": φ step draws its own t', eps' (official); "shared": reuses t, eps;
+                                  # None: the prior's recipe
 
     def validate(self) -> None:
         checks = [("--method", self.method, METHODS), ("--weighting", self.weighting or "sds", WEIGHTINGS),
-                  ("--phi-noise", self.phi_noise, PHI_NOISE)]  # None (from the recipe) is checked once resolved
+                  ("--phi-noise", self.phi_noise or "fresh", PHI_NOISE)]  # None (the recipe's): checked once resolved
         for flag, value, allowed in checks:
             if value not in allowed:
                 raise UserInputError(flag, f"unknown value '{value}'", f"use one of {', '.join(allowed)}")
@@ -141,7 +142,7 @@ def distill_step(x0: torch.Tensor, prior, phi, conditioning: Conditioning, confi
     """One step of Alg. 1 on the rendered/optimised ``x0 [B, C, h, w]`` (model space, differentiable). Updates φ in
     place (step 7), returns the generator's surrogate loss (step 6) for the caller to backward.
     ``reference [B, C, h, w]``: real samples in model space; enables the full L_D."""
-    if None in (config.guidance_scale, config.t_min, config.t_max, config.gamma, config.weighting):
+    if None in (config.guidance_scale, config.t_min, config.t_max, config.gamma, config.weighting, config.phi_noise):
         raise ValueError("distill_step needs a resolved config: use recipe.with_recipe(config, prior.recipe)")
     lo, hi = time_schedule(step, config, prior.num_train_timesteps)
     t, eps = sample_timesteps_and_noise(x0.shape, lo, hi, generator, x0.device)

@@ -80,7 +80,7 @@ class QualitySettings:
     steps: int | None = None          # None: the preset's default
     mode: str = "3d"
     model: str | None = None          # None: the embedded prior
-    phi_noise: str = "fresh"
+    phi_noise: str | None = None      # None: the prior's recipe (toy prior: shared; Stable Diffusion: fresh)
     guidance_scale: float | None = None  # None: the prior's recipe (toy prior: 3; the paper's SD recipe: 7.5)
 
 
@@ -126,13 +126,14 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 record = json.loads(line)
                 done[_run_key(record)] = record
     prior = DiffusionPrior.from_pretrained(settings.model or default_prior_path(), device=device)
+    phi_noise = settings.phi_noise or prior.recipe.phi_noise  # journals name the value used, not "from the recipe"
     judges = None  # built on the first 2D run that needs them (rendering their mask banks takes a while)
     runs, grid_rows = [], []
     for method in settings.methods:
         row = []
         for prompt, (shape, colour) in zip(settings.prompts, targets):
             for seed in range(settings.seeds):
-                identity = dict(zip(RUN_FIELDS, (settings.mode, method, prompt, seed, steps, settings.phi_noise,
+                identity = dict(zip(RUN_FIELDS, (settings.mode, method, prompt, seed, steps, phi_noise,
                                                  settings.guidance_scale)))
                 key, picture_path = _run_key(identity), _picture_path(out, method, prompt, seed)
                 if key in done and picture_path.is_file():
@@ -145,7 +146,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                     spec = NeRFGeneratorSpec(preset="toy-cpu", seed=seed)
                 else:
                     spec = ImageGeneratorSpec(size=None, seed=seed)
-                run = make_run(prior, spec, prompt, steps, method=method, phi_noise=settings.phi_noise,
+                run = make_run(prior, spec, prompt, steps, method=method, phi_noise=phi_noise,
                                guidance_scale=settings.guidance_scale)
                 drift: list[float] = []
                 with torch.enable_grad():

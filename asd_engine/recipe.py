@@ -26,7 +26,7 @@ import typing
 from typing import Any
 
 from .cameras import OVERHEAD_DEGREES
-from .distill import WEIGHTINGS
+from .distill import PHI_NOISE, WEIGHTINGS
 from .errors import UserInputError
 
 RECIPE_FILE = "asd_recipe.json"
@@ -64,6 +64,12 @@ class Recipe:
     # Which UNet layers a LoRA φ adapts: "attention" (official: SD's UNet has attention at every latent resolution)
     # or "all" (every convolution too, for a UNet whose full-resolution layers have no attention).
     lora_targets: str = "attention"
+    # Which t and ε φ's own step trains on: "fresh" draws its own (official, Alg. 1), "shared" reuses the generator's
+    # (one UNet call less, and φ then learns at the generator's t range, which the second phase narrows). On the toy
+    # prior shared noise opened every torus's hole where fresh noise left half shut (docs/quality.md "Tenth round").
+    # `phi_noise_2d` overrides it for 2D runs (None: the same), where it was measured apart.
+    phi_noise: str = "fresh"
+    phi_noise_2d: str | None = None
     lambda_sparsity: float = 10.0         # 3D: weight of the sparsity term mean √(opacity² + 0.01)
     # 3D: fade the NeRF's initial ball of density (the "blob" seed) to nothing by the second phase. Official: it stays
     # (Magic3D, threestudio); a 25 000-step run has time to learn it away where it must. In the toy prior's 600-step
@@ -84,6 +90,11 @@ class Recipe:
             value = getattr(self, key)
             if value not in WEIGHTINGS and not (key == "weighting_2d" and value is None):
                 raise UserInputError(where, f"{key} '{value}' is not one of {', '.join(WEIGHTINGS)}",
+                                     f"fix {RECIPE_FILE}")
+        for key in ("phi_noise", "phi_noise_2d"):
+            value = getattr(self, key)
+            if value not in PHI_NOISE and not (key == "phi_noise_2d" and value is None):
+                raise UserInputError(where, f"{key} '{value}' is not one of {', '.join(PHI_NOISE)}",
                                      f"fix {RECIPE_FILE}")
         if self.lora_targets not in LORA_TARGET_CHOICES:
             raise UserInputError(where, f"lora_targets '{self.lora_targets}' is not one of "
@@ -108,6 +119,7 @@ RECIPE_FIELDS: dict[str, str] = {
     "jitter_2d": "jitter",  # 2D runs only
     "lora_lr": "phi.lr",
     "lora_targets": "phi.lora_targets",
+    "phi_noise": "distill.phi_noise",  # in 2D runs: phi_noise_2d when the recipe sets it
     "lambda_sparsity": "lambda_sparsity",
     "blob_fade": "blob_fade",  # 3D runs only
     "overhead_elevation": "overhead_elevation",
@@ -187,8 +199,8 @@ def resolve_recipe(config: Any, recipe: Recipe) -> list[str]:
     """Fill every ``None`` field of ``config`` that the recipe covers; returns the dotted names it filled.
 
     φ's learning rate and LoRA targets come from the recipe only for a LoRA φ (textual inversion keeps its own
-    default and has no LoRA). A 2D run (``config.mode == "2d"``) takes ``weighting_2d`` where the recipe has one, and
-    ``jitter_2d`` unless it is an SDS run (no φ to spread: 0)."""
+    default and has no LoRA). A 2D run (``config.mode == "2d"``) takes ``weighting_2d`` and ``phi_noise_2d`` where the
+    recipe has them, and ``jitter_2d`` unless it is an SDS run (no φ to spread: 0)."""
     filled = []
     for key, dotted in RECIPE_FIELDS.items():
         owner, leaf, present = _get(config, dotted)
@@ -199,8 +211,8 @@ def resolve_recipe(config: Any, recipe: Recipe) -> list[str]:
             continue
         if key == "gamma" and owner.method != "asd":
             value = 0.0
-        if key == "weighting" and getattr(config, "mode", None) == "2d" and recipe.weighting_2d is not None:
-            value = recipe.weighting_2d
+        if key in ("weighting", "phi_noise") and getattr(config, "mode", None) == "2d":
+            value = value if getattr(recipe, f"{key}_2d") is None else getattr(recipe, f"{key}_2d")
         if key == "jitter_2d" and not config.distill.uses_phi:
             value = 0  # the roll spreads φ's fixed-place error; without φ (SDS) a rolled image only blurs
         setattr(owner, leaf, value)

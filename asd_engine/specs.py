@@ -169,10 +169,10 @@ def training_memory_bytes(plan: RunPlan) -> int:
 def plan_run(prior: DiffusionPrior, generator: ImageGeneratorSpec | NeRFGeneratorSpec, prompt: str, steps: int,
              negative_prompt: str = "", method: str = "asd", guidance_scale: float | None = None,
              weighting: str | None = None, t_min: float | None = None, t_max: float | None = None,
-             phi_noise: str = "fresh", discriminator: DiscriminatorSpec | None = None,
+             phi_noise: str | None = None, discriminator: DiscriminatorSpec | None = None,
              background: str | None = None) -> RunPlan:
-    """A 2D or 3D distillation on ``prior``, described. ``None`` for guidance scale, weighting, t range and background
-    means "from the prior's recipe" (``prior.recipe``)."""
+    """A 2D or 3D distillation on ``prior``, described. ``None`` for guidance scale, weighting, t range, φ noise and
+    background means "from the prior's recipe" (``prior.recipe``)."""
     from .distill_2d import Distill2D, Distill2DConfig
     from .text_to_3d import TextTo3D, preset_config
 

@@ -35,7 +35,7 @@ PRESETS = ("toy-cpu", "quality", "low-vram")
 # 300, when the toy prior's recipe has faded the blob's seed; a torus's hole opens during that phase, not before it
 # (docs/quality.md, eighth round). After 300 second-phase steps it had opened in 2 of 6 evaluation runs; after 600
 # in each tuning run followed that far, but in only 3 of 6 evaluation runs; longer second phases kept growing the
-# object (ninth round)
+# object (ninth round). With the recipe's shared φ noise (tenth round) it opens in all 6 (a tuning run only after 750).
 TOY_CPU_STEPS = 900
 # turntable views, their size in px, the marching-cubes grid and its density isosurface for each preset's outputs.
 # The official isosurface, 25, goes with 512 marching steps across the diagonal; toy-cpu marches 96, so the same

@@ -55,9 +55,13 @@ ASSET_DIR = Path(__file__).resolve().parent / "assets" / "toy-prior"
 # The NeRF's seed ball of density fades by the second phase. Kept, a torus's hole stayed filled in every 600-step run
 # (evaluation tori, hole opening 0.03). Faded, ASD opened it in 2 of 3 tuning and 2 of 6 evaluation runs, and its
 # mean IoU rose from 0.897 to 0.908 (docs/quality.md, eighth round).
+# 3D φ steps share the generator's t and ε. With fresh ones (official) ASD's torus hole opened in 3 of 4 tuning and
+# 3 of 6 evaluation runs at 900 steps; shared, in 4 of 4 and 6 of 6, at 1.4× the speed, for objects a few % larger
+# (docs/quality.md, tenth round). 2D keeps fresh noise, with which its recipe was measured.
 TOY_RECIPE = Recipe(name="toy prior", background="white", guidance_scale=3.0, gamma=-0.75, t_min=0.02, t_max=0.98,
                     weighting="sds", weighting_2d="uniform", jitter_2d=1, lora_lr=1e-2, lora_targets="all",
-                    lambda_sparsity=1.0, blob_fade=True, overhead_elevation=30.0, prompt_aliases={"an": "a", "the": "a"})
+                    phi_noise="shared", phi_noise_2d="fresh", lambda_sparsity=1.0, blob_fade=True,
+                    overhead_elevation=30.0, prompt_aliases={"an": "a", "the": "a"})
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 

@@ -270,8 +270,10 @@ class ASDTrainLoop:
                            "What renders are composited over in training (3D) and 2D pixels start as. Default: from "
                            "the prior's recipe (random colours for Stable Diffusion, white for the toy prior, which "
                            "only saw white)."}),
-            "noise_sharing": (["fresh", "shared"], {"default": "fresh", "tooltip":
-                              "φ step with its own t' and noise (official) or the generator's (one UNet call less)."}),
+            "noise_sharing": (["from prior", "fresh", "shared"], {"default": "from prior", "tooltip":
+                              "φ step with its own t' and noise (fresh, official) or the generator's (shared, one UNet "
+                              "call less). Default: from the prior's recipe (fresh for Stable Diffusion; the toy "
+                              "prior: shared in 3D, where it opened the torus's hole, fresh in 2D)."}),
         }, "optional": {
             "phi": ("ASD_PHI", {"tooltip": "From ASD Discriminator; default: LoRA rank 4, γ from the prior's recipe."}),
             "resume": ("ASD_CHECKPOINT", {"tooltip": "Continue this checkpoint up to 'steps' (same prompt/method; its "
@@ -286,7 +288,8 @@ class ASDTrainLoop:
         plan = specs.plan_run(prior, generator, prompt, steps, negative_prompt=negative_prompt, method=method,
                               guidance_scale=cfg or None, weighting=None if weighting == "from prior" else weighting,
                               t_min=None if t_min < 0 else t_min,
-                              t_max=None if t_max < 0 else t_max, phi_noise=noise_sharing, discriminator=phi,
+                              t_max=None if t_max < 0 else t_max, discriminator=phi,
+                              phi_noise=None if noise_sharing == "from prior" else noise_sharing,
                               background=None if background == "from prior" else background)
         if resume:
             plan = specs.resume_plan(plan, resume)

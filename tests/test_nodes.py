@@ -62,7 +62,7 @@ def _train(nodes, prior, generator, prompt, method, steps, phi=None, resume=None
     """ASD Train Loop as ComfyUI runs it (inference mode); returns its four outputs."""
     with torch.inference_mode():
         out = nodes["ASDTrainLoop"].train(prior, generator, prompt, "", method, steps, cfg, "sds", 0.02, 0.98,
-                                          "fresh", phi=phi, resume=resume)
+                                          "from prior", phi=phi, resume=resume)
     assert set(out) == {"ui", "result"}
     return out["result"]
 
@@ -187,8 +187,9 @@ def test_run_identity_follows_what_changes_the_result(pack, tiny_eps_dir):
     base = key()
     assert key(p=again) == base  # the same weights loaded twice
     assert key(guidance_scale=None) == base and key(guidance_scale=7.5) == base  # 7.5 is the prior's recipe value
+    assert key(phi_noise=None) == base and key(phi_noise="fresh") == base  # fresh: this prior's recipe value
     changed = [key(prompt="a blue cube"), key(steps=6), key(guidance_scale=3.0), key(method="vsd"),
-               key(generator=specs.ImageGeneratorSpec(size=32, seed=1)), key(background="black")]
+               key(phi_noise="shared"), key(generator=specs.ImageGeneratorSpec(size=32, seed=1)), key(background="black")]
     assert len(set(changed + [base])) == len(changed) + 1
     with torch.no_grad():
         again.unet.conv_in.bias.add_(1.0)

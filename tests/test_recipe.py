@@ -24,14 +24,15 @@ from asd_engine.text_to_3d import TextTo3D, preset_config
 from asd_engine.toy_prior import TOY_RECIPE, default_prior_path
 
 RECIPE_VALUES = ("background", "distill.guidance_scale", "distill.gamma", "distill.t_min", "distill.t_max",
-                 "distill.weighting", "phi.lr", "phi.lora_targets")
+                 "distill.weighting", "distill.phi_noise", "phi.lr", "phi.lora_targets")
 
 
 def _values(config) -> dict:
     return {"background": config.background, "distill.guidance_scale": config.distill.guidance_scale,
             "distill.gamma": config.distill.gamma, "distill.t_min": config.distill.t_min,
             "distill.t_max": config.distill.t_max, "distill.weighting": config.distill.weighting,
-            "phi.lr": config.phi.lr, "phi.lora_targets": config.phi.lora_targets}
+            "distill.phi_noise": config.distill.phi_noise, "phi.lr": config.phi.lr,
+            "phi.lora_targets": config.phi.lora_targets}
 
 
 @pytest.mark.parametrize("preset", ["quality", "low-vram"])
@@ -41,7 +42,7 @@ def test_sd_folder_without_a_recipe_gets_the_official_one(tiny_eps_dir, preset):
     run = TextTo3D(preset_config(preset, "a cat", steps=1, prior_resolution=32), prior=prior)
     assert _values(run.config) == {"background": "random", "distill.guidance_scale": 7.5, "distill.gamma": -0.75,
                                    "distill.t_min": 0.02, "distill.t_max": 0.98, "distill.weighting": "sds",
-                                   "phi.lr": 1e-4, "phi.lora_targets": "attention"}
+                                   "distill.phi_noise": "fresh", "phi.lr": 1e-4, "phi.lora_targets": "attention"}
     assert run.config.lambda_sparsity == 10.0 and run.phi.optimizer.param_groups[0]["lr"] == 1e-4
     assert run.config.overhead_elevation == 60.0 and run.prompts.overhead_elevation == 60.0  # DreamFusion's
     assert run.config.blob_fade is False and run.nerf.field.blob_seed == 1.0  # the permanent blob
@@ -56,7 +57,8 @@ def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
     assert _values(run.config) == {"background": "white", "distill.guidance_scale": TOY_RECIPE.guidance_scale,
                                    "distill.gamma": TOY_RECIPE.gamma, "distill.t_min": TOY_RECIPE.t_min,
                                    "distill.t_max": TOY_RECIPE.t_max, "distill.weighting": TOY_RECIPE.weighting,
-                                   "phi.lr": TOY_RECIPE.lora_lr, "phi.lora_targets": TOY_RECIPE.lora_targets}
+                                   "distill.phi_noise": "shared", "phi.lr": TOY_RECIPE.lora_lr,
+                                   "phi.lora_targets": TOY_RECIPE.lora_targets}
     assert run.config.lambda_sparsity == TOY_RECIPE.lambda_sparsity
     assert run.config.overhead_elevation == TOY_RECIPE.overhead_elevation == 30.0
     assert run.prompts.overhead_elevation == 30.0
@@ -65,9 +67,12 @@ def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
     vsd = make_run(prior, NeRFGeneratorSpec(), "a red cube", 1, method="vsd")
     assert vsd.config.distill.gamma == 0.0  # VSD is ASD with γ = 0, whatever the recipe's γ
     vsd.phi.remove()
-    run = make_run(prior, NeRFGeneratorSpec(), "a red cube", 1, guidance_scale=5.0, t_max=0.7, background="random")
-    assert (run.config.distill.guidance_scale, run.config.distill.t_max, run.config.background) == (5.0, 0.7, "random")
-    assert {"distill.guidance_scale", "distill.t_max", "background"}.isdisjoint(run.config.from_recipe)
+    run = make_run(prior, NeRFGeneratorSpec(), "a red cube", 1, guidance_scale=5.0, t_max=0.7, background="random",
+                   phi_noise="fresh")
+    assert (run.config.distill.guidance_scale, run.config.distill.t_max, run.config.background,
+            run.config.distill.phi_noise) == (5.0, 0.7, "random", "fresh")
+    assert {"distill.guidance_scale", "distill.t_max", "background",
+            "distill.phi_noise"}.isdisjoint(run.config.from_recipe)
     assert "distill.t_min" in run.config.from_recipe
     run.phi.remove()
     run = TextTo3D(preset_config("toy-cpu", "a red cube", steps=1, overhead_elevation=60.0), prior=prior)
@@ -150,6 +155,10 @@ def test_bad_recipe_files_are_named_errors(tiny_v_dir, tmp_path):
         (folder / RECIPE_FILE).write_text(json.dumps({"jitter_2d": jitter}))
         with pytest.raises(UserInputError, match="out-of-range"):
             DiffusionPrior.from_pretrained(folder, device="cpu")
+    for key in ("phi_noise", "phi_noise_2d"):
+        (folder / RECIPE_FILE).write_text(json.dumps({key: "reused"}))
+        with pytest.raises(UserInputError, match=key):
+            DiffusionPrior.from_pretrained(folder, device="cpu")
     (folder / RECIPE_FILE).write_text(json.dumps({"lora_targets": "convs"}))
     with pytest.raises(UserInputError, match="lora_targets"):
         DiffusionPrior.from_pretrained(folder, device="cpu")
@@ -201,6 +210,9 @@ def test_harness_and_2d_spec_use_the_recipe():
     assert run.config.distill.weighting == TOY_RECIPE.weighting_2d == "uniform" != TOY_RECIPE.weighting
     assert "distill.weighting" in run.config.from_recipe
     assert run.config.jitter == run.image.jitter == TOY_RECIPE.jitter_2d == 1 and "jitter" in run.config.from_recipe
+    # and their own φ noise: shared in 3D, fresh in 2D (where the 2D recipe was measured)
+    assert run.config.distill.phi_noise == TOY_RECIPE.phi_noise_2d == "fresh" != TOY_RECIPE.phi_noise
+    assert "distill.phi_noise" in run.config.from_recipe
     run.phi.remove()
     run = make_run(prior, ImageGeneratorSpec(jitter=0), "a blue sphere", 1, weighting="sds")
     assert run.config.distill.weighting == "sds" and "distill.weighting" not in run.config.from_recipe
@@ -208,18 +220,20 @@ def test_harness_and_2d_spec_use_the_recipe():
     run.phi.remove()
 
 
-def test_2d_weighting_falls_back_to_the_general_one(tiny_v_dir, tmp_path):
+def test_2d_weighting_and_phi_noise_fall_back_to_the_general_ones(tiny_v_dir, tmp_path):
     folder = shutil.copytree(tiny_v_dir, tmp_path / "model")
-    cases = ((Recipe(name="a", weighting="uniform"), "uniform", "uniform"),
-             (Recipe(name="b", weighting_2d="sigma_over_alpha"), "sigma_over_alpha", "sds"))
-    for recipe, weighting_2d, weighting_3d in cases:
+    cases = ((Recipe(name="a", weighting="uniform", phi_noise="shared"), ("uniform", "shared"), ("uniform", "shared")),
+             (Recipe(name="b", weighting_2d="sigma_over_alpha", phi_noise_2d="shared"), ("sigma_over_alpha", "shared"),
+              ("sds", "fresh")))
+    for recipe, values_2d, values_3d in cases:
         write_recipe(folder, recipe)
         prior = DiffusionPrior.from_pretrained(folder, device="cpu")
         run = make_run(prior, ImageGeneratorSpec(size=32), "a cat", 1, method="sds")
-        assert run.config.distill.weighting == weighting_2d
+        assert (run.config.distill.weighting, run.config.distill.phi_noise) == values_2d
         config = preset_config("low-vram", "a cat", steps=1, prior_resolution=32)
         config.distill.method = "sds"
-        assert TextTo3D(config, prior=prior).config.distill.weighting == weighting_3d
+        resolved = TextTo3D(config, prior=prior).config.distill
+        assert (resolved.weighting, resolved.phi_noise) == values_3d
 
 
 def test_2d_jitter_rolls_the_image_the_prior_sees_and_trains_every_pixel(tiny_v_dir, tmp_path):

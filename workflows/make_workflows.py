@@ -103,8 +103,9 @@ def prior_and_phi(camera_embedding: bool) -> dict:
     }
 
 
-# the Train Loop's widgets that defer to the prior's recipe (CFG, w(t), t range, training background)
-RECIPE_DEFAULTS = {"cfg": 0.0, "weighting": "from prior", "t_min": -1.0, "t_max": -1.0, "background": "from prior"}
+# the Train Loop's widgets that defer to the prior's recipe (CFG, w(t), t range, training background, φ noise)
+RECIPE_DEFAULTS = {"cfg": 0.0, "weighting": "from prior", "t_min": -1.0, "t_max": -1.0, "background": "from prior",
+                   "noise_sharing": "from prior"}
 
 NERF_TOY = ("ASDNeRFGenerator", "NeRF Generator", (40, 520),
             {"preset": "toy-cpu", "resolution_schedule": "", "batch_size": 1, "seed": 0})
@@ -118,8 +119,7 @@ def text_to_3d() -> dict:
         3: NERF_TOY,
         4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
             {"prior": (1, 0), "generator": (3, 0), "prompt": "a red cube", "negative_prompt": "", "method": "asd",
-             "steps": TOY_3D_STEPS, **RECIPE_DEFAULTS, "noise_sharing": "fresh",
-             "phi": (2, 0)}),
+             "steps": TOY_3D_STEPS, **RECIPE_DEFAULTS, "phi": (2, 0)}),
         5: ("ASDRenderViews", "Render Views", (820, 60),
             {"result": (4, 0), "views": 36, "size": 128, "elevation": 15.0, "distance": 1.5, "fov": 70.0,
              "background": "white"}),
@@ -141,8 +141,7 @@ def image_2d() -> dict:
             {"size": 32, "parameterization": "latent", "learning_rate": 0.0, "seed": 0, "jitter": -1}),
         4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
             {"prior": (1, 0), "generator": (3, 0), "prompt": "a blue torus", "negative_prompt": "", "method": "asd",
-             "steps": 300, **RECIPE_DEFAULTS, "noise_sharing": "fresh",
-             "phi": (2, 0)}),
+             "steps": 300, **RECIPE_DEFAULTS, "phi": (2, 0)}),
         5: ("SaveImage", "Distilled image", (820, 60), {"images": (4, 1), "filename_prefix": "asd/image_2d"}),
     }
 
@@ -154,8 +153,7 @@ def compare_methods() -> dict:
         y = 60 + 420 * row
         graph[base] = ("ASDTrainLoop", f"Train Loop ({method.upper()})", (420, y),
                        {"prior": (1, 0), "generator": (3, 0), "prompt": "a red cube", "negative_prompt": "",
-                        "method": method, "steps": TOY_3D_STEPS, **RECIPE_DEFAULTS,
-                        "noise_sharing": "fresh", "phi": (2, 0)})
+                        "method": method, "steps": TOY_3D_STEPS, **RECIPE_DEFAULTS, "phi": (2, 0)})
         graph[base + 1] = ("ASDRenderViews", f"Render Views ({method.upper()})", (820, y),
                            {"result": (base, 0), "views": 36, "size": 128, "elevation": 15.0, "distance": 1.5,
                             "fov": 70.0, "background": "white"})
@@ -194,7 +192,7 @@ def text_to_3d_sd21() -> dict:
             {"preset": "quality", "resolution_schedule": "", "batch_size": 1, "seed": 0}),
         4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
             {"prior": (1, 0), "generator": (3, 0), "prompt": "a DSLR photo of a hamburger", "negative_prompt": "",
-             "method": "asd", "steps": 25000, **RECIPE_DEFAULTS, "noise_sharing": "fresh", "phi": (2, 0)}),
+             "method": "asd", "steps": 25000, **RECIPE_DEFAULTS, "phi": (2, 0)}),
         5: ("ASDRenderViews", "Render Views", (820, 60),
             {"result": (4, 0), "views": 72, "size": 512, "elevation": 15.0, "distance": 1.5, "fov": 70.0,
              "background": "white"}),
