@@ -40,8 +40,7 @@ class DistillConfig:
     t_max: float | None = None    # 0.02 and 0.98; None: the prior's recipe)
     t_max_annealed: float = 0.5   # t_max from step `t_anneal_step` on (official 3D recipe: 980 → 500 at step 5000)
     t_anneal_step: int | None = None  # absolute step, so a resumed or extended run keeps the same schedule
-    phi_noise: str | None = None  # "fresh": φ step draws its own t', eps' (official); "shared": reuses t, eps;
-                                  # None: the prior's recipe
+    phi_noise: str | None = None  # "fresh": φ draws its own t', eps' (official); "shared": reuses t, eps; None: recipe
 
     def validate(self) -> None:
         checks = [("--method", self.method, METHODS), ("--weighting", self.weighting or "sds", WEIGHTINGS),
