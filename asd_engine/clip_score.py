@@ -26,7 +26,7 @@ class ClipScorer:
     """A local CLIP model; ``scorer(images [N, 3, H, W] in [0, 1], prompt) → cosines [N]``."""
 
     def __init__(self, folder: str | os.PathLike, device: str | torch.device = "cpu",
-                 input_name: str = "--clip") -> None:
+                 input_name: str = "clip") -> None:
         from transformers import AutoTokenizer, CLIPModel
 
         folder = Path(folder).expanduser()
@@ -78,7 +78,7 @@ class ClipScorer:
         return (self.image_embedding(images) @ self.text_embedding(prompt).T).squeeze(-1)
 
 
-def load_images(paths: list[str | os.PathLike], input_name: str = "--images") -> torch.Tensor:
+def load_images(paths: list[str | os.PathLike], input_name: str = "images") -> torch.Tensor:
     """Image files, a folder of them, or animated WEBP/GIF turntables → ``[N, 3, H, W]`` in [0, 1] (one size)."""
     import numpy as np
     from PIL import Image, ImageSequence

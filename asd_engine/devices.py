@@ -36,3 +36,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or (isinstance(device, str) and device == "auto"):
         return default_device()
     return torch.device(device)
+
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The frozen models' dtype: ``auto`` is fp16 on CUDA (as Stable Diffusion runs there) and fp32 elsewhere."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return PRECISIONS[precision]

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import UserInputError
-
 METHODS = ("asd", "vsd", "sds")
 WEIGHTINGS = ("sds", "uniform", "sigma_over_alpha")
 PHI_NOISE = ("fresh", "shared")
@@ -28,8 +26,9 @@ PHI_NOISE = ("fresh", "shared")
 
 @dataclass
 class DistillConfig:
-    """Distillation settings; defaults follow the official ASD configs (DESIGN §2b). ASD and VSD share all but γ.
-    ``None`` (CFG, γ, w(t), t range): "from the prior's recipe", filled when a run is built (:mod:`.recipe`)."""
+    """Distillation settings; defaults: the official ASD configs (docs/engine.md#official-recipe). ASD and VSD share
+    all but γ. ``None`` (CFG, γ, w(t), t range): "from the prior's recipe" (:mod:`asd_engine.prior.recipe`), filled
+    when a run is built."""
 
     method: str = "asd"
     guidance_scale: float | None = None   # None: the prior's recipe (official: 7.5)
@@ -41,24 +40,6 @@ class DistillConfig:
     t_max_annealed: float = 0.5   # t_max from step `t_anneal_step` on (official 3D recipe: 980 → 500 at step 5000)
     t_anneal_step: int | None = None  # absolute step, so a resumed or extended run keeps the same schedule
     phi_noise: str | None = None  # "fresh": φ draws its own t', eps' (official); "shared": reuses t, eps; None: recipe
-
-    def validate(self) -> None:
-        checks = [("--method", self.method, METHODS), ("--weighting", self.weighting or "sds", WEIGHTINGS),
-                  ("--phi-noise", self.phi_noise or "fresh", PHI_NOISE)]  # None (the recipe's): checked once resolved
-        for flag, value, allowed in checks:
-            if value not in allowed:
-                raise UserInputError(flag, f"unknown value '{value}'", f"use one of {', '.join(allowed)}")
-        if self.t_anneal_step is not None and self.t_anneal_step < 0:
-            raise UserInputError("--t-anneal-step", f"{self.t_anneal_step} is negative", "use a step ≥ 0 or leave it out")
-        t_min, t_max = self.t_min or 0.0, 1.0 if self.t_max is None else self.t_max  # None: checked once resolved
-        if not 0.0 <= t_min < t_max <= 1.0 or not t_min < self.t_max_annealed <= 1.0:
-            raise UserInputError("--t-range", f"t_min={self.t_min}, t_max={self.t_max}, "
-                                 f"t_max_annealed={self.t_max_annealed}", "use 0 ≤ t_min < t_max ≤ 1 and t_min < t_max_annealed")
-        if self.guidance_scale is not None and self.guidance_scale < 0:
-            raise UserInputError("--cfg", f"{self.guidance_scale} is negative", "use a guidance scale ≥ 0")
-        if self.method == "vsd" and self.gamma not in (None, 0.0):
-            raise UserInputError("--gamma", f"VSD is ASD with γ = 0, got γ = {self.gamma}",
-                                 "use --method asd to set γ, or leave --gamma out for VSD")
 
     @property
     def uses_phi(self) -> bool:
@@ -142,12 +123,12 @@ def distill_step(x0: torch.Tensor, prior, phi, conditioning: Conditioning, confi
     place (step 7), returns the generator's surrogate loss (step 6) for the caller to backward.
     ``reference [B, C, h, w]``: real samples in model space; enables the full L_D."""
     if None in (config.guidance_scale, config.t_min, config.t_max, config.gamma, config.weighting, config.phi_noise):
-        raise ValueError("distill_step needs a resolved config: use recipe.with_recipe(config, prior.recipe)")
+        raise ValueError("distill_step needs a resolved config: use settings.with_recipe(config, prior.recipe)")
     lo, hi = time_schedule(step, config, prior.num_train_timesteps)
     t, eps = sample_timesteps_and_noise(x0.shape, lo, hi, generator, x0.device)
     x0_detached = x0.detach()
     x_t = prior.add_noise(x0_detached, eps, t)
-    gamma = config.gamma if config.method == "asd" else 0.0
+    gamma = config.gamma  # 0 unless ASD: settings.resolve applies the method rules
     with torch.no_grad():
         eps_cfg, prior_cond = prior.guided(x_t, t, conditioning.cond, conditioning.uncond, config.guidance_scale,
                                            conditioning.negatives, conditioning.negative_weights)

@@ -41,7 +41,7 @@ def read_png(path: str | os.PathLike) -> torch.Tensor:
         return from_pil(img)
 
 
-def load_image(path: str | os.PathLike, size: int, input_name: str = "--reference") -> torch.Tensor:
+def load_image(path: str | os.PathLike, size: int, input_name: str = "references") -> torch.Tensor:
     """Read an image file, centre-crop to a square and resize to ``size`` → ``[1, 3, size, size]`` in [0, 1]."""
     try:
         with Image.open(path) as img:

@@ -23,10 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asd_engine.prior import DiffusionPrior  # noqa: E402
-from asd_engine.runs import resolve_precision  # noqa: E402
-from asd_engine.single_file import clip_tokenizer, family_config  # noqa: E402
-from asd_engine.text_to_3d import TextTo3D, preset_config  # noqa: E402
+from asd_engine.prior.diffusion import DiffusionPrior  # noqa: E402
+from asd_engine.devices import resolve_precision  # noqa: E402
+from asd_engine.prior.single_file import clip_tokenizer, family_config  # noqa: E402
+from asd_engine.runs.text_to_3d import TextTo3D  # noqa: E402
+from asd_engine.runs.configs import preset_config  # noqa: E402
 
 TINY = {"unet": dict(block_out_channels=[64, 128], attention_head_dim=[1, 2], layers_per_block=1,
                      down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],

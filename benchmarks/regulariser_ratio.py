@@ -20,9 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asd_engine.cameras import sample_cameras  # noqa: E402
+from asd_engine.scene.cameras import sample_cameras  # noqa: E402
 from asd_engine.distill import distill_step  # noqa: E402
-from asd_engine.text_to_3d import TextTo3D, opacity_entropy, preset_config, sparsity_loss  # noqa: E402
+from asd_engine.runs.text_to_3d import TextTo3D, opacity_entropy, sparsity_loss  # noqa: E402
+from asd_engine.runs.configs import preset_config  # noqa: E402
 
 
 def gradient_norms(run: TextTo3D, probes: int) -> dict[str, list[float]]:

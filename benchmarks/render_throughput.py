@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import asd_engine.text_to_3d as t3d  # noqa: E402
-from asd_engine.cameras import CameraRanges, sample_cameras  # noqa: E402
-from asd_engine.nerf import NeRFGenerator  # noqa: E402
-from asd_engine.tiny_pipeline import build_tiny_pipeline  # noqa: E402
+import asd_engine.runs.text_to_3d as t3d  # noqa: E402
+from asd_engine.scene.cameras import CameraRanges, sample_cameras  # noqa: E402
+from asd_engine.scene.nerf import NeRFGenerator  # noqa: E402
+from asd_engine.prior.tiny_pipeline import build_tiny_pipeline  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asd_engine.export import render_turntable  # noqa: E402
-from asd_engine.quality import evaluate_nerf, parse_toy_prompt  # noqa: E402
-from asd_engine.text_to_3d import load_nerf  # noqa: E402
-from asd_engine.toy_data import COLOURS, SHAPES, ToyJudge  # noqa: E402
+from asd_engine.scene.export import render_turntable  # noqa: E402
+from asd_engine.toy.quality import evaluate_nerf, parse_toy_prompt  # noqa: E402
+from asd_engine.runs.text_to_3d import load_nerf  # noqa: E402
+from asd_engine.toy.data import COLOURS, SHAPES, ToyJudge  # noqa: E402
 
 
 def judge_views(nerf, judges: dict[str, ToyJudge], elevation: float, views: int = 8,

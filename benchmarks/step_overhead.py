@@ -23,11 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asd_engine.discriminator import PhiConfig  # noqa: E402
+from asd_engine.prior.discriminator import PhiConfig  # noqa: E402
 from asd_engine.distill import DistillConfig  # noqa: E402
-from asd_engine.distill_2d import Distill2D, Distill2DConfig  # noqa: E402
-from asd_engine.prior import DiffusionPrior  # noqa: E402
-from asd_engine.tiny_pipeline import build_tiny_pipeline  # noqa: E402
+from asd_engine.runs.distill_2d import Distill2D  # noqa: E402
+from asd_engine.runs.configs import Distill2DConfig  # noqa: E402
+from asd_engine.prior.diffusion import DiffusionPrior  # noqa: E402
+from asd_engine.prior.tiny_pipeline import build_tiny_pipeline  # noqa: E402
 
 MODEL_SIZES = {
     # name: (UNet block_out_channels, layers_per_block, cross-attention dim, heads, default image size)

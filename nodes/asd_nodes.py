@@ -1,8 +1,13 @@
 """ComfyUI nodes of the pack (V1 API). Each node parses its inputs, calls ``asd_engine`` and returns outputs.
 
-Graph: Load SD Model → ASD Discriminator (LoRA/TI) → NeRF Generator / Image Generator → ASD Train Loop →
+Graph: Load SD Model → ASD Discriminator (LoRA) or (TI) → NeRF Generator / Image Generator → ASD Train Loop →
 Render Views / Export Mesh / Save ASD Checkpoint; Load ASD Checkpoint feeds Train Loop's ``resume`` or the
 output nodes. Custom types are pack-prefixed: ASD_PRIOR, ASD_PHI, ASD_GENERATOR, ASD_RESULT, ASD_CHECKPOINT.
+
+Widgets come from the engine's settings table (``asd_engine/runs/settings.py``): their choices, ranges and tooltips.
+A value that defaults to the prior's recipe or the preset has an explicit ``<name>_source`` choice beside it
+("from prior" / "from preset", or "custom" for the value widget). The nodes of the previous version keep their ids
+in ``legacy_nodes.py``, so saved workflows still load with their values mapped.
 """
 
 from __future__ import annotations
@@ -13,17 +18,14 @@ import time
 
 import torch
 
-from ..asd_engine import specs
-from ..asd_engine.discriminator import LORA_TARGETS, PhiConfig
-from ..asd_engine.distill import WEIGHTINGS
 from ..asd_engine.errors import UserInputError
-from ..asd_engine.loading import load_prior
-from ..asd_engine.prior import DiffusionPrior
-from ..asd_engine.runs import PRECISIONS
+from ..asd_engine.prior.diffusion import DiffusionPrior
+from ..asd_engine.prior.discriminator import PhiConfig, TextualInversionDiscriminator
+from ..asd_engine.prior.loading import load_prior
+from ..asd_engine.prior.recipe import OFFICIAL
+from ..asd_engine.runs import plan as run_plan, settings
+from ..asd_engine.runs.configs import TOY_CPU_STEPS, Distill2DConfig
 from . import comfy_bridge as host
-
-METHODS = ["asd", "vsd", "sds"]
-PRESETS = ["toy-cpu", "quality", "low-vram"]
 
 
 def engine_call(method):
@@ -35,11 +37,10 @@ def engine_call(method):
             with torch.inference_mode(False):
                 return method(*args, **kwargs)
         except UserInputError as exc:
-            raise RuntimeError(str(exc)) from None
+            raise RuntimeError(exc.render(settings.widget_of)) from None
     return wrapper
 
 
-PREDICTION_TYPES = ["auto", "epsilon", "v_prediction"]
 # Seeds stay as typed: no "control after generate" widget (the frontend would add one set to "randomize" for an
 # input named seed, and every Queue would then throw the trained run away and train a new one).
 SEED_TOOLTIP = ("Seed of the whole run; it stays fixed between Queues (a finished run is reused). For a new run, "
@@ -53,7 +54,7 @@ class _PriorNode:
     RETURN_TYPES = ("ASD_PRIOR",)
     RETURN_NAMES = ("prior",)
     OUTPUT_TOOLTIPS = ("The frozen prior; φ adapters are added to it per training run, never copied.",)
-    PRECISION_INPUT = (["auto", *PRECISIONS], {"default": "auto", "tooltip":
+    PRECISION_INPUT = (list(settings.BY_FIELD["precision"].choices), {"default": "auto", "tooltip":
                        "Weights' precision of the frozen prior: auto = fp16 on a GPU, fp32 on the CPU (as the CLI); "
                        "φ always trains in fp32."})
 
@@ -61,8 +62,7 @@ class _PriorNode:
     def _placement(precision: str) -> tuple[torch.device, torch.dtype]:
         """Where a new prior waits (ComfyUI's offload device: Train Loop loads it to the GPU through ComfyUI's
         model management, and gives it back after) and its dtype, chosen for the device it will compute on."""
-        from ..asd_engine.devices import default_device
-        from ..asd_engine.runs import resolve_precision
+        from ..asd_engine.devices import default_device, resolve_precision
 
         return host.offload_device(), resolve_precision(precision, default_device())
 
@@ -88,7 +88,7 @@ class ASDLoadPrior(_PriorNode):
                       {"tooltip": "A pipeline folder (model_index.json, unet/, ...) or a single-file SD 1.x/2.x "
                                   ".safetensors checkpoint (family and v-prediction are detected from the weights)."}),
             "precision": cls.PRECISION_INPUT,
-            "prediction_type": (PREDICTION_TYPES, {"default": "auto", "tooltip":
+            "prediction_type": (list(settings.BY_FIELD["prediction_type"].choices), {"default": "auto", "tooltip":
                                 "auto: the folder's scheduler, or detected from the checkpoint (the console says "
                                 "which signal decided); set it when a 768-v model is not detected."}),
         }}
@@ -118,7 +118,7 @@ class ASDPriorFromCheckpoint(_PriorNode):
 
     @engine_call
     def convert(self, model, clip, vae, precision: str):
-        from ..asd_engine.single_file import prior_from_state_dict
+        from ..asd_engine.prior.single_file import prior_from_state_dict
 
         state, prediction = host.checkpoint_state_dict(model, clip, vae)
         device, dtype = self._placement(precision)
@@ -127,50 +127,119 @@ class ASDPriorFromCheckpoint(_PriorNode):
             input_name="model", prediction_source="ComfyUI's model sampling"))
 
 
-class ASDDiscriminator:
-    DESCRIPTION = ("Settings of ASD's discriminator φ: a LoRA on the prior's own UNet (optionally conditioned on "
-                   "the camera) or textual-inversion tokens, its learning rate, and ASD's γ.")
+# A setting's widget pair: "<name>_source" says where the value comes from, "<name>" holds it when it is "custom"
+FROM_PRIOR, FROM_PRESET, DEFAULT, CUSTOM = "from prior", "from preset", "default", "custom"
+
+
+def _mode_of(field: str) -> str:
+    return "3d" if "3d" in settings.BY_FIELD[field].modes else "2d"
+
+
+def setting_tooltip(field: str, mode: str | None = None) -> str:
+    """A widget's tooltip from the settings table: what the setting does and where its default comes from."""
+    row = settings.BY_FIELD[field]
+    default = settings.default_text(row, mode or _mode_of(field))
+    text = row.help[0].upper() + row.help[1:]
+    return f"{text}. {default[0].upper() + default[1:]}." if default else f"{text}."
+
+
+def setting_widget(field: str, default, step: float | None = None, mode: str | None = None,
+                   tooltip: str | None = None) -> tuple:
+    """A value widget whose range and choices come from the settings table."""
+    row = settings.BY_FIELD[field]
+    options = {"default": default, "tooltip": tooltip or setting_tooltip(field, mode)}
+    if row.choices is not None:
+        return (list(row.choices), options)
+    if row.kind is bool:
+        return ("BOOLEAN", options)
+    if row.kind is str:
+        return ("STRING", options)
+    if row.low is not None:
+        options["min"] = row.low + (step or 0) if row.low_open else row.low
+    options["max"] = row.high if row.high is not None else (100_000 if row.kind is int else 1000.0)
+    if step is not None:
+        options["step"] = step
+    return ("INT" if row.kind is int else "FLOAT", options)
+
+
+def source_widget(name: str, choices: tuple[str, ...], explains: str) -> tuple[str, tuple]:
+    """The explicit choice beside a value widget: where ``name``'s value comes from."""
+    return f"{name}_source", (list(choices), {"default": choices[0], "tooltip":
+                              f"Where '{name}' comes from: {explains}; custom: the '{name}' value."})
+
+
+def chosen(source: str, value):
+    """The value to hand the engine: None (the engine's default, the prior's recipe or the preset) unless custom."""
+    return value if source == CUSTOM else None
+
+
+def _recipe_explains(field: str, mode: str | None = None) -> str:
+    return settings.default_text(settings.BY_FIELD[field], mode or _mode_of(field)).replace("default: ", "")
+
+
+class _DiscriminatorNode:
+    """What the two φ nodes share: output, category, ASD's γ and φ's own model."""
+
     CATEGORY = "ASD/setup"
     RETURN_TYPES = ("ASD_PHI",)
     RETURN_NAMES = ("phi",)
-    OUTPUT_TOOLTIPS = ("φ settings for ASD Train Loop (VSD uses them with γ = 0; SDS ignores them).",)
+    OUTPUT_TOOLTIPS = ("φ for ASD Train Loop (VSD uses it with γ = 0; SDS has no φ).",)
     FUNCTION = "build"
+
+    @staticmethod
+    def gamma_inputs() -> dict:
+        name, source = source_widget("gamma", (FROM_PRIOR, CUSTOM), _recipe_explains("distill.gamma"))
+        return {name: source, "gamma": setting_widget("distill.gamma", OFFICIAL.gamma, step=0.05)}
+
+    @staticmethod
+    def phi_model_input() -> dict:
+        return {"phi_model": ("ASD_PRIOR", {"tooltip": "A second model for φ (the official recipe: SD2.1-768 v for φ, "
+                                                       "SD2.1-base as the prior). Empty: φ lives on the prior."})}
+
+
+class ASDDiscriminatorLoRA(_DiscriminatorNode):
+    DESCRIPTION = ("ASD's discriminator φ as a LoRA on the prior's own UNet (optionally conditioned on the camera), "
+                   "its learning rate, and ASD's γ.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        lr_name, lr_source = source_widget("learning_rate", (FROM_PRIOR, CUSTOM), _recipe_explains("phi.lr"))
+        return {"required": {
+            "lora_rank": setting_widget("phi.lora_rank", PhiConfig.lora_rank),
+            "lora_targets": ([FROM_PRIOR, *settings.BY_FIELD["phi.lora_targets"].choices], {
+                "default": FROM_PRIOR, "tooltip": setting_tooltip("phi.lora_targets")}),
+            lr_name: lr_source,
+            "learning_rate": setting_widget("phi.lr", OFFICIAL.lora_lr, step=1e-5),
+            **cls.gamma_inputs(),
+            "camera_embedding": setting_widget("phi.camera_embedding", PhiConfig.camera_embedding),
+        }, "optional": cls.phi_model_input()}
+
+    @engine_call
+    def build(self, lora_rank, lora_targets, learning_rate_source, learning_rate, gamma_source, gamma,
+              camera_embedding, phi_model=None):
+        phi = PhiConfig(kind="lora", lora_rank=lora_rank, lora_targets=None if lora_targets == FROM_PRIOR else lora_targets,
+                        lr=chosen(learning_rate_source, learning_rate), camera_embedding=camera_embedding)
+        return (run_plan.DiscriminatorSpec(phi=phi, gamma=chosen(gamma_source, gamma), phi_prior=phi_model),)
+
+
+class ASDDiscriminatorTI(_DiscriminatorNode):
+    DESCRIPTION = "ASD's discriminator φ as textual-inversion tokens (only their embeddings train), and ASD's γ."
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "phi_type": (["lora", "ti"], {"default": "lora", "tooltip": "LoRA adapter, or textual inversion tokens."}),
-            "lora_rank": ("INT", {"default": 4, "min": 1, "max": 128, "tooltip": "LoRA rank (official: 4)."}),
-            "ti_tokens": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Number of textual-inversion tokens."}),
-            "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-5,
-                              "tooltip": "φ's AdamW learning rate; 0 = default: from the prior's recipe for LoRA "
-                                         "(Stable Diffusion 1e-4, toy prior 1e-2), 5e-3 for TI."}),
-            "gamma": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 1.0, "step": 0.05,
-                      "tooltip": "ASD's γ in the discriminator loss, -1 … 0 (0 turns ASD into VSD); 1 = default: from "
-                                 "the prior's recipe (Stable Diffusion: the official -0.75)."}),
-            "camera_embedding": ("BOOLEAN", {"default": True,
-                                 "tooltip": "Condition the LoRA φ on the camera (3D runs, as the official code)."}),
-        }, "optional": {
-            "phi_model": ("ASD_PRIOR", {"tooltip": "A second model for φ (the official recipe: SD2.1-768 v for φ, "
-                                                   "SD2.1-base as the prior). Empty: φ lives on the prior itself."}),
-            "lora_targets": (["from prior", *LORA_TARGETS], {"default": "from prior",
-                             "tooltip": "UNet layers the LoRA adapts: attention or all (every convolution too); "
-                                        "from prior = the prior's recipe (Stable Diffusion: the official attention; "
-                                        "toy prior: all)."}),
-        }}
+            "ti_tokens": setting_widget("phi.num_tokens", PhiConfig.num_tokens),
+            "ti_init_word": setting_widget("phi.init_word", PhiConfig.init_word),
+            "learning_rate": setting_widget("phi.lr", TextualInversionDiscriminator.default_lr, step=1e-4,
+                                            tooltip="φ's learning rate (textual inversion's own default: "
+                                                    f"{TextualInversionDiscriminator.default_lr:g})."),
+            **cls.gamma_inputs(),
+        }, "optional": cls.phi_model_input()}
 
     @engine_call
-    def build(self, phi_type, lora_rank, ti_tokens, learning_rate, gamma, camera_embedding, phi_model=None,
-              lora_targets=None):
-        # optional, so that API workflows saved before it existed still validate: absent = from the prior's recipe
-        phi = PhiConfig(kind=phi_type, lora_rank=lora_rank,
-                        lora_targets=None if lora_targets in (None, "from prior") else lora_targets,
-                        num_tokens=ti_tokens,
-                        lr=learning_rate or None, camera_embedding=camera_embedding)
-        phi.validate()
-        if 0.0 < gamma < 1.0:
-            raise UserInputError("gamma", f"{gamma} is not a γ", "use -1 … 0, or 1 for the prior's recipe")
-        return (specs.DiscriminatorSpec(phi=phi, gamma=None if gamma == 1.0 else gamma, phi_prior=phi_model),)
+    def build(self, ti_tokens, ti_init_word, learning_rate, gamma_source, gamma, phi_model=None):
+        phi = PhiConfig(kind="ti", num_tokens=ti_tokens, init_word=ti_init_word, lr=learning_rate)
+        return (run_plan.DiscriminatorSpec(phi=phi, gamma=chosen(gamma_source, gamma), phi_prior=phi_model),)
 
 
 class ASDNeRFGenerator:
@@ -185,21 +254,23 @@ class ASDNeRFGenerator:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "preset": (PRESETS, {"default": "toy-cpu", "tooltip": "Grid size, render resolutions and defaults."}),
+            "preset": setting_widget("preset", "toy-cpu", tooltip="Grid size, render resolutions, step count and "
+                                     "mesh isosurface: toy-cpu (minutes on a CPU), quality (the official recipe, "
+                                     "GPU), low-vram."),
             "resolution_schedule": ("STRING", {"default": "", "tooltip":
                                     "Render sizes by step, e.g. '0:64, 5000:512'; empty = the preset's."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Cameras per step."}),
+            "batch_size": setting_widget("batch_size", 1),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "control_after_generate": False,
                      "tooltip": SEED_TOOLTIP}),
         }}
 
     @engine_call
     def build(self, preset, resolution_schedule, batch_size, seed):
-        schedule = specs.parse_resolution_schedule(resolution_schedule)
-        return (specs.NeRFGeneratorSpec(preset=preset, resolution_schedule=schedule, batch_size=batch_size, seed=seed),)
+        schedule = settings.parse_resolution_schedule(resolution_schedule)
+        return (run_plan.NeRFGeneratorSpec(preset=preset, resolution_schedule=schedule, batch_size=batch_size, seed=seed),)
 
 
-class ASDImageGenerator:
+class ASDImage:
     DESCRIPTION = "One image to distil (2D): optimised as the prior's latent, or as RGB pixels through its VAE."
     CATEGORY = "ASD/setup"
     RETURN_TYPES = ("ASD_GENERATOR",)
@@ -209,28 +280,36 @@ class ASDImageGenerator:
 
     @classmethod
     def INPUT_TYPES(cls):
+        size_name, size_source = source_widget("size", (FROM_PRIOR, CUSTOM), "the prior's own size (32 px for the "
+                                               "toy prior, 512 for Stable Diffusion 2.1 base)")
+        lr_name, lr_source = source_widget("learning_rate", (DEFAULT, CUSTOM), "0.03 for a latent, 0.01 for pixels")
+        jitter_name, jitter_source = source_widget("jitter", (FROM_PRIOR, CUSTOM), _recipe_explains("jitter"))
         return {"required": {
-            "size": ("INT", {"default": 512, "min": 8, "max": 2048, "step": 8, "tooltip": "Image side in pixels."}),
-            "parameterization": (["latent", "pixel"], {"default": "latent", "tooltip":
-                                 "latent: no VAE pass per step (fast); pixel: RGB through the VAE encoder."}),
-            "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-4,
-                              "tooltip": "Adam learning rate of the image; 0 = default (0.03 latent, 0.01 pixel)."}),
+            size_name: size_source,
+            "size": setting_widget("size", 512, step=8),
+            "parameterization": setting_widget("parameterization", "latent"),
+            lr_name: lr_source,
+            "learning_rate": setting_widget("lr", 0.03, step=1e-4),
+            jitter_name: jitter_source,
+            "jitter": setting_widget("jitter", 0),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "control_after_generate": False,
                      "tooltip": SEED_TOOLTIP}),
-        }, "optional": {
-            "jitter": ("INT", {"default": -1, "min": -1, "max": 64, "tooltip":
-                       "Each step the prior sees the image rolled by a random shift of up to this many pixels (of "
-                       "its latent, for Stable Diffusion) per axis; 0 = never. -1 = default: from the prior's recipe "
-                       "(Stable Diffusion 0, toy prior 1; SDS runs 0)."}),
         }}
 
-    def build(self, size, parameterization, learning_rate, seed, jitter=None):
-        # optional, so that API workflows saved before it existed still validate: absent or -1 = from the recipe
-        return (specs.ImageGeneratorSpec(size=size, parameterization=parameterization, lr=learning_rate or None,
-                                         seed=seed, jitter=None if jitter is None or jitter < 0 else jitter),)
+    @engine_call
+    def build(self, size_source, size, parameterization, learning_rate_source, learning_rate, jitter_source, jitter,
+              seed):
+        return (run_plan.ImageGeneratorSpec(size=chosen(size_source, size), parameterization=parameterization,
+                                         lr=chosen(learning_rate_source, learning_rate), seed=seed,
+                                         jitter=chosen(jitter_source, jitter)),)
 
 
-class ASDTrainLoop:
+def _option(value: str):
+    """A combo's value for the engine: None for "from prior"."""
+    return None if value == FROM_PRIOR else value
+
+
+class ASDTrain:
     DESCRIPTION = ("Runs Adversarial Score Distillation (or the VSD / SDS baselines) with live progress and a "
                    "preview. Each run keeps its checkpoint in output/asd/train/<prompt>_<run id>: queueing the same "
                    "run again reuses it, and after a Cancel it resumes where it stopped.")
@@ -247,74 +326,79 @@ class ASDTrainLoop:
 
     @classmethod
     def INPUT_TYPES(cls):
+        steps_name, steps_source = source_widget("steps", (FROM_PRESET, CUSTOM), "the generator's: the NeRF preset's "
+                                                 f"({_recipe_explains('steps', '3d')}), 2D "
+                                                 f"{settings.show_value(settings.get_field(Distill2DConfig(''), 'steps'))}")
+        cfg_name, cfg_source = source_widget("cfg", (FROM_PRIOR, CUSTOM), _recipe_explains("distill.guidance_scale"))
+        t_name, t_source = source_widget("t_range", (FROM_PRIOR, CUSTOM), "the prior's recipe (Stable Diffusion "
+                                         f"{OFFICIAL.t_min}–{OFFICIAL.t_max}); custom: 't_min' and 't_max'")
+        combo = {field: ([FROM_PRIOR, *settings.BY_FIELD[field].choices],
+                         {"default": FROM_PRIOR, "tooltip": setting_tooltip(field)})
+                 for field in ("distill.weighting", "background", "distill.phi_noise")}
         return {"required": {
             "prior": ("ASD_PRIOR", {"tooltip": "From Load SD Model."}),
             "generator": ("ASD_GENERATOR", {"tooltip": "From NeRF Generator or Image Generator."}),
             "prompt": ("STRING", {"multiline": True, "default": "a red cube", "tooltip": "What to make."}),
             "negative_prompt": ("STRING", {"multiline": True, "default": "",
                                 "tooltip": "Classifier-free guidance's negative prompt."}),
-            "method": (METHODS, {"default": "asd", "tooltip": "asd, or the baselines vsd (= γ 0) and sds (no φ)."}),
-            "steps": ("INT", {"default": 300, "min": 1, "max": 100_000, "tooltip": "Total steps (also when resuming)."}),
-            "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
-                    "tooltip": "Classifier-free guidance scale of the prior; 0 = default: from the prior's recipe "
-                               "(Stable Diffusion 7.5, toy prior 3)."}),
-            "weighting": (["from prior", *WEIGHTINGS], {"default": "from prior", "tooltip":
-                          "w(t): 1-ᾱ (sds), 1 (uniform), or √((1-ᾱ)/ᾱ). Default: from the prior's recipe "
-                          "(sds; the toy prior's 2D runs: uniform)."}),
-            "t_min": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.01,
-                      "tooltip": "Lowest timestep as a fraction of T; -1 = default: from the prior's recipe (0.02)."}),
-            "t_max": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.01,
-                      "tooltip": "Highest timestep as a fraction of T (3D presets anneal it later); -1 = default: "
-                                 "from the prior's recipe (0.98)."}),
-            "background": (["from prior", "random", "white", "black"], {"default": "from prior", "tooltip":
-                           "What renders are composited over in training (3D) and 2D pixels start as. Default: from "
-                           "the prior's recipe (random colours for Stable Diffusion, white for the toy prior, which "
-                           "only saw white)."}),
-            "noise_sharing": (["from prior", "fresh", "shared"], {"default": "from prior", "tooltip":
-                              "φ step with its own t' and noise (fresh, official) or the generator's (shared, one UNet "
-                              "call less). Default: from the prior's recipe (fresh for Stable Diffusion; the toy "
-                              "prior: shared in 3D, where it opened the torus's hole, fresh in 2D)."}),
+            "method": setting_widget("distill.method", "asd"),
+            steps_name: steps_source,
+            "steps": setting_widget("steps", TOY_CPU_STEPS, tooltip="Total steps (also when resuming), when "
+                                    "'steps_source' is custom."),
+            cfg_name: cfg_source,
+            "cfg": setting_widget("distill.guidance_scale", OFFICIAL.guidance_scale, step=0.1),
+            "weighting": combo["distill.weighting"],
+            t_name: t_source,
+            "t_min": setting_widget("distill.t_min", OFFICIAL.t_min, step=0.01),
+            "t_max": setting_widget("distill.t_max", OFFICIAL.t_max, step=0.01),
+            "background": combo["background"],
+            "noise_sharing": combo["distill.phi_noise"],
         }, "optional": {
-            "phi": ("ASD_PHI", {"tooltip": "From ASD Discriminator; default: LoRA rank 4, γ from the prior's recipe."}),
+            "phi": ("ASD_PHI", {"tooltip": "From ASD Discriminator (LoRA) or (TI); default: a LoRA of rank 4, γ "
+                                           "from the prior's recipe."}),
             "resume": ("ASD_CHECKPOINT", {"tooltip": "Continue this checkpoint up to 'steps' (same prompt/method; its "
                                                      "settings are used). Not needed after a Cancel: the same run "
                                                      "resumes by itself."}),
         }}
 
     @engine_call
-    def train(self, prior, generator, prompt, negative_prompt, method, steps, cfg, weighting, t_min, t_max,
-              noise_sharing, background="from prior", phi=None, resume=None):
-        # 0 / -1 / "from prior" are the widgets' way of saying None: the prior's recipe decides
-        plan = specs.plan_run(prior, generator, prompt, steps, negative_prompt=negative_prompt, method=method,
-                              guidance_scale=cfg or None, weighting=None if weighting == "from prior" else weighting,
-                              t_min=None if t_min < 0 else t_min,
-                              t_max=None if t_max < 0 else t_max, discriminator=phi,
-                              phi_noise=None if noise_sharing == "from prior" else noise_sharing,
-                              background=None if background == "from prior" else background)
-        if resume:
-            plan = specs.resume_plan(plan, resume)
-        checkpoint = host.train_folder(prompt, plan.key()) / "checkpoint"
-        start = specs.latest_checkpoint([checkpoint, resume], steps)
-        with host.priors_loaded([prior, plan.phi_prior], specs.training_memory_bytes(plan)):
-            result, preview = self._train(plan, start, checkpoint)
-        images = host.to_comfy_images(preview)
-        return {"ui": {"images": host.save_preview(images)},
-                "result": (result, images, str(result.checkpoint), result.losses)}
+    def train(self, prior, generator, prompt, negative_prompt, method, steps_source, steps, cfg_source, cfg,
+              weighting, t_range_source, t_min, t_max, background, noise_sharing, phi=None, resume=None):
+        values = {"prompt": prompt, "negative_prompt": negative_prompt, "distill.method": method,
+                  "steps": chosen(steps_source, steps), "distill.guidance_scale": chosen(cfg_source, cfg),
+                  "distill.weighting": _option(weighting), "distill.t_min": chosen(t_range_source, t_min),
+                  "distill.t_max": chosen(t_range_source, t_max), "background": _option(background),
+                  "distill.phi_noise": _option(noise_sharing)}
+        return train_node(prior, generator, values, phi, resume)
 
-    @staticmethod
-    def _train(plan, start, checkpoint):
-        run = plan.build(resume=start)
-        if start is not None:  # a finished run is rebuilt from its checkpoint and runs no step
-            logging.info("[ASD] Train Loop: %s %s at step %d of %d", "resuming" if run.step < run.config.steps
-                         else "reusing the finished run in", start, run.step, run.config.steps)
-        progress = Progress(run)
-        try:
-            result = specs.train(run, checkpoint, on_step=progress.on_step, is_interrupt=host.is_interrupt)
-            # the last step's progress preview is the final picture; a finished run that ran no step renders it
-            return result, progress.final if progress.final is not None else run.preview()
-        finally:
-            if run.phi is not None and hasattr(run.phi, "remove"):
-                run.phi.remove()  # the prior is shared: leave it exactly as loaded
+
+def train_node(prior, generator, values: dict, phi=None, resume=None) -> dict:
+    """What a Train Loop node does with its values (field → value; None: the engine's default)."""
+    plan = run_plan.plan_from_specs(prior, generator, values, discriminator=phi)
+    if resume:
+        plan = run_plan.resume_plan(plan, resume)
+    checkpoint = host.train_folder(plan.config.prompt, plan.key()) / "checkpoint"
+    start = run_plan.latest_checkpoint([checkpoint, resume], plan.config.steps)
+    with host.priors_loaded([prior, plan.phi_prior], run_plan.training_memory_bytes(plan)):
+        result, preview = _train(plan, start, checkpoint)
+    images = host.to_comfy_images(preview)
+    return {"ui": {"images": host.save_preview(images)},
+            "result": (result, images, str(result.checkpoint), result.losses)}
+
+
+def _train(plan, start, checkpoint):
+    run = plan.build(resume=start)
+    if start is not None:  # a finished run is rebuilt from its checkpoint and runs no step
+        logging.info("[ASD] Train Loop: %s %s at step %d of %d", "resuming" if run.step < run.config.steps
+                     else "reusing the finished run in", start, run.step, run.config.steps)
+    progress = Progress(run)
+    try:
+        result = run_plan.train(run, checkpoint, on_step=progress.on_step, is_interrupt=host.is_interrupt)
+        # the last step's progress preview is the final picture; a finished run that ran no step renders it
+        return result, progress.final if progress.final is not None else run.preview()
+    finally:
+        if run.phi is not None and hasattr(run.phi, "remove"):
+            run.phi.remove()  # the prior is shared: leave it exactly as loaded
 
 
 class Progress:
@@ -330,7 +414,7 @@ class Progress:
 
     def on_step(self, info) -> None:
         preview = None
-        if info.step == info.total or time.monotonic() - self.last_preview >= ASDTrainLoop.PREVIEW_SECONDS:
+        if info.step == info.total or time.monotonic() - self.last_preview >= ASDTrain.PREVIEW_SECONDS:
             preview, self.last_preview = self.run.preview(), time.monotonic()
         if info.step == info.total:
             self.final = preview
@@ -359,7 +443,7 @@ class ASDSaveCheckpoint:
         import shutil
 
         folder, relative = host.new_output_folder(filename_prefix)
-        if result.checkpoint is None or specs.checkpoint_step(result.checkpoint) is None:
+        if result.checkpoint is None or run_plan.checkpoint_step(result.checkpoint) is None:
             raise UserInputError("result", "it has no checkpoint folder to save",
                                  "connect an ASD Train Loop or Load ASD Checkpoint result")
         shutil.copytree(result.checkpoint, folder / "checkpoint")
@@ -395,26 +479,28 @@ class ASDLoadCheckpoint:
                                  "choose one from the list; refresh the page after training")
         path = folders[checkpoint]
         with host.priors_loaded([prior]):
-            return (str(path), specs.load_result(path, prior=prior))
+            return (str(path), run_plan.load_result(path, prior=prior))
 
 
 NODE_CLASS_MAPPINGS = {
     "ASDLoadPrior": ASDLoadPrior,
     "ASDPriorFromCheckpoint": ASDPriorFromCheckpoint,
-    "ASDDiscriminator": ASDDiscriminator,
+    "ASDDiscriminatorLoRA": ASDDiscriminatorLoRA,
+    "ASDDiscriminatorTI": ASDDiscriminatorTI,
     "ASDNeRFGenerator": ASDNeRFGenerator,
-    "ASDImageGenerator": ASDImageGenerator,
-    "ASDTrainLoop": ASDTrainLoop,
+    "ASDImage": ASDImage,
+    "ASDTrain": ASDTrain,
     "ASDSaveCheckpoint": ASDSaveCheckpoint,
     "ASDLoadCheckpoint": ASDLoadCheckpoint,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ASDLoadPrior": "Load SD Model (ASD)",
     "ASDPriorFromCheckpoint": "ASD Prior from Checkpoint",
-    "ASDDiscriminator": "ASD Discriminator (LoRA/TI)",
+    "ASDDiscriminatorLoRA": "ASD Discriminator (LoRA)",
+    "ASDDiscriminatorTI": "ASD Discriminator (TI)",
     "ASDNeRFGenerator": "NeRF Generator (ASD)",
-    "ASDImageGenerator": "Image Generator (ASD)",
-    "ASDTrainLoop": "ASD Train Loop",
+    "ASDImage": "Image Generator (ASD)",
+    "ASDTrain": "ASD Train Loop",
     "ASDSaveCheckpoint": "Save ASD Checkpoint",
     "ASDLoadCheckpoint": "Load ASD Checkpoint",
 }

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..asd_engine.devices import set_device_provider
-from ..asd_engine.toy_prior import default_prior_path
+from ..asd_engine.prior import default_prior_path
 
 EMBEDDED_PRIOR = "asd-toy-prior (embedded, 32 px)"
 MODEL_FOLDERS = ("asd", "diffusers")
@@ -235,7 +235,7 @@ def checkpoint_choices() -> dict[str, Path]:
     """Checkpoint folders (holding ``checkpoint.json``) under ``output/asd`` and the ``models/asd`` folders, by the
     label the Load ASD Checkpoint dropdown shows: ``output/asd/...`` or ``models/asd/...``. Only these can be
     loaded by a graph: a server started with --listen must not read folders a graph names."""
-    from ..asd_engine.checkpoint import META_FILE
+    from ..asd_engine.runs.checkpoint import META_FILE
 
     found: dict[str, Path] = {}
     for label, roots in CHECKPOINT_ROOTS:

@@ -1,7 +1,7 @@
 """ComfyUI nodes that turn a trained NeRF into pictures and meshes (V1 API): Render Views, Export Mesh, NeRF to Mesh,
 Save Coloured GLB.
 
-Kept apart from the training nodes in ``asd_nodes.py``; all are thin adapters over ``asd_engine.export``. A result's
+Kept apart from the training nodes in ``asd_nodes.py``; all are thin adapters over ``asd_engine.scene.export``. A result's
 NeRF may be cached on the CPU: the work runs on the engine's device and the NeRF goes back where it was. Meshes
 cross to other packs as core's ``MESH`` (vertices ``[B, N, 3]`` float, faces ``[B, M, 3]`` int, y-up like every
 mesh file the pack writes), with ``vertex_colors`` ``[B, N, 3]`` in [0, 1] added for Save Coloured GLB.
@@ -17,14 +17,25 @@ import torch
 
 from ..asd_engine.devices import default_device
 from ..asd_engine.errors import UserInputError
+from ..asd_engine.runs.configs import EXPORT_DEFAULTS
 from . import comfy_bridge as host
-from .asd_nodes import engine_call
+from .asd_nodes import CUSTOM, FROM_PRESET, engine_call
 
 RESULT_INPUT = ("ASD_RESULT", {"tooltip": "From ASD Train Loop or Load ASD Checkpoint (3D)."})
 RESOLUTION_INPUT = ("INT", {"default": 128, "min": 16, "max": 512, "tooltip": "Marching-cubes grid size."})
 THRESHOLD_INPUT = ("FLOAT", {"default": 25.0, "min": 0.0, "max": 1000.0, "step": 0.5,
-                             "tooltip": "Density isosurface: 25 for the SD presets, about 5 for toy-cpu "
-                                        "(lowered with a warning if nothing reaches it)."})
+                             "tooltip": "Density isosurface, when 'threshold_source' is custom (lowered with a "
+                                        "warning if nothing reaches it)."})
+THRESHOLD_SOURCE = ([FROM_PRESET, CUSTOM], {"default": FROM_PRESET, "tooltip": "Where 'threshold' comes from: the "
+                    "result's preset (" + ", ".join(f"{p} {d['mesh_threshold']:g}" for p, d in EXPORT_DEFAULTS.items())
+                    + "), or custom: the 'threshold' value."})
+
+
+def mesh_threshold(result, threshold_source: str, threshold: float) -> float:
+    """The isosurface to mesh ``result`` at: the value when custom, else its preset's."""
+    if threshold_source == CUSTOM:
+        return threshold
+    return EXPORT_DEFAULTS[getattr(result.config, "preset", "quality")]["mesh_threshold"]
 
 
 def _nerf_of(result, node: str):
@@ -50,7 +61,7 @@ class _NodeProgress:
 
 def _extract_mesh(result, node: str, resolution: int, threshold: float):
     """The result's mesh (``trimesh.Trimesh``, engine z-up), extracted on the engine's device."""
-    from ..asd_engine.export import extract_mesh, on_device
+    from ..asd_engine.scene.export import extract_mesh, on_device
 
     nerf = _nerf_of(result, node)
     with on_device(nerf, default_device()):
@@ -82,7 +93,7 @@ class ASDRenderViews:
 
     @engine_call
     def render(self, result, views, size, elevation, distance, fov, background):
-        from ..asd_engine.export import on_device, render_turntable
+        from ..asd_engine.scene.export import on_device, render_turntable
 
         nerf = _nerf_of(result, "Render Views")
         with on_device(nerf, default_device()):
@@ -92,7 +103,7 @@ class ASDRenderViews:
                 turntable.alpha[..., 0].contiguous(), turntable.normals.contiguous())
 
 
-class ASDExportMesh:
+class ASDExportNeRFMesh:
     DESCRIPTION = ("Marching-cubes mesh of a trained NeRF with vertex colours, written to the output folder as "
                    "GLB and/or OBJ (y-up); connect 'mesh_path' to Preview3D to view it.")
     CATEGORY = "ASD/outputs"
@@ -107,16 +118,17 @@ class ASDExportMesh:
         return {"required": {
             "result": RESULT_INPUT,
             "resolution": RESOLUTION_INPUT,
+            "threshold_source": THRESHOLD_SOURCE,
             "threshold": THRESHOLD_INPUT,
             "format": (["glb", "obj", "glb+obj"], {"default": "glb", "tooltip": "File format(s)."}),
             "filename_prefix": ("STRING", {"default": "asd_mesh", "tooltip": "Files go to output/asd/<prefix>_NNNNN/."}),
         }}
 
     @engine_call
-    def export(self, result, resolution, threshold, format, filename_prefix):
-        from ..asd_engine.export import save_mesh
+    def export(self, result, resolution, threshold_source, threshold, format, filename_prefix):
+        from ..asd_engine.scene.export import save_mesh
 
-        mesh = _extract_mesh(result, "Export Mesh", resolution, threshold)
+        mesh = _extract_mesh(result, "Export Mesh", resolution, mesh_threshold(result, threshold_source, threshold))
         folder, relative = host.new_output_folder(filename_prefix)  # only now: a cancelled export leaves no folder
         files = []
         for suffix in format.split("+"):
@@ -145,7 +157,7 @@ def _mesh_class() -> type:
     return Mesh
 
 
-class ASDNeRFToMesh:
+class ASDNeRFMesh:
     DESCRIPTION = ("Marching-cubes mesh of a trained NeRF as core's MESH (y-up, like Export Mesh's files), for "
                    "core Save GLB and other packs' 3D nodes; it carries vertex colours for Save Coloured GLB (ASD).")
     CATEGORY = "ASD/outputs"
@@ -157,12 +169,14 @@ class ASDNeRFToMesh:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"result": RESULT_INPUT, "resolution": RESOLUTION_INPUT, "threshold": THRESHOLD_INPUT}}
+        return {"required": {"result": RESULT_INPUT, "resolution": RESOLUTION_INPUT,
+                             "threshold_source": THRESHOLD_SOURCE, "threshold": THRESHOLD_INPUT}}
 
     @engine_call
-    def convert(self, result, resolution, threshold):
-        from ..asd_engine.export import mesh_arrays
+    def convert(self, result, resolution, threshold_source, threshold):
+        from ..asd_engine.scene.export import mesh_arrays
 
+        threshold = mesh_threshold(result, threshold_source, threshold)
         vertices, faces, colours = mesh_arrays(_extract_mesh(result, "NeRF to Mesh", resolution, threshold))
         mesh = _mesh_class()(torch.from_numpy(vertices)[None], torch.from_numpy(faces)[None])
         mesh.vertex_colors = torch.from_numpy(colours)[None]
@@ -235,7 +249,7 @@ class ASDSaveMeshGLB:
 
     @engine_call
     def save(self, mesh, filename_prefix, prompt=None, extra_pnginfo=None):
-        from ..asd_engine.export import mesh_from_arrays, write_mesh
+        from ..asd_engine.scene.export import mesh_from_arrays, write_mesh
 
         items = _mesh_items(mesh)
         metadata = _workflow_metadata(prompt, extra_pnginfo) or None
@@ -252,13 +266,13 @@ class ASDSaveMeshGLB:
 
 NODE_CLASS_MAPPINGS = {
     "ASDRenderViews": ASDRenderViews,
-    "ASDExportMesh": ASDExportMesh,
-    "ASDNeRFToMesh": ASDNeRFToMesh,
+    "ASDExportNeRFMesh": ASDExportNeRFMesh,
+    "ASDNeRFMesh": ASDNeRFMesh,
     "ASDSaveMeshGLB": ASDSaveMeshGLB,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ASDRenderViews": "Render Views (ASD)",
-    "ASDExportMesh": "Export Mesh (ASD)",
-    "ASDNeRFToMesh": "NeRF to Mesh (ASD)",
+    "ASDExportNeRFMesh": "Export Mesh (ASD)",
+    "ASDNeRFMesh": "NeRF to Mesh (ASD)",
     "ASDSaveMeshGLB": "Save Coloured GLB (ASD)",
 }

@@ -101,10 +101,14 @@ def start_host(base: Path, timeout: float = 180.0) -> ComfyHost:
 
 
 FAST = {  # per class type: inputs that make any workflow quick on a CPU
+    "ASDTrain": {"steps_source": "custom", "steps": 3},
     "ASDTrainLoop": {"steps": 3},
     "ASDRenderViews": {"views": 3, "size": 32},
+    "ASDExportNeRFMesh": {"resolution": 32},
+    "ASDNeRFMesh": {"resolution": 32},
     "ASDExportMesh": {"resolution": 32},
     "ASDNeRFToMesh": {"resolution": 32},
+    "ASDImage": {"size_source": "custom", "size": 32},
     "ASDImageGenerator": {"size": 32},
 }
 
@@ -127,7 +131,7 @@ def post(host: ComfyHost, route: str, payload: dict) -> dict:
 
 def run_graph(host: ComfyHost, graph: dict, out: Path) -> tuple[str, str, list[Path]]:
     """Queue ``graph`` through the headless client and wait: (prompt id, status, downloaded files)."""
-    from asd_engine import comfy_client
+    from workflows import comfy_client
 
     client = comfy_client.Client(host.url)
     client.connect()

@@ -10,8 +10,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from asd_engine.prior import DiffusionPrior
-from asd_engine.tiny_pipeline import build_tiny_pipeline
+from asd_engine.prior.diffusion import DiffusionPrior
+from asd_engine.prior.tiny_pipeline import build_tiny_pipeline
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

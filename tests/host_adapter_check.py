@@ -23,8 +23,8 @@ sys.path.insert(0, str(pack_dir / "workflows"))
 from make_workflows import load_pack  # noqa: E402  (the pack loader the tests and the workflow generator share)
 
 pack = load_pack()
-load_prior = importlib.import_module(pack.__name__ + ".asd_engine.loading").load_prior
-prior_from_state_dict = importlib.import_module(pack.__name__ + ".asd_engine.single_file").prior_from_state_dict
+load_prior = importlib.import_module(pack.__name__ + ".asd_engine.prior.loading").load_prior
+prior_from_state_dict = importlib.import_module(pack.__name__ + ".asd_engine.prior.single_file").prior_from_state_dict
 comfy_bridge = importlib.import_module(pack.__name__ + ".nodes.comfy_bridge")
 
 with torch.inference_mode():  # as ComfyUI runs nodes

@@ -36,7 +36,7 @@ folder_paths.set_output_directory(out)
 folder_paths.set_temp_directory(out)
 pack = load_pack()
 nodes = {k: v() for k, v in pack.NODE_CLASS_MAPPINGS.items()}
-runs = importlib.import_module(pack.__name__ + ".asd_engine.runs")
+runs = importlib.import_module(pack.__name__ + ".asd_engine.runs.base")
 
 with torch.inference_mode():  # as ComfyUI runs nodes
     (prior,) = nodes["ASDLoadPrior"].load(TOY_PRIOR, "auto", "auto")
@@ -71,8 +71,8 @@ mm.load_models_gpu = watching_load
 def train(steps):
     (generator,) = nodes["ASDNeRFGenerator"].build("toy-cpu", "", 1, 0)
     with torch.inference_mode():
-        return nodes["ASDTrainLoop"].train(prior, generator, "a red cube", "", "asd", steps, 0.0, "sds", -1.0, -1.0,
-                                           "fresh")
+        return nodes["ASDTrain"].train(prior, generator, "a red cube", "", "asd", "custom", steps, "from prior", 7.5,
+                                       "sds", "from prior", 0.02, 0.98, "from prior", "fresh")
 
 
 after_load = prior_loaded()

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from asd_engine.single_file import clip_tokenizer
+from asd_engine.prior.single_file import clip_tokenizer
 from ldm_layout import clip_l_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 
 TEXT_WIDTH = 64

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from asd_engine import checkpoint as ckpt
+from asd_engine.runs import checkpoint as ckpt
 from asd_engine.errors import UserInputError
 
 
@@ -44,7 +44,7 @@ def test_damaged_checkpoints_are_refused(tmp_path, damage):
             tensors_file.unlink()
     with pytest.raises(UserInputError) as info:
         ckpt.load_checkpoint(folder)
-    assert info.value.input_name == "--resume"
+    assert info.value.input_name == "resume"
 
 
 @pytest.mark.parametrize("make", [lambda p: torch.optim.Adam(p, lr=0.1),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asd_engine.discriminator import LoraDiscriminator, PhiConfig, TextualInversionDiscriminator, build_discriminator
+from asd_engine.prior.discriminator import LoraDiscriminator, PhiConfig, TextualInversionDiscriminator, build_discriminator
 from asd_engine.distill import discriminator_loss
 from asd_engine.errors import UserInputError
 
@@ -157,8 +157,11 @@ def test_lora_on_all_layers_reaches_every_resolution_and_leaves_the_prior_clean(
         assert torch.equal(prior_eps.model_output(x_t, t, prior_eps.encode_prompt(["a red cube"])), plain)
 
 
-def test_bad_phi_settings_are_refused(prior_eps):
+def test_bad_phi_settings_are_refused():
+    from asd_engine.runs import settings
+    from asd_engine.runs.configs import Distill2DConfig
+
     for config in (PhiConfig(kind="gan"), PhiConfig(lora_rank=0), PhiConfig(lora_targets="convs"), PhiConfig(kind="ti", num_tokens=0),
-                   PhiConfig(kind="ti", prompt_template="{prompt}")):
-        with pytest.raises(UserInputError):
-            build_discriminator(prior_eps, "a red cube", config)
+                   PhiConfig(kind="ti", prompt_template="{prompt}"), PhiConfig(lr=float("inf"))):
+        with pytest.raises(UserInputError, match="^phi"):
+            settings.validate(Distill2DConfig(prompt="a red cube", phi=config))

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asd_engine.discriminator import PhiConfig, build_discriminator
+from asd_engine.prior.discriminator import PhiConfig, build_discriminator
 from asd_engine.distill import (Conditioning, DistillConfig, discriminator_loss, distill_step, generator_gradient,
                                 loss_weight, sample_timesteps_and_noise, surrogate_loss, time_schedule)
 from asd_engine.errors import UserInputError
-from asd_engine.prior import DiffusionPrior
-from asd_engine.recipe import with_recipe
+from asd_engine.prior.diffusion import DiffusionPrior
+from asd_engine.runs.settings import with_recipe
 
 PROMPT = "a red cube"
 
@@ -221,12 +221,17 @@ def test_unresolved_config_is_refused_by_distill_step(tiny_eps_dir):
 
 
 def test_config_validation():
-    official_config().validate()
-    for bad in (official_config(method="gan"), official_config(weighting="x"), official_config(phi_noise="x"),
-                official_config(t_min=0.5, t_max=0.4), official_config(method="vsd", gamma=-0.5),
-                official_config(t_anneal_step=-1)):
+    from asd_engine.runs import settings
+    from asd_engine.runs.configs import Distill2DConfig
+
+    def config(**fields):
+        return Distill2DConfig(prompt="a cat", distill=official_config(**fields), from_recipe=[])
+
+    settings.validate(config())
+    for bad in ({"method": "gan"}, {"weighting": "x"}, {"phi_noise": "x"}, {"t_min": 0.5, "t_max": 0.4},
+                {"method": "vsd", "gamma": -0.5}, {"t_anneal_step": -1}, {"guidance_scale": float("nan")}):
         with pytest.raises(UserInputError):
-            bad.validate()
+            settings.validate(config(**bad))
 
 
 @pytest.mark.parametrize("phi_noise", ["fresh", "shared"])
@@ -264,5 +269,5 @@ def test_phi_on_a_v_prediction_model_uses_its_own_targets(tiny_eps_dir, tiny_v_l
 
 def test_phi_model_must_share_the_priors_space(tiny_eps_dir, tiny_v_dir):
     prior = DiffusionPrior.from_pretrained(tiny_eps_dir, device="cpu")
-    with pytest.raises(UserInputError, match="--phi-model.*model space"):
-        prior.check_shares_space(DiffusionPrior.from_pretrained(tiny_v_dir, device="cpu"), "--phi-model")
+    with pytest.raises(UserInputError, match="phi_model.*model space"):
+        prior.check_shares_space(DiffusionPrior.from_pretrained(tiny_v_dir, device="cpu"), "phi_model")

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from asd_engine.export import extract_mesh, mesh_arrays, render_turntable, save_mesh
-from asd_engine.field import FieldConfig
-from asd_engine.nerf import NeRFGenerator
-from asd_engine.render import RenderConfig
+from asd_engine.scene.export import extract_mesh, mesh_arrays, render_turntable, save_mesh
+from asd_engine.scene.field import FieldConfig
+from asd_engine.scene.nerf import NeRFGenerator
+from asd_engine.scene.render import RenderConfig
 
 CENTRE = (0.0, 0.0, 0.3)  # engine z-up: the ball sits above the origin, so in y-up files its vertices have y ≈ 0.3
 
@@ -94,7 +94,7 @@ def test_an_exception_from_the_callback_propagates_and_nothing_is_written(out_no
     monkeypatch.setattr(out_nodes.host, "check_interrupt", interrupt)
     nerf = _nerf()
     with pytest.raises(Cancelled):
-        out_nodes.ASDExportMesh().export(_result(nerf), 32, 25.0, "glb+obj", "cancelled")
+        out_nodes.ASDExportNeRFMesh().export(_result(nerf), 32, "custom", 25.0, "glb+obj", "cancelled")
     assert not (tmp_path / "output").exists() and nerf.device.type == "cpu"
 
 
@@ -102,7 +102,7 @@ def test_glb_metadata_goes_into_asset_extras_and_colours_survive(tmp_path):
     import trimesh
 
     mesh = extract_mesh(_nerf(), resolution=32)
-    metadata = {"prompt": json.dumps({"4": {"class_type": "ASDTrainLoop"}}), "workflow": json.dumps({"nodes": []})}
+    metadata = {"prompt": json.dumps({"4": {"class_type": "ASDTrain"}}), "workflow": json.dumps({"nodes": []})}
     path = save_mesh(mesh, tmp_path / "m.glb", metadata=metadata)
     assert _glb_json(path)["asset"]["extras"] == metadata
     loaded = trimesh.load(path, force="mesh")
@@ -117,7 +117,7 @@ def test_nerf_to_mesh_is_a_core_mesh_in_the_files_y_up_axes(out_nodes, tmp_path)
     import trimesh
 
     nerf = _nerf()
-    (mesh,) = out_nodes.ASDNeRFToMesh().convert(_result(nerf), 32, 25.0)
+    (mesh,) = out_nodes.ASDNeRFMesh().convert(_result(nerf), 32, "custom", 25.0)
     n, m = mesh.vertices.shape[1], mesh.faces.shape[1]
     assert mesh.vertices.shape == (1, n, 3) and mesh.vertices.dtype == torch.float32 and n > 0
     assert mesh.faces.shape == (1, m, 3) and mesh.faces.dtype == torch.int64 and m > 0
@@ -140,8 +140,8 @@ def test_save_coloured_glb_writes_colours_and_the_workflow(out_nodes, tmp_path, 
     import trimesh
 
     monkeypatch.chdir(tmp_path)  # outside ComfyUI, outputs go to ./output
-    (mesh,) = out_nodes.ASDNeRFToMesh().convert(_result(_nerf()), 32, 25.0)
-    prompt, extra = {"4": {"class_type": "ASDTrainLoop", "inputs": {}}}, {"workflow": {"nodes": [1, 2]}}
+    (mesh,) = out_nodes.ASDNeRFMesh().convert(_result(_nerf()), 32, "custom", 25.0)
+    prompt, extra = {"4": {"class_type": "ASDTrain", "inputs": {}}}, {"workflow": {"nodes": [1, 2]}}
     out = out_nodes.ASDSaveMeshGLB().save(mesh, "coloured", prompt=prompt, extra_pnginfo=extra)
     (record,) = out["ui"]["3d"]
     path = tmp_path / "output" / record["subfolder"] / record["filename"]
@@ -172,7 +172,7 @@ def test_a_nerf_on_the_cpu_stays_there_and_the_work_runs_on_the_engine_device(ou
     moves = []
     monkeypatch.setattr(out_nodes, "default_device", lambda: torch.device("cuda"))
     monkeypatch.setattr(nerf, "to", lambda device: moves.append(torch.device(device)) or nerf)
-    out_nodes.ASDNeRFToMesh().convert(_result(nerf), 32, 5.0)
+    out_nodes.ASDNeRFMesh().convert(_result(nerf), 32, "custom", 5.0)
     assert moves == [torch.device("cuda"), torch.device("cpu")]
     moves.clear()
     monkeypatch.setattr(out_nodes.host, "check_interrupt", lambda: (_ for _ in ()).throw(KeyboardInterrupt))

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from asd_engine.cameras import CameraRanges, VIEWS, cameras_from_angles, orbit_cameras, sample_cameras
-from asd_engine.field import FieldConfig, HashGrid, NeRFField
-from asd_engine.nerf import NeRFGenerator
-from asd_engine.render import OccupancyGrid, RenderConfig, left_pack, march, ray_box, volume_render
-from asd_engine.text_to_3d import blob_seed
+from asd_engine.scene.cameras import CameraRanges, VIEWS, cameras_from_angles, orbit_cameras, sample_cameras
+from asd_engine.scene.field import FieldConfig, HashGrid, NeRFField
+from asd_engine.scene.nerf import NeRFGenerator
+from asd_engine.scene.render import OccupancyGrid, RenderConfig, left_pack, march, ray_box, volume_render
+from asd_engine.runs.text_to_3d import blob_seed
 
 
 # ---------------------------------------------------------------------------------------------- hash grid
@@ -89,7 +89,7 @@ def test_hash_grid_recomputed_in_backward_gives_the_same_features_and_gradients(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tiny-cuda-nn comparison needs a CUDA GPU")
 def test_tcnn_backend_matches_the_torch_grid():
     pytest.importorskip("tinycudann", reason="tinycudann is not installed (it is optional)")
-    from asd_engine.field import TcnnHashGrid
+    from asd_engine.scene.field import TcnnHashGrid
 
     grid = HashGrid(n_levels=8, log2_hashmap_size=15).cuda()
     with torch.no_grad():

@@ -16,7 +16,7 @@ import pytest
 import torch
 import websocket
 
-from asd_engine import comfy_client
+from workflows import comfy_client
 from comfy_host import PACK_NAME, ROOT, fast, host_missing_reason, run_graph
 
 reason = host_missing_reason()
@@ -89,7 +89,8 @@ def test_the_stable_diffusion_template_runs_on_a_checkpoint_of_its_architecture(
     graph = fast(comfy_client.load_workflow(WORKFLOWS / "api" / "text_to_3d_sd21.json"))
     graph["10"]["inputs"]["ckpt_name"] = tiny_sd15.name
     graph["3"]["inputs"].update(preset="toy-cpu", resolution_schedule="64")
-    graph["4"]["inputs"]["steps"] = 1  # ~20 s: the tiny checkpoint carries a full-size VAE, encoded with gradients
+    # ~20 s: the tiny checkpoint carries a full-size VAE, encoded with gradients
+    graph["4"]["inputs"].update(steps_source="custom", steps=1)
     graph.pop("9")  # core Plot Loss Graph divides by the loss range: it needs two steps (the mesh template draws one)
     _, status, files = run_graph(host, graph, tmp_path)
     assert status == "success", status + host.log_text()[-3000:]
@@ -144,7 +145,7 @@ def test_training_is_never_thrown_away_requeue_rename_and_cancel(host):
     graph = comfy_client.load_workflow(WORKFLOWS / "api" / "text_to_3d_asd.json")
     for node in ("5", "6", "7", "8", "9"):
         graph.pop(node)
-    graph["4"]["inputs"].update(steps=12, prompt="a green cone")
+    graph["4"]["inputs"].update(steps_source="custom", steps=12, prompt="a green cone")
     graph["10"] = {"class_type": "SaveImage", "inputs": {"images": ["4", 1], "filename_prefix": "asd/keep"}}
     status, events = _events(host, graph, interrupt_at=("4", 3))
     assert status == "interrupted", status
@@ -276,7 +277,7 @@ def test_core_load_checkpoint_feeds_the_train_loop(host, tiny_sd15, tmp_path):
     graph["1"] = {"class_type": "ASDPriorFromCheckpoint",
                   "inputs": {"model": ["10", 0], "clip": ["10", 1], "vae": ["10", 2], "precision": "fp32"}}
     graph["3"]["inputs"]["size"] = 64
-    graph["4"]["inputs"]["steps"] = 2
+    graph["4"]["inputs"].update(steps_source="custom", steps=2)
     _, status, files = run_graph(host, graph, tmp_path)
     assert status == "success", status + host.log_text()[-3000:]
     assert any(p.suffix == ".png" for p in files)
@@ -291,7 +292,7 @@ def test_load_sd_model_lists_checkpoint_files_and_refuses_pickles(host, tiny_sd1
     graph = fast(comfy_client.load_workflow(WORKFLOWS / "api" / "image_2d_asd.json"))
     graph["1"]["inputs"]["model"] = tiny_sd15.name
     graph["3"]["inputs"]["size"] = 64
-    graph["4"]["inputs"]["steps"] = 2
+    graph["4"]["inputs"].update(steps_source="custom", steps=2)
     _, status, _ = run_graph(host, graph, tmp_path / "ok")
     assert status == "success", status
     graph["1"]["inputs"]["model"] = "old.ckpt"

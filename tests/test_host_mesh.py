@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asd_engine import comfy_client
+from workflows import comfy_client
 from comfy_host import ROOT, fast, host_missing_reason, run_graph
 
 reason = host_missing_reason()
@@ -30,7 +30,8 @@ def test_nerf_to_mesh_feeds_core_save_glb_and_the_coloured_saver(host, tmp_path)
 
     workflow = comfy_client.load_workflow(ROOT / "workflows" / "api" / "text_to_3d_asd.json")
     graph = fast({key: workflow[key] for key in ("1", "2", "3", "4")})  # prior → φ → NeRF → Train Loop (3 steps)
-    graph["20"] = {"class_type": "ASDNeRFToMesh", "inputs": {"result": ["4", 0], "resolution": 32, "threshold": 25.0}}
+    graph["20"] = {"class_type": "ASDNeRFMesh", "inputs": {"result": ["4", 0], "resolution": 32, "threshold_source": "custom",
+                                                  "threshold": 25.0}}
     graph["21"] = {"class_type": "SaveGLB", "inputs": {"mesh": ["20", 0], "filename_prefix": "host_mesh/core"}}
     graph["22"] = {"class_type": "ASDSaveMeshGLB", "inputs": {"mesh": ["20", 0], "filename_prefix": "host_mesh/asd"}}
     _, status, downloaded = run_graph(host, graph, tmp_path)
@@ -47,5 +48,5 @@ def test_nerf_to_mesh_feeds_core_save_glb_and_the_coloured_saver(host, tmp_path)
 
     extras = _glb_json(ours)["asset"]["extras"]
     prompt = json.loads(extras["prompt"])
-    assert prompt["20"]["class_type"] == "ASDNeRFToMesh" and prompt["22"]["class_type"] == "ASDSaveMeshGLB"
+    assert prompt["20"]["class_type"] == "ASDNeRFMesh" and prompt["22"]["class_type"] == "ASDSaveMeshGLB"
     assert json.loads(_glb_json(core)["asset"]["extras"]["prompt"]) == prompt  # embedded exactly as core does

@@ -20,7 +20,8 @@ def test_mappings_are_complete(pack):
     classes, names = pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS
     assert set(classes) == set(names) and len(classes) >= 9
     assert all(names[k].strip() for k in names)
-    expected = {"Load SD Model (ASD)", "ASD Discriminator (LoRA/TI)", "NeRF Generator (ASD)", "ASD Train Loop",
+    expected = {"Load SD Model (ASD)", "ASD Discriminator (LoRA)", "ASD Discriminator (TI)", "NeRF Generator (ASD)",
+                "ASD Train Loop", "Image Generator (ASD)",
                 "Render Views (ASD)", "Export Mesh (ASD)", "Save ASD Checkpoint", "Load ASD Checkpoint"}
     assert expected <= set(names.values())
 
@@ -54,15 +55,15 @@ def nodes(pack):
 
 
 def _node_prior(pack, path):
-    prior_module = __import__(pack.__name__ + ".asd_engine.prior", fromlist=["DiffusionPrior"])
+    prior_module = __import__(pack.__name__ + ".asd_engine.prior.diffusion", fromlist=["DiffusionPrior"])
     return prior_module.DiffusionPrior.from_pretrained(path, device="cpu")
 
 
 def _train(nodes, prior, generator, prompt, method, steps, phi=None, resume=None, cfg=7.5):
     """ASD Train Loop as ComfyUI runs it (inference mode); returns its four outputs."""
     with torch.inference_mode():
-        out = nodes["ASDTrainLoop"].train(prior, generator, prompt, "", method, steps, cfg, "sds", 0.02, 0.98,
-                                          "from prior", phi=phi, resume=resume)
+        out = nodes["ASDTrain"].train(prior, generator, prompt, "", method, "custom", steps, "custom", cfg, "sds",
+                                      "custom", 0.02, 0.98, "from prior", "from prior", phi=phi, resume=resume)
     assert set(out) == {"ui", "result"}
     return out["result"]
 
@@ -77,7 +78,7 @@ def _label(pack, folder):
 def test_3d_chain_trains_renders_exports_saves_and_resumes(pack, nodes, tiny_v_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # outside ComfyUI, outputs go to ./output
     prior = _node_prior(pack, tiny_v_dir)
-    (phi,) = nodes["ASDDiscriminator"].build("lora", 4, 1, 0.0, -0.75, True)
+    (phi,) = nodes["ASDDiscriminatorLoRA"].build(4, "from prior", "from prior", 1e-4, "custom", -0.75, True)
     (generator,) = nodes["ASDNeRFGenerator"].build("toy-cpu", "", 1, 0)
     result, preview, checkpoint, losses = _train(nodes, prior, generator, "a red cube", "asd", 3, phi=phi)
     assert result.kind == "nerf" and result.step == 3 and preview.shape == (1, 64, 256, 3)
@@ -89,7 +90,7 @@ def test_3d_chain_trains_renders_exports_saves_and_resumes(pack, nodes, tiny_v_d
         images, depth, alpha, normals = nodes["ASDRenderViews"].render(result, 4, 32, 15.0, 1.5, 70.0, "white")
     assert images.shape == (4, 32, 32, 3) and depth.shape == (4, 32, 32, 3) and alpha.shape == (4, 32, 32)
     with torch.inference_mode():
-        out = nodes["ASDExportMesh"].export(result, 32, 25.0, "glb+obj", "mesh")
+        out = nodes["ASDExportNeRFMesh"].export(result, 32, "custom", 25.0, "glb+obj", "mesh")
     path = tmp_path / "output" / out["result"][0]
     assert path.suffix == ".glb" and path.is_file() and path.with_suffix(".obj").is_file()
     assert out["ui"]["asd_files"][0]["type"] == "output"
@@ -105,7 +106,7 @@ def test_3d_chain_trains_renders_exports_saves_and_resumes(pack, nodes, tiny_v_d
 def test_2d_chain_and_user_errors(pack, nodes, tiny_eps_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     prior = _node_prior(pack, tiny_eps_dir)
-    (generator,) = nodes["ASDImageGenerator"].build(32, "latent", 0.0, 1)
+    (generator,) = nodes["ASDImage"].build("custom", 32, "latent", "default", 0.03, "from prior", 0, 1)
     result, preview, checkpoint, _ = _train(nodes, prior, generator, "a red cube", "sds", 2)
     assert result.kind == "image" and preview.shape == (1, 32, 32, 3)
     with pytest.raises(RuntimeError, match="text-to-3D"):
@@ -114,19 +115,29 @@ def test_2d_chain_and_user_errors(pack, nodes, tiny_eps_dir, tmp_path, monkeypat
     assert torch.allclose(loaded.image, result.image, atol=1e-6)
     with pytest.raises(RuntimeError, match="resolution_schedule"):
         nodes["ASDNeRFGenerator"].build("toy-cpu", "64:32", 1, 0)
-    for widget, jitter in ((None, None), (-1, None), (0, 0), (3, 3)):  # absent / -1: from the prior's recipe
-        assert nodes["ASDImageGenerator"].build(32, "latent", 0.0, 0, jitter=widget)[0].jitter == jitter
-    (phi,) = nodes["ASDDiscriminator"].build("lora", 4, 1, 0.0, 1.0, True, lora_targets="all")
-    assert phi.phi.lora_targets == "all" and phi.gamma is None
-    with pytest.raises(RuntimeError, match="lora-targets"):
-        nodes["ASDDiscriminator"].build("lora", 4, 1, 0.0, 1.0, True, lora_targets="convs")
+    for source, widget, jitter in (("from prior", 5, None), ("custom", 0, 0), ("custom", 3, 3)):
+        assert nodes["ASDImage"].build("custom", 32, "latent", "default", 0.03, source, widget, 0)[0].jitter == jitter
+    (spec,) = nodes["ASDImage"].build("from prior", 512, "pixel", "custom", 0.02, "from prior", 0, 0)
+    assert (spec.size, spec.parameterization, spec.lr, spec.jitter) == (None, "pixel", 0.02, None)
+    (phi,) = nodes["ASDDiscriminatorLoRA"].build(4, "all", "from prior", 1e-4, "from prior", -0.75, True)
+    assert phi.phi.lora_targets == "all" and phi.gamma is None and phi.phi.lr is None
+    (ti,) = nodes["ASDDiscriminatorTI"].build(2, "thing", 5e-3, "custom", -0.5, None)
+    assert (ti.phi.kind, ti.phi.num_tokens, ti.phi.init_word, ti.phi.lr, ti.gamma) == ("ti", 2, "thing", 5e-3, -0.5)
+    with pytest.raises(RuntimeError, match="^lora_targets: 'convs'"):  # the widget's name, not the field's
+        _train(nodes, prior, generator, "a red cube", "asd", 2,
+               phi=nodes["ASDDiscriminatorLoRA"].build(4, "convs", "from prior", 1e-4, "from prior", -0.75, True)[0])
+    with pytest.raises(RuntimeError, match="^gamma: .* out of range"):  # γ = -50 from API JSON passes no widget check
+        _train(nodes, prior, generator, "a red cube", "asd", 2,
+               phi=nodes["ASDDiscriminatorLoRA"].build(4, "all", "from prior", 1e-4, "custom", -50.0, True)[0])
+    with pytest.raises(RuntimeError, match="^cfg: nan is not a finite number"):
+        _train(nodes, prior, generator, "a red cube", "asd", 2, cfg=float("nan"))
 
 
 def test_load_checkpoint_lists_only_output_and_model_folders_and_refuses_other_paths(pack, nodes, tiny_eps_dir,
                                                                                      tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     prior = _node_prior(pack, tiny_eps_dir)
-    (generator,) = nodes["ASDImageGenerator"].build(32, "latent", 0.0, 1)
+    (generator,) = nodes["ASDImage"].build("custom", 32, "latent", "default", 0.03, "from prior", 0, 1)
     _, _, checkpoint, _ = _train(nodes, prior, generator, "a red cube", "sds", 1)
     choices = nodes["ASDLoadCheckpoint"].INPUT_TYPES()["required"]["checkpoint"][0]
     assert choices == [_label(pack, checkpoint)] and choices[0].startswith("output/asd/train/")
@@ -143,7 +154,7 @@ def test_requeue_reuses_a_finished_run_and_a_cancelled_run_resumes_to_the_straig
 
     asd_nodes = __import__(pack.__name__ + ".nodes.asd_nodes", fromlist=["Progress"])
     prior = _node_prior(pack, tiny_eps_dir)
-    (generator,) = nodes["ASDImageGenerator"].build(32, "latent", 0.0, 3)
+    (generator,) = nodes["ASDImage"].build("custom", 32, "latent", "default", 0.03, "from prior", 0, 3)
     steps_run = []
     original = asd_nodes.Progress.on_step
 
@@ -177,12 +188,16 @@ def test_requeue_reuses_a_finished_run_and_a_cancelled_run_resumes_to_the_straig
 
 
 def test_run_identity_follows_what_changes_the_result(pack, tiny_eps_dir):
-    specs = __import__(pack.__name__ + ".asd_engine.specs", fromlist=["plan_run"])
+    specs = __import__(pack.__name__ + ".asd_engine.runs.plan", fromlist=["plan_run"])
     prior, again = _node_prior(pack, tiny_eps_dir), _node_prior(pack, tiny_eps_dir)
     image = specs.ImageGeneratorSpec(size=32)
 
+    names = {"guidance_scale": "distill.guidance_scale", "phi_noise": "distill.phi_noise", "method": "distill.method",
+             "background": "background"}
+
     def key(p=prior, generator=image, prompt="a red cube", steps=5, **settings):
-        return specs.plan_run(p, generator, prompt, steps, **settings).key()
+        values = {"prompt": prompt, "steps": steps, **{names[k]: v for k, v in settings.items()}}
+        return specs.plan_from_specs(p, generator, values).key()
 
     base = key()
     assert key(p=again) == base  # the same weights loaded twice
@@ -201,8 +216,9 @@ def test_phi_on_a_second_model_through_the_nodes(pack, nodes, tiny_eps_dir, tiny
     """The official pairing as a graph: an ε prior, φ on a v-prediction model wired into ASD Discriminator."""
     monkeypatch.chdir(tmp_path)
     prior, phi_model = _node_prior(pack, tiny_eps_dir), _node_prior(pack, tiny_v_latent_dir)
-    (phi,) = nodes["ASDDiscriminator"].build("lora", 4, 1, 0.0, -0.75, False, phi_model=phi_model)
-    (generator,) = nodes["ASDImageGenerator"].build(64, "latent", 0.0, 0)
+    (phi,) = nodes["ASDDiscriminatorLoRA"].build(4, "from prior", "from prior", 1e-4, "custom", -0.75, False,
+                                                 phi_model=phi_model)
+    (generator,) = nodes["ASDImage"].build("custom", 64, "latent", "default", 0.03, "from prior", 0, 0)
     with torch.inference_mode():
         result, _, checkpoint, _ = _train(nodes, prior, generator, "a red cube", "asd", 2, phi=phi)
         assert result.step == 2 and result.config.phi_model == str(tiny_v_latent_dir)

@@ -19,7 +19,7 @@ def test_top_level_layout_is_exactly_the_cards():
         tracked = [p.name for p in ROOT.iterdir()]
     top = {path.split("/")[0] for path in tracked if not path.startswith(".") or path.startswith(".ci")}
     expected = {"__init__.py", "LICENSE", "NOTICE", "nodes", "asd_engine", "workflows", "tests", "requirements.txt", "README.md",
-                "pyproject.toml", ".ci", "benchmarks", "docs"}
+                "pyproject.toml", ".ci", "benchmarks", "docs", "CHANGELOG.md"}
     assert top <= expected, f"unexpected top-level entries: {sorted(top - expected)}"
     assert top == expected, f"missing top-level entries: {sorted(expected - top)}"
 
@@ -57,7 +57,7 @@ def test_distillation_math_lives_in_one_short_file():
     assert len((ENGINE / "distill.py").read_text().splitlines()) < 200
     # the ε/v conversion lives in the prior only
     for path in ENGINE.rglob("*.py"):
-        if path.name != "prior.py":
+        if path != ENGINE / "prior" / "diffusion.py":
             assert "sigma * x_t + alpha" not in path.read_text(), path.name
 
 
@@ -86,3 +86,57 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
     ci_commands = [l for l in ci.splitlines() if l.strip() and not l.lstrip().startswith("#")]
     assert test_command.strip() in ci_commands
     assert re.search(r'"\$status" -eq 5', ci), ".ci/run must fail on pytest's exit code 5"
+
+
+def _engine_import_graph() -> dict[str, set[str]]:
+    """``module → engine modules it imports`` (relative imports anywhere in the file, function-level ones too)."""
+    def name(path: Path) -> str:
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name(p): p for p in ENGINE.rglob("*.py")}
+    graph = {}
+    for module, path in modules.items():
+        package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+        deps = set()
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 0 and id(node) not in typing_only:
+                target = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                deps |= {f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names}
+        graph[module] = {d for d in deps if d in modules and d != module}
+    return graph
+
+
+# The engine's layers, lowest first: a module may import its own package and the layers below, never above.
+ENGINE_LAYERS = [{"errors", "devices", "images", "distill", "clip_score"}, {"scene"}, {"prior"}, {"runs"}, {"toy"},
+                 {"cli", "__main__"}]
+
+
+def test_engine_imports_run_one_way():
+    graph = _engine_import_graph()
+
+    def layer(module: str) -> int:
+        part = module.split(".")[1] if "." in module else ""
+        return next((i for i, names in enumerate(ENGINE_LAYERS) if part in names), -1)  # asd_engine itself: -1
+
+    for module, deps in graph.items():
+        for dep in deps:
+            assert module not in graph[dep], f"{module} and {dep} import each other"
+            assert layer(dep) <= layer(module), f"{module} (lower layer) imports {dep}"
+
+    def depth(module: str, seen: tuple = ()) -> int:
+        assert module not in seen, f"import cycle: {' → '.join(seen + (module,))}"
+        return 1 + max((depth(d, seen + (module,)) for d in graph[module]), default=0)
+
+    assert max(depth(m) for m in graph) <= 12  # 13 before the engine was split by role
+
+
+def test_the_toy_prior_and_the_comfyui_client_stay_out_of_the_core():
+    graph = _engine_import_graph()
+    core = [m for m in graph if m.split(".")[1:2][0:1] and m.split(".")[1] in {"prior", "scene", "runs"}]
+    for module in core:
+        assert not any(d.startswith("asd_engine.toy") for d in graph[module]), module
+    assert not (ENGINE / "comfy_client.py").exists() and (ROOT / "workflows" / "comfy_client.py").is_file()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from asd_engine.errors import UserInputError
-from asd_engine.prior import DiffusionPrior, inspect_pipeline_folder
+from asd_engine.prior.diffusion import DiffusionPrior, inspect_pipeline_folder
 
 
 def test_loads_both_prediction_types_and_spaces(prior_eps, prior_v):
@@ -132,7 +132,7 @@ def test_folders_that_are_not_pipelines_are_refused(tmp_path, tiny_eps_dir, brea
             shutil.rmtree(folder / "vae")
     with pytest.raises(UserInputError) as info:
         inspect_pipeline_folder(folder)
-    assert info.value.input_name == "--model" and info.value.fix
+    assert info.value.input_name == "model" and info.value.fix
 
 
 def test_corrupt_weights_give_a_user_error(tmp_path, tiny_eps_dir):
@@ -149,8 +149,9 @@ def test_memory_options_and_half_precision_keep_training_working(tiny_eps_dir):
     encoder recomputes in backward, attention runs sliced."""
     from diffusers.models.attention_processor import SlicedAttnProcessor
 
-    from asd_engine.distill_2d import Distill2D, Distill2DConfig
-    from asd_engine.runs import resolve_precision
+    from asd_engine.runs.distill_2d import Distill2D
+    from asd_engine.runs.configs import Distill2DConfig
+    from asd_engine.devices import resolve_precision
 
     assert resolve_precision("auto", torch.device("cpu")) == torch.float32
     assert resolve_precision("auto", torch.device("cuda")) == torch.float16
@@ -162,5 +163,7 @@ def test_memory_options_and_half_precision_keep_training_working(tiny_eps_dir):
     run.run()
     assert all(p.dtype == torch.float32 for p in run.phi.parameters())
     assert torch.isfinite(run.images()).all()
-    with pytest.raises(UserInputError, match="--precision"):
-        Distill2DConfig(prompt="a", precision="fp8").validate()
+    from asd_engine.runs import settings
+
+    with pytest.raises(UserInputError, match="precision"):
+        settings.validate(Distill2DConfig(prompt="a", precision="fp8"))

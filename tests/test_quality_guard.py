@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from asd_engine.prior import DiffusionPrior
-from asd_engine.quality import evaluate_nerf
-from asd_engine.specs import ImageGeneratorSpec, NeRFGeneratorSpec, make_run
-from asd_engine.toy_data import COLOURS, SHAPES, ToyJudge
-from asd_engine.toy_prior import default_prior_path
+from asd_engine.prior.diffusion import DiffusionPrior
+from asd_engine.toy.quality import evaluate_nerf
+from asd_engine.runs.plan import ImageGeneratorSpec, NeRFGeneratorSpec, make_run
+from asd_engine.toy.data import COLOURS, SHAPES, ToyJudge
+from asd_engine.prior import default_prior_path
 
 # measured on this project's 2-core CPU with the prior and recipe in asd_engine/assets/toy-prior (the fine-tuned prior
 # with "overhead" captions; φ lr 1e-2, γ -0.75, LoRA on every layer, the blob's seed ball fading by step 300, so
@@ -34,7 +34,7 @@ GUARD_2D_ASD = {"prompt": "a red cube", "steps": 300, "border_std": 0.029}
 
 def test_3d_run_makes_the_prompts_object():
     prior = DiffusionPrior.from_pretrained(default_prior_path(), device="cpu")
-    run = make_run(prior, NeRFGeneratorSpec(seed=0), GUARD_3D["prompt"], GUARD_3D["steps"], method="asd")
+    run = make_run(prior, NeRFGeneratorSpec(seed=0), {"prompt": GUARD_3D["prompt"], "steps": GUARD_3D["steps"], "distill.method": "asd"})
     with torch.enable_grad():
         run.run()
     scores = evaluate_nerf(run.nerf, "cube", "red")
@@ -46,7 +46,7 @@ def test_3d_run_makes_the_prompts_object():
 
 def test_2d_run_is_judged_the_prompts_shape_and_colour():
     prior = DiffusionPrior.from_pretrained(default_prior_path(), device="cpu")
-    run = make_run(prior, ImageGeneratorSpec(seed=0), GUARD_2D["prompt"], GUARD_2D["steps"], method="sds")
+    run = make_run(prior, ImageGeneratorSpec(seed=0), {"prompt": GUARD_2D["prompt"], "steps": GUARD_2D["steps"], "distill.method": "sds"})
     with torch.enable_grad():
         run.run()
     shape, colour = ToyJudge(bank_per_shape=100, scale_normalised=True)(run.images())
@@ -55,7 +55,7 @@ def test_2d_run_is_judged_the_prompts_shape_and_colour():
 
 def test_2d_asd_makes_a_clean_image_of_the_prompts_object():
     prior = DiffusionPrior.from_pretrained(default_prior_path(), device="cpu")
-    run = make_run(prior, ImageGeneratorSpec(seed=0), GUARD_2D_ASD["prompt"], GUARD_2D_ASD["steps"], method="asd")
+    run = make_run(prior, ImageGeneratorSpec(seed=0), {"prompt": GUARD_2D_ASD["prompt"], "steps": GUARD_2D_ASD["steps"], "distill.method": "asd"})
     with torch.enable_grad():
         run.run()
     run.phi.remove()

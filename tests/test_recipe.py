@@ -10,18 +10,24 @@ import pytest
 import torch
 
 from asd_engine import cli
-from asd_engine.discriminator import LORA_TARGETS
+from asd_engine.prior.discriminator import LORA_TARGETS
 from asd_engine.distill import WEIGHTINGS
-from asd_engine.distill_2d import Distill2D, Distill2DConfig
+from asd_engine.runs.distill_2d import Distill2D
+from asd_engine.runs.configs import Distill2DConfig
 from asd_engine.errors import UserInputError
-from asd_engine.generators import ImageGenerator
-from asd_engine.prior import DiffusionPrior
-from asd_engine.quality import parse_toy_prompt
-from asd_engine.recipe import (LORA_TARGET_CHOICES, OFFICIAL, RECIPE_FILE, Recipe, apply_aliases, official_where_absent,
+from asd_engine.runs.image_generator import ImageGenerator
+from asd_engine.prior.diffusion import DiffusionPrior
+from asd_engine.toy.quality import parse_toy_prompt
+from asd_engine.runs import settings
+from asd_engine.runs.settings import official_where_absent
+from asd_engine.prior.recipe import (LORA_TARGET_CHOICES, OFFICIAL, RECIPE_FILE, Recipe, apply_aliases,
                                read_recipe, write_recipe)
-from asd_engine.specs import ImageGeneratorSpec, NeRFGeneratorSpec, make_run
-from asd_engine.text_to_3d import TextTo3D, preset_config
-from asd_engine.toy_prior import TOY_RECIPE, default_prior_path
+from asd_engine.runs.plan import ImageGeneratorSpec, NeRFGeneratorSpec, make_run
+from asd_engine.runs.text_to_3d import TextTo3D
+from asd_engine.runs.configs import preset_config
+from asd_engine.prior import default_prior_path
+
+TOY_RECIPE = read_recipe(default_prior_path())  # the toy prior's recipe lives only in its asd_recipe.json
 
 RECIPE_VALUES = ("background", "distill.guidance_scale", "distill.gamma", "distill.t_min", "distill.t_max",
                  "distill.weighting", "distill.phi_noise", "phi.lr", "phi.lora_targets")
@@ -53,7 +59,7 @@ def test_sd_folder_without_a_recipe_gets_the_official_one(tiny_eps_dir, preset):
 def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
     prior = DiffusionPrior.from_pretrained(default_prior_path(), device="cpu")
     assert prior.recipe == TOY_RECIPE == read_recipe(default_prior_path())
-    run = make_run(prior, NeRFGeneratorSpec(), "a red cube", 1)
+    run = make_run(prior, NeRFGeneratorSpec(), {"prompt": "a red cube", "steps": 1})
     assert _values(run.config) == {"background": "white", "distill.guidance_scale": TOY_RECIPE.guidance_scale,
                                    "distill.gamma": TOY_RECIPE.gamma, "distill.t_min": TOY_RECIPE.t_min,
                                    "distill.t_max": TOY_RECIPE.t_max, "distill.weighting": TOY_RECIPE.weighting,
@@ -64,11 +70,10 @@ def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
     assert run.prompts.overhead_elevation == 30.0
     assert run.config.blob_fade is TOY_RECIPE.blob_fade is True
     run.phi.remove()
-    vsd = make_run(prior, NeRFGeneratorSpec(), "a red cube", 1, method="vsd")
+    vsd = make_run(prior, NeRFGeneratorSpec(), {"prompt": "a red cube", "steps": 1, "distill.method": "vsd"})
     assert vsd.config.distill.gamma == 0.0  # VSD is ASD with γ = 0, whatever the recipe's γ
     vsd.phi.remove()
-    run = make_run(prior, NeRFGeneratorSpec(), "a red cube", 1, guidance_scale=5.0, t_max=0.7, background="random",
-                   phi_noise="fresh")
+    run = make_run(prior, NeRFGeneratorSpec(), {"prompt": "a red cube", "steps": 1, "distill.guidance_scale": 5.0, "distill.t_max": 0.7, "background": "random", "distill.phi_noise": "fresh"})
     assert (run.config.distill.guidance_scale, run.config.distill.t_max, run.config.background,
             run.config.distill.phi_noise) == (5.0, 0.7, "random", "fresh")
     assert {"distill.guidance_scale", "distill.t_max", "background",
@@ -139,8 +144,8 @@ def test_a_recipe_field_missing_from_an_older_checkpoint_is_the_official_value()
 
 def test_bad_recipe_files_are_named_errors(tiny_v_dir, tmp_path):
     assert tuple(LORA_TARGETS) == LORA_TARGET_CHOICES  # the recipe validates the names φ knows
-    assert tuple(cli.COMMON_SETTINGS["--lora-targets"][1]["choices"]) == LORA_TARGET_CHOICES  # and the CLI offers
-    assert tuple(cli.COMMON_SETTINGS["--weighting"][1]["choices"]) == WEIGHTINGS  # the CLI's literal is the engine's
+    assert settings.BY_FIELD["phi.lora_targets"].choices == LORA_TARGET_CHOICES  # and the settings offer
+    assert settings.BY_FIELD["distill.weighting"].choices == WEIGHTINGS  # the table's values are the engine's
     folder = shutil.copytree(tiny_v_dir, tmp_path / "model")
     (folder / RECIPE_FILE).write_text(json.dumps({"guidance": 3}))
     with pytest.raises(UserInputError, match="unknown keys"):
@@ -203,7 +208,7 @@ def test_prompts_as_people_type_them():
 
 def test_harness_and_2d_spec_use_the_recipe():
     prior = DiffusionPrior.from_pretrained(default_prior_path(), device="cpu")
-    run = make_run(prior, ImageGeneratorSpec(), "a blue sphere", 1)
+    run = make_run(prior, ImageGeneratorSpec(), {"prompt": "a blue sphere", "steps": 1})
     assert run.config.background == "white" and run.config.distill.guidance_scale == TOY_RECIPE.guidance_scale
     assert float(run.images().mean()) > 0.9  # the 2D image starts white, as the toy prior's training images are
     # the toy prior's 2D runs have their own w(t); its 3D runs (test above) the general one
@@ -214,7 +219,7 @@ def test_harness_and_2d_spec_use_the_recipe():
     assert run.config.distill.phi_noise == TOY_RECIPE.phi_noise_2d == "fresh" != TOY_RECIPE.phi_noise
     assert "distill.phi_noise" in run.config.from_recipe
     run.phi.remove()
-    run = make_run(prior, ImageGeneratorSpec(jitter=0), "a blue sphere", 1, weighting="sds")
+    run = make_run(prior, ImageGeneratorSpec(jitter=0), {"prompt": "a blue sphere", "steps": 1, "distill.weighting": "sds"})
     assert run.config.distill.weighting == "sds" and "distill.weighting" not in run.config.from_recipe
     assert run.image.jitter == 0 and "jitter" not in run.config.from_recipe
     run.phi.remove()
@@ -228,7 +233,7 @@ def test_2d_weighting_and_phi_noise_fall_back_to_the_general_ones(tiny_v_dir, tm
     for recipe, values_2d, values_3d in cases:
         write_recipe(folder, recipe)
         prior = DiffusionPrior.from_pretrained(folder, device="cpu")
-        run = make_run(prior, ImageGeneratorSpec(size=32), "a cat", 1, method="sds")
+        run = make_run(prior, ImageGeneratorSpec(size=32), {"prompt": "a cat", "steps": 1, "distill.method": "sds"})
         assert (run.config.distill.weighting, run.config.distill.phi_noise) == values_2d
         config = preset_config("low-vram", "a cat", steps=1, prior_resolution=32)
         config.distill.method = "sds"
@@ -270,5 +275,5 @@ def test_2d_jitter_rolls_the_image_the_prior_sees_and_trains_every_pixel(tiny_v_
     rng = torch.Generator().manual_seed(3)
     state = rng.get_state()
     assert still(rng) is still.param and torch.equal(rng.get_state(), state)  # jitter 0 draws nothing
-    with pytest.raises(UserInputError, match="--jitter"):
+    with pytest.raises(UserInputError, match="^jitter"):
         Distill2D(Distill2DConfig(prompt="a cat", steps=1, size=32, jitter=-1), prior=prior)

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 from asd_engine.errors import UserInputError
-from asd_engine.loading import load_prior
+from asd_engine.prior.loading import load_prior
 
-from asd_engine.single_file import (CheckpointInfo, V_HEURISTIC_KEY, classify, clip_tokenizer, derive_configs,
+from asd_engine.prior.single_file import (CheckpointInfo, V_HEURISTIC_KEY, classify, clip_tokenizer, derive_configs,
                                     detect_prediction, family_config, inspect_single_file)
 from single_file_models import build_tiny_sd
 

@@ -11,15 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from asd_engine.cameras import cameras_from_angles
+from asd_engine.scene.cameras import cameras_from_angles
 from asd_engine.cli import main
 from asd_engine.errors import UserInputError
-from asd_engine.export import Z_UP_TO_Y_UP, extract_mesh
-from asd_engine.field import FieldConfig
-from asd_engine.nerf import NeRFGenerator
-from asd_engine.prompts import ViewPrompts
-from asd_engine.render import RenderConfig
-from asd_engine.text_to_3d import TextTo3D, preset_config
+from asd_engine.scene.export import Z_UP_TO_Y_UP, extract_mesh
+from asd_engine.scene.field import FieldConfig
+from asd_engine.scene.nerf import NeRFGenerator
+from asd_engine.prior.prompts import ViewPrompts
+from asd_engine.scene.render import RenderConfig
+from asd_engine.runs.text_to_3d import TextTo3D
+
+# tiny settings so a CLI run takes seconds: few steps, few small views, a coarse mesh grid
+from asd_engine.runs.configs import preset_config
 
 # tiny settings so a CLI run takes seconds: few steps, few small views, a coarse mesh grid
 FAST = ["--preset", "toy-cpu", "--views", "3", "--view-size", "32", "--mesh-resolution", "40"]
@@ -127,22 +130,23 @@ def test_export_meshes_at_the_presets_isosurface_unless_told(monkeypatch, tmp_pa
     """toy-cpu marches ~5x longer steps than the SD presets, so its objects' density is ~5x lower (EXPORT_DEFAULTS)."""
     import argparse
 
-    from asd_engine import cli, export
+    from asd_engine.cli import train as cli_train
+    from asd_engine.scene import export
 
     seen = {}
     monkeypatch.setattr(export, "export_outputs", lambda nerf, out, **kw: seen.update(kw) or [])
     args = argparse.Namespace(views=None, view_size=None, mesh_resolution=None, mesh_threshold=given,
                               background="white", animation="webp")
-    cli._export(None, preset, tmp_path, args)
+    cli_train.export(None, preset, tmp_path, args)
     assert seen["mesh_threshold"] == expected
 
 
 def test_cli_help_states_the_toy_cpu_step_count():
-    """The CLI keeps torch-free imports for a quick --help, so its help spells the count out; it must not drift."""
+    """The help of every command that runs the toy-cpu preset states its step count."""
     import argparse
 
     from asd_engine.cli import build_parser
-    from asd_engine.text_to_3d import TOY_CPU_STEPS
+    from asd_engine.runs.configs import TOY_CPU_STEPS
 
     (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     for name in ("text-to-3d", "demo", "quality"):

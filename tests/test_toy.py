@@ -9,13 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asd_engine.cameras import cameras_from_angles
+from asd_engine.scene.cameras import cameras_from_angles
 from asd_engine.errors import UserInputError
-from asd_engine.quality import TOP_ELEVATION, hole_opening, markdown_table, parse_toy_prompt, summarise
-from asd_engine.toy_data import (COLOURS, SHAPES, ToyJudge, best_rotation_iou, colour_error, crop_to_box,
+from asd_engine.toy.quality import TOP_ELEVATION, hole_opening, markdown_table, parse_toy_prompt, summarise
+from asd_engine.toy.data import (COLOURS, SHAPES, ToyJudge, best_rotation_iou, colour_error, crop_to_box,
                                  enclosed_holes, foreground_masks, render_shapes, sample_batch, shape_sdf,
                                  truth_views)
-from asd_engine.toy_prior import HOLE_MIN_PIXELS, TOY_RECIPE, default_prior_path
+from asd_engine.prior import default_prior_path
+from asd_engine.prior.recipe import read_recipe
+from asd_engine.toy.trainer import HOLE_MIN_PIXELS
+
+TOY_RECIPE = read_recipe(default_prior_path())  # the toy prior's recipe lives only in its asd_recipe.json
 
 
 def test_sdfs_are_zero_on_the_known_surfaces():
@@ -140,7 +144,7 @@ def test_the_hole_detector_sees_a_torus_hole_from_above_on_a_tinted_background()
 
 def test_quality_prompt_parsing_and_summary():
     assert parse_toy_prompt("A Green Torus") == ("torus", "green")
-    with pytest.raises(UserInputError, match="--prompts"):
+    with pytest.raises(UserInputError, match="^prompts"):
         parse_toy_prompt("a croissant")
     runs = [{"method": "asd", "seed": s, "iou": v, "colour_error": 0.1, "seconds": 1.0} for s, v in ((0, 0.5), (1, 0.7))]
     summary = summarise(runs, "3d")["asd"]
@@ -159,8 +163,8 @@ shipped = pytest.mark.skipif(not (default_prior_path() / "model_index.json").is_
 
 @shipped
 def test_shipped_prior_is_small_loads_offline_and_samples():
-    from asd_engine.prior import DiffusionPrior
-    from asd_engine.toy_prior import sample_images
+    from asd_engine.prior.diffusion import DiffusionPrior
+    from asd_engine.toy.trainer import sample_images
 
     files = [p for p in default_prior_path().rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 20 * 2 ** 20
@@ -191,8 +195,8 @@ def test_toy_prior_report_writes_fidelity_and_the_overhead_tori_hole_rate(tmp_pa
 @shipped
 def test_fine_tuning_a_toy_prior_keeps_its_tokenizer_and_records_its_lineage(tmp_path, capsys):
     from asd_engine.cli import main
-    from asd_engine.prior import DiffusionPrior
-    from asd_engine.recipe import read_recipe
+    from asd_engine.prior.diffusion import DiffusionPrior
+    from asd_engine.prior.recipe import read_recipe
 
     out = tmp_path / "tuned"
     assert main(["train-toy-prior", "--work", str(tmp_path / "work"), "--export", str(out), "--steps", "1",
@@ -228,7 +232,7 @@ def test_demo_runs_and_writes_the_outputs(tmp_path):
 def tiny_clip(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from asd_engine.tiny_pipeline import _byte_level_vocab
+    from asd_engine.prior.tiny_pipeline import _byte_level_vocab
 
     folder = tmp_path_factory.mktemp("tiny-clip")
     vocab = _byte_level_vocab()
@@ -298,7 +302,9 @@ def test_distill_2d_defaults_to_the_embedded_prior_at_its_own_size(tmp_path):
 def test_quality_harness_journal_resumes_without_rerunning(tmp_path, monkeypatch):
     import functools
 
-    from asd_engine import quality, specs, toy_data
+    from asd_engine.toy import quality
+    from asd_engine.runs import plan as specs
+    from asd_engine.toy import data as toy_data
 
     monkeypatch.setattr(toy_data, "ToyJudge", functools.partial(ToyJudge, bank_per_shape=20))  # a quick judge
     settings = quality.QualitySettings(methods=["asd"], prompts=["a red cube"], seeds=2, steps=2, mode="2d")

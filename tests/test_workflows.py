@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from asd_engine import comfy_client
-from asd_engine.text_to_3d import EXPORT_DEFAULTS, TOY_CPU_STEPS
+from workflows import comfy_client
+from asd_engine.runs.configs import EXPORT_DEFAULTS, TOY_CPU_STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -79,18 +79,74 @@ def test_workflows_use_only_known_nodes(pack, make_workflows):
             assert node["class_type"] in pack.NODE_CLASS_MAPPINGS or node["class_type"] in generator.CORE_INPUTS
 
 
-def test_3d_workflows_mesh_at_their_presets_isosurface():
-    """The toy NeRF's density inside an object is 10-25: at the SD presets' 25 only its peaks would be meshed."""
+def test_workflows_leave_steps_mesh_threshold_and_recipe_values_to_the_preset_and_prior(pack):
+    """The shipped graphs say "from preset" / "from prior" explicitly, and use no deprecated (legacy) node."""
     meshed = 0
     for name in NAMES:
         nodes = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()).values()
-        presets = {n["inputs"]["preset"] for n in nodes if n["class_type"] == "ASDNeRFGenerator"}
         for node in nodes:
-            if node["class_type"] in ("ASDExportMesh", "ASDNeRFToMesh"):
-                (preset,) = presets
-                assert node["inputs"]["threshold"] == EXPORT_DEFAULTS[preset]["mesh_threshold"], name
-                meshed += preset == "toy-cpu"
-    assert meshed >= 2  # text_to_3d_asd and mesh_to_core_save_glb
+            cls = pack.NODE_CLASS_MAPPINGS.get(node["class_type"])
+            assert not getattr(cls, "DEPRECATED", False), (name, node["class_type"])
+            inputs = node["inputs"]
+            if node["class_type"] in ("ASDExportNeRFMesh", "ASDNeRFMesh"):
+                assert inputs["threshold_source"] == "from preset", name
+                meshed += 1
+            if node["class_type"] == "ASDTrain":
+                assert (inputs["steps_source"], inputs["cfg_source"], inputs["t_range_source"]) == (
+                    "from preset", "from prior", "from prior"), name
+            if node["class_type"] == "ASDDiscriminatorLoRA":
+                assert (inputs["learning_rate_source"], inputs["gamma_source"]) == ("from prior", "from prior"), name
+    assert meshed >= 3
+
+
+LEGACY = ROOT / "tests" / "legacy_workflows"  # the previous version's shipped workflows, as they were
+
+
+def _training_keys(api: dict, pack, monkeypatch) -> dict[str, str]:
+    """Run an API graph in plain Python up to its Train Loops: the run key each would train."""
+    asd_nodes = __import__(pack.__name__ + ".nodes.asd_nodes", fromlist=["train_node"])
+    legacy = __import__(pack.__name__ + ".nodes.legacy_nodes", fromlist=["train_node"])
+    plan = __import__(pack.__name__ + ".asd_engine.runs.plan", fromlist=["plan_from_specs"])
+
+    def planned(prior, generator, values, phi=None, resume=None):
+        return {"result": (plan.plan_from_specs(prior, generator, values, discriminator=phi).key(),)}
+
+    monkeypatch.setattr(asd_nodes, "train_node", planned)
+    monkeypatch.setattr(legacy, "train_node", planned)
+    outputs: dict[str, tuple] = {}
+
+    def evaluate(node_id: str) -> tuple:
+        if node_id not in outputs:
+            node = api[node_id]
+            cls = pack.NODE_CLASS_MAPPINGS[node["class_type"]]
+            inputs = {k: evaluate(v[0])[v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+            out = getattr(cls(), cls.FUNCTION)(**inputs)
+            outputs[node_id] = out["result"] if isinstance(out, dict) else out
+        return outputs[node_id]
+
+    return {node_id: evaluate(node_id)[0] for node_id, node in api.items()
+            if node["class_type"] in ("ASDTrain", "ASDTrainLoop")}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in LEGACY.glob("*.json")))
+def test_the_previous_versions_workflows_load_and_mean_what_they_meant(name, pack, make_workflows, monkeypatch):
+    """Each workflow the previous version shipped: its UI file still lines up with the (legacy) nodes' widgets, its
+    graph plans exactly the runs this version's graph of the same name plans, and meshes at the same isosurface."""
+    generator = make_workflows
+    old_ui = json.loads((LEGACY / f"{name}.json").read_text())
+    old_api = json.loads((LEGACY / "api" / f"{name}.json").read_text())
+    assert ui_to_api(old_ui, generator.node_inputs, generator.has_seed_control) == old_api
+    new_api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    presets = {n["inputs"]["preset"] for n in new_api.values() if n["class_type"] == "ASDNeRFGenerator"}
+    for node_id, node in old_api.items():
+        if node["class_type"] in ("ASDExportMesh", "ASDNeRFToMesh"):
+            (preset,) = presets
+            assert node["inputs"]["threshold"] == EXPORT_DEFAULTS[preset]["mesh_threshold"]
+            assert new_api[node_id]["inputs"]["threshold_source"] == "from preset"
+    if any(n["class_type"] == "CheckpointLoaderSimple" for n in old_api.values()):
+        pytest.skip("needs core Load Checkpoint and SD 2.1's weights; its node inputs are checked above")
+    old, new = _training_keys(old_api, pack, monkeypatch), _training_keys(new_api, pack, monkeypatch)
+    assert old == new and len(old) >= 1
 
 
 # ---------------------------------------------------------------------------------------------- client, offline
@@ -110,7 +166,7 @@ def test_client_overrides_by_id_title_and_class():
             comfy_client.apply_overrides(graph, [bad])
     compare = comfy_client.load_workflow(WORKFLOWS / "api" / "compare_sds_vsd_asd.json")
     with pytest.raises(comfy_client.ClientError, match="matches nodes"):
-        comfy_client.apply_overrides(compare, ["ASDTrainLoop.steps=5"])
+        comfy_client.apply_overrides(compare, ["ASDTrain.steps=5"])
 
 
 def test_client_refuses_ui_files_and_reports_an_unreachable_server(tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 UI format (``workflows/NAME.json``): what the canvas saves and loads — ComfyUI lists it in its template browser
 (it scans a pack's ``workflows/`` folder as well as ``example_workflows/``). API format (``workflows/api/NAME.json``):
-what ``POST /prompt`` and ``python -m asd_engine.comfy_client`` take. ``tests/test_workflows.py`` converts every UI
+what ``POST /prompt`` and ``python workflows/comfy_client.py`` take. ``tests/test_workflows.py`` converts every UI
 file back to the API form and checks that the two describe the same graph.
 
 Run from the repository root after changing a graph or a node's inputs: ``python workflows/make_workflows.py``.
@@ -93,33 +93,35 @@ TOY_PRIOR = "asd-toy-prior (embedded, 32 px)"
 
 
 def prior_and_phi(camera_embedding: bool) -> dict:
-    """Nodes 1 (Load SD Model, the embedded prior) and 2 (φ: LoRA rank 4, γ from the prior's recipe) that the toy
-    graphs start with."""
+    """Nodes 1 (Load SD Model, the embedded prior) and 2 (φ: LoRA rank 4, learning rate and γ from the prior's
+    recipe) that the toy graphs start with."""
     return {
         1: ("ASDLoadPrior", "Load SD Model", (40, 60), {"model": TOY_PRIOR, "precision": "auto", "prediction_type": "auto"}),
-        2: ("ASDDiscriminator", "ASD Discriminator (LoRA/TI)", (40, 240),
-            {"phi_type": "lora", "lora_rank": 4, "ti_tokens": 1, "learning_rate": 0.0, "gamma": 1.0,
-             "camera_embedding": camera_embedding, "lora_targets": "from prior"}),
+        2: ("ASDDiscriminatorLoRA", "ASD Discriminator (LoRA)", (40, 240),
+            {"lora_rank": 4, "lora_targets": "from prior", "learning_rate_source": "from prior",
+             "learning_rate": 1e-4, "gamma_source": "from prior", "gamma": -0.75,
+             "camera_embedding": camera_embedding}),
     }
 
 
-# the Train Loop's widgets that defer to the prior's recipe (CFG, w(t), t range, training background, φ noise)
-RECIPE_DEFAULTS = {"cfg": 0.0, "weighting": "from prior", "t_min": -1.0, "t_max": -1.0, "background": "from prior",
-                   "noise_sharing": "from prior"}
+# the Train Loop's widgets left to the generator's preset (steps) and the prior's recipe (CFG, w(t), t range,
+# training background, φ noise); the values beside the "custom" choices are the official recipe's
+RECIPE_DEFAULTS = {"steps_source": "from preset", "steps": 900, "cfg_source": "from prior", "cfg": 7.5,
+                   "weighting": "from prior", "t_range_source": "from prior", "t_min": 0.02, "t_max": 0.98,
+                   "background": "from prior", "noise_sharing": "from prior"}
 
 NERF_TOY = ("ASDNeRFGenerator", "NeRF Generator", (40, 520),
             {"preset": "toy-cpu", "resolution_schedule": "", "batch_size": 1, "seed": 0})
-TOY_3D_STEPS = 900  # the toy-cpu preset's count (asd_engine.text_to_3d.TOY_CPU_STEPS; tests/test_workflows checks)
-TOY_MESH_THRESHOLD = 5.0  # the toy-cpu preset's isosurface (text_to_3d.EXPORT_DEFAULTS; tests/test_workflows checks)
+MESH_FROM_PRESET = {"threshold_source": "from preset", "threshold": 25.0}  # toy-cpu's preset meshes at 5
 
 
 def text_to_3d() -> dict:
     return {
         **prior_and_phi(camera_embedding=True),
         3: NERF_TOY,
-        4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
+        4: ("ASDTrain", "ASD Train Loop", (420, 60),
             {"prior": (1, 0), "generator": (3, 0), "prompt": "a red cube", "negative_prompt": "", "method": "asd",
-             "steps": TOY_3D_STEPS, **RECIPE_DEFAULTS, "phi": (2, 0)}),
+             **RECIPE_DEFAULTS, "phi": (2, 0)}),
         5: ("ASDRenderViews", "Render Views", (820, 60),
             {"result": (4, 0), "views": 36, "size": 128, "elevation": 15.0, "distance": 1.5, "fov": 70.0,
              "background": "white"}),
@@ -127,8 +129,8 @@ def text_to_3d() -> dict:
             {"images": (5, 0), "filename_prefix": "asd/turntable", "fps": 12.0, "lossless": False, "quality": 90,
              "method": "default"}),
         7: ("SaveImage", "Depth maps", (1180, 420), {"images": (5, 1), "filename_prefix": "asd/depth"}),
-        8: ("ASDExportMesh", "Export Mesh", (820, 460),
-            {"result": (4, 0), "resolution": 128, "threshold": TOY_MESH_THRESHOLD, "format": "glb+obj",
+        8: ("ASDExportNeRFMesh", "Export Mesh", (820, 460),
+            {"result": (4, 0), "resolution": 128, **MESH_FROM_PRESET, "format": "glb+obj",
              "filename_prefix": "asd_mesh"}),
         9: ("Preview3D", "Preview mesh", (1180, 760), {"model_file": (8, 0)}),
     }
@@ -137,11 +139,12 @@ def text_to_3d() -> dict:
 def image_2d() -> dict:
     return {
         **prior_and_phi(camera_embedding=False),
-        3: ("ASDImageGenerator", "Image Generator", (40, 520),
-            {"size": 32, "parameterization": "latent", "learning_rate": 0.0, "seed": 0, "jitter": -1}),
-        4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
+        3: ("ASDImage", "Image Generator", (40, 520),
+            {"size_source": "from prior", "size": 512, "parameterization": "latent", "learning_rate_source": "default",
+             "learning_rate": 0.03, "jitter_source": "from prior", "jitter": 0, "seed": 0}),
+        4: ("ASDTrain", "ASD Train Loop", (420, 60),
             {"prior": (1, 0), "generator": (3, 0), "prompt": "a blue torus", "negative_prompt": "", "method": "asd",
-             "steps": 300, **RECIPE_DEFAULTS, "phi": (2, 0)}),
+             **RECIPE_DEFAULTS, "steps": 300, "phi": (2, 0)}),
         5: ("SaveImage", "Distilled image", (820, 60), {"images": (4, 1), "filename_prefix": "asd/image_2d"}),
     }
 
@@ -151,9 +154,9 @@ def compare_methods() -> dict:
     for row, method in enumerate(("sds", "vsd", "asd")):
         base = 10 + 10 * row
         y = 60 + 420 * row
-        graph[base] = ("ASDTrainLoop", f"Train Loop ({method.upper()})", (420, y),
+        graph[base] = ("ASDTrain", f"Train Loop ({method.upper()})", (420, y),
                        {"prior": (1, 0), "generator": (3, 0), "prompt": "a red cube", "negative_prompt": "",
-                        "method": method, "steps": TOY_3D_STEPS, **RECIPE_DEFAULTS, "phi": (2, 0)})
+                        "method": method, **RECIPE_DEFAULTS, "phi": (2, 0)})
         graph[base + 1] = ("ASDRenderViews", f"Render Views ({method.upper()})", (820, y),
                            {"result": (base, 0), "views": 36, "size": 128, "elevation": 15.0, "distance": 1.5,
                             "fov": 70.0, "background": "white"})
@@ -169,7 +172,7 @@ def mesh_for_core() -> dict:
     graph = {key: value for key, value in text_to_3d().items() if key in (1, 2, 3, 4)}
     graph[4][3]["prompt"] = "a yellow cone"
     graph.update({
-        5: ("ASDNeRFToMesh", "NeRF to Mesh", (820, 60), {"result": (4, 0), "resolution": 128, "threshold": TOY_MESH_THRESHOLD}),
+        5: ("ASDNeRFMesh", "NeRF to Mesh", (820, 60), {"result": (4, 0), "resolution": 128, **MESH_FROM_PRESET}),
         6: ("SaveGLB", "Save GLB (core)", (1180, 60), {"mesh": (5, 0), "filename_prefix": "mesh/asd_core"}),
         7: ("ASDSaveMeshGLB", "Save Coloured GLB", (1180, 360), {"mesh": (5, 0), "filename_prefix": "asd_mesh"}),
         8: ("LossGraphNode", "Plot Loss Graph (core)", (820, 420), {"loss": (4, 3), "filename_prefix": "asd_loss"}),
@@ -187,19 +190,19 @@ def text_to_3d_sd21() -> dict:
         10: ("CheckpointLoaderSimple", "Load Checkpoint (SD 2.1 base)", (40, 60), {"ckpt_name": SD21}),
         1: ("ASDPriorFromCheckpoint", "ASD Prior from Checkpoint", (40, 260),
             {"model": (10, 0), "clip": (10, 1), "vae": (10, 2), "precision": "auto"}),
-        2: ("ASDDiscriminator", "ASD Discriminator (LoRA/TI)", (40, 460), phi_inputs),
+        2: ("ASDDiscriminatorLoRA", "ASD Discriminator (LoRA)", (40, 460), phi_inputs),
         3: ("ASDNeRFGenerator", "NeRF Generator", (40, 720),
             {"preset": "quality", "resolution_schedule": "", "batch_size": 1, "seed": 0}),
-        4: ("ASDTrainLoop", "ASD Train Loop", (420, 60),
+        4: ("ASDTrain", "ASD Train Loop", (420, 60),
             {"prior": (1, 0), "generator": (3, 0), "prompt": "a DSLR photo of a hamburger", "negative_prompt": "",
-             "method": "asd", "steps": 25000, **RECIPE_DEFAULTS, "phi": (2, 0)}),
+             "method": "asd", **RECIPE_DEFAULTS, "steps": 25000, "phi": (2, 0)}),
         5: ("ASDRenderViews", "Render Views", (820, 60),
             {"result": (4, 0), "views": 72, "size": 512, "elevation": 15.0, "distance": 1.5, "fov": 70.0,
              "background": "white"}),
         6: ("SaveAnimatedWEBP", "Turntable", (1180, 60),
             {"images": (5, 0), "filename_prefix": "asd/turntable_sd21", "fps": 24.0, "lossless": False,
              "quality": 90, "method": "default"}),
-        7: ("ASDNeRFToMesh", "NeRF to Mesh", (820, 460), {"result": (4, 0), "resolution": 256, "threshold": 25.0}),
+        7: ("ASDNeRFMesh", "NeRF to Mesh", (820, 460), {"result": (4, 0), "resolution": 256, **MESH_FROM_PRESET}),
         8: ("ASDSaveMeshGLB", "Save Coloured GLB", (1180, 460), {"mesh": (7, 0), "filename_prefix": "asd_sd21"}),
         9: ("LossGraphNode", "Plot Loss Graph (core)", (820, 760), {"loss": (4, 3), "filename_prefix": "asd_loss"}),
     }

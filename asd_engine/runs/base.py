@@ -1,0 +1,155 @@
+"""What every distillation run shares: the prior, φ, one RNG, a step counter, the step loop and exact checkpoints.
+
+A run is built from a config dataclass (stored verbatim in its checkpoints). Subclasses (:class:`Distill2D`,
+:class:`TextTo3D`) add their generator θ, its optimiser and ``train_step``; this base class owns everything else,
+so that resuming works the same way for 2D and 3D: a run resumed from step k reproduces a straight run bit for bit
+on the same machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..devices import resolve_device, resolve_precision
+from ..errors import UserInputError
+from ..prior import default_prior_path
+from ..prior.diffusion import DiffusionPrior
+from ..prior.discriminator import build_discriminator
+from ..prior.loading import load_prior
+from . import checkpoint as ckpt, settings
+from .configs import config_from_dict
+
+
+@dataclass
+class StepInfo:
+    """What a callback sees after each step."""
+
+    step: int                 # steps done so far
+    total: int
+    generator_loss: float     # the score-distillation surrogate loss
+    phi_loss: float | None    # None for SDS
+    t: int                    # generator timestep of this step (first of the batch)
+    grad_norm: float          # ‖w(t)(eps_cfg - eps_phi)‖
+    extras: dict[str, float] = field(default_factory=dict)  # e.g. regularisers, render resolution
+    phi_drift: float | None = None  # ‖eps_phi - eps_prior‖ / ‖eps_prior‖ (see distill.StepResult); None for SDS
+
+    @classmethod
+    def of(cls, step: int, total: int, result, extras: dict[str, float] | None = None) -> "StepInfo":
+        """From a :class:`~asd_engine.distill.StepResult`."""
+        return cls(step, total, result.generator_loss.item(), None if result.phi_loss is None else result.phi_loss.item(),
+                   int(result.t[0]), result.grad_norm, extras or {}, result.phi_drift)
+
+
+class DistillationRun:
+    """Base of the 2D and 3D runs. Subclasses set ``kind`` and implement ``_build``, ``train_step``,
+    ``generator_state``/``load_generator_state``; they create ``self.optimizer`` for θ."""
+
+    kind = "run"
+    config_class: type = object
+
+    def __init__(self, config, prior: DiffusionPrior | None = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, phi_prior: DiffusionPrior | None = None) -> None:
+        if prior is None:
+            if config.model is None:  # the embedded toy prior is the default everywhere
+                config.model = str(default_prior_path())
+            device = resolve_device(device)
+            prior = load_prior(config.model, device=device, prediction_type=config.prediction_type,
+                               dtype=dtype or resolve_precision(config.precision, device), input_name="model")
+        if config.from_recipe is None:  # not planned (runs.plan resolves): a library caller's config
+            settings.resolve(config, prior.recipe, prior.native_size)
+        prior.set_memory_options(attention_slicing=config.attention_slicing, vae_checkpointing=config.vae_checkpointing)
+        self.config, self.prior, self.step = config, prior, 0
+        self.losses: dict[str, list[float]] = {"loss": [], "phi_loss": []}  # per step; kept in checkpoints
+        torch.manual_seed(config.seed)  # peft's LoRA init draws from the global RNG
+        self.rng = torch.Generator().manual_seed(config.seed)  # every random draw of the run comes from here
+        self._build()
+        if config.distill.uses_phi:
+            if phi_prior is None and config.phi_model:
+                phi_prior = load_prior(config.phi_model, device=prior.device, dtype=prior.dtype,
+                                       input_name="phi_model")
+            if phi_prior is not None:
+                prior.check_shares_space(phi_prior, "phi_model")
+        self.phi = (build_discriminator(phi_prior or prior, config.prompt, config.phi, with_camera=self.has_cameras)
+                    if config.distill.uses_phi else None)
+
+    has_cameras = False
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def train_step(self) -> StepInfo:
+        raise NotImplementedError
+
+    def generator_state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_generator_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def preview(self) -> torch.Tensor:
+        """A small picture of the current state ``[1, 3, H, W]`` in [0, 1] (progress previews)."""
+        raise NotImplementedError
+
+    def run(self, on_step: Callable[[StepInfo], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> int:
+        """Run until ``config.steps``. ``should_stop`` is polled between steps (never mid-step, so a checkpoint
+        taken after a stop is consistent). Returns the number of steps done."""
+        while self.step < self.config.steps:
+            if should_stop is not None and should_stop():
+                break
+            info = self.train_step()
+            self.losses["loss"].append(info.generator_loss)
+            if info.phi_loss is not None:
+                self.losses["phi_loss"].append(info.phi_loss)
+            if on_step is not None:
+                on_step(info)
+        return self.step
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, directory: str | os.PathLike) -> Path:
+        tensors: dict[str, torch.Tensor] = {"rng_state": self.rng.get_state()}
+        tensors.update({f"generator.{k}": v for k, v in self.generator_state().items()})
+        optim_tensors, optim_meta = ckpt.optimizer_state(self.optimizer, "optimizer")
+        tensors.update(optim_tensors)
+        meta: dict[str, Any] = {"kind": self.kind, "step": self.step, "config": dataclasses.asdict(self.config),
+                                "optimizer": optim_meta, "losses": self.losses}
+        if self.phi is not None:
+            tensors.update({f"phi.{k}": v for k, v in self.phi.state_tensors().items()})
+            phi_tensors, meta["phi_optimizer"] = ckpt.optimizer_state(self.phi.optimizer, "phi_optimizer")
+            tensors.update(phi_tensors)
+        return ckpt.save_checkpoint(directory, tensors, meta)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike, overrides: dict[str, Any] | None = None,
+                        prior: DiffusionPrior | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, phi_prior: DiffusionPrior | None = None):
+        """Rebuild a run from its checkpoint; ``overrides`` may change ``steps`` (the new total)."""
+        tensors, meta = ckpt.load_checkpoint(directory, input_name="resume")
+        if meta.get("kind") != cls.kind:
+            raise UserInputError("resume", f"'{directory}' is a {meta.get('kind')} checkpoint",
+                                 f"resume a {cls.kind} run from one of its own checkpoints")
+        saved = settings.official_where_absent(meta["config"], cls.config_class)
+        data = {**cls.config_class.older_values, **saved, **(overrides or {})}
+        config = config_from_dict(cls.config_class, data)
+        if config.from_recipe is None:
+            config.from_recipe = []  # stored settings are concrete: nothing is left for the recipe
+        settings.validate(config)  # a checkpoint is input like any other
+        if meta["step"] > config.steps:
+            raise UserInputError("steps", f"the checkpoint is already at step {meta['step']}",
+                                 f"use {{=steps}} ≥ {meta['step']} (the total, not the number of extra steps)")
+        run = cls(config, prior=prior, device=device, dtype=dtype, phi_prior=phi_prior)
+        run.load_generator_state({k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")})
+        ckpt.load_optimizer_state(run.optimizer, tensors, meta["optimizer"], "optimizer")
+        if run.phi is not None:
+            run.phi.load_state_tensors({k[len("phi."):]: v for k, v in tensors.items() if k.startswith("phi.")})
+            ckpt.load_optimizer_state(run.phi.optimizer, tensors, meta["phi_optimizer"], "phi_optimizer")
+        run.rng.set_state(tensors["rng_state"])
+        run.step = int(meta["step"])
+        run.losses = {name: list(meta.get("losses", {}).get(name, [])) for name in run.losses}
+        return run

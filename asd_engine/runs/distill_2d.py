@@ -1,0 +1,81 @@
+"""2D distillation: optimise one image with SDS / VSD / ASD from a diffusion prior.
+
+Data flow of one step (Alg. 1 with a trivial "renderer"): ``x0 = image(θ)`` → :func:`distill.distill_step`
+(updates φ, returns the generator's surrogate loss) → backward → Adam step on θ.
+
+:class:`Distill2D` is the library entry point used by the CLI and the ComfyUI nodes; the step loop, callbacks and
+exact checkpoints come from :class:`asd_engine.runs.base.DistillationRun`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..distill import Conditioning, distill_step
+from ..images import load_image
+from .base import DistillationRun, StepInfo
+from .configs import DEFAULT_LR, Distill2DConfig
+from .image_generator import ImageGenerator
+
+
+def lr_factor(step: int, steps: int, decay_to: float) -> float:
+    """Cosine from 1 at step 0 to ``decay_to`` at step ``steps`` (0-based ``step``; the last step is ``steps - 1``)."""
+    return decay_to + (1.0 - decay_to) * 0.5 * (1.0 + math.cos(math.pi * min(step / steps, 1.0)))
+
+
+class Distill2D(DistillationRun):
+    """A 2D distillation run. ``prior`` may be passed in (e.g. shared between nodes); otherwise it is loaded."""
+
+    kind = "distill-2d"
+    config_class = Distill2DConfig
+
+    def _build(self) -> None:
+        config, prior = self.config, self.prior
+        if config.size is None:
+            config.size = prior.native_size
+        prior.check_image_size(config.size)
+        self.image = ImageGenerator(prior, config.size, config.parameterization, self.rng, config.background,
+                                    config.jitter)
+        self.base_lr = config.lr if config.lr is not None else DEFAULT_LR[config.parameterization]
+        self.optimizer = torch.optim.Adam(self.image.parameters(), lr=self.base_lr)
+        self.conditioning = Conditioning(cond=prior.encode_prompt([config.prompt]),
+                                         uncond=prior.encode_prompt([config.negative_prompt]))
+        self.references = None
+        if config.references:
+            with torch.no_grad():
+                images = torch.cat([load_image(p, config.size) for p in config.references])
+                self.references = prior.encode_images(images, sample=False)  # [R, C, h, w], posterior means
+
+    def train_step(self) -> StepInfo:
+        """One step of Alg. 1; returns its losses."""
+        reference = None
+        if self.references is not None:
+            index = int(torch.randint(len(self.references), (1,), generator=self.rng))
+            reference = self.references[index:index + 1]
+        x0 = self.image(self.rng)
+        result = distill_step(x0, self.prior, self.phi, self.conditioning, self.config.distill, self.step,
+                              self.rng, reference=reference)
+        self.optimizer.zero_grad(set_to_none=True)
+        result.generator_loss.backward()
+        for group in self.optimizer.param_groups:  # a function of the step alone: nothing to checkpoint
+            group["lr"] = self.base_lr * lr_factor(self.step, self.config.steps, self.config.lr_decay_to)
+        self.optimizer.step()
+        self.step += 1
+        return StepInfo.of(self.step, self.config.steps, result)
+
+    @torch.no_grad()
+    def images(self) -> torch.Tensor:
+        """Current image ``[1, 3, size, size]`` in [0, 1]."""
+        return self.image.images()
+
+    def preview(self) -> torch.Tensor:
+        return self.images()
+
+    def generator_state(self) -> dict[str, torch.Tensor]:
+        return {"image": self.image.param}
+
+    def load_generator_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.image.param.copy_(tensors["image"].to(self.image.param.device))

@@ -1,0 +1,127 @@
+"""Text-to-3D: optimise a NeRF with SDS / VSD / ASD from a diffusion prior.
+
+One step (Alg. 1): sample cameras → render (jittered marching, random solid backgrounds) → resize to the prior's
+resolution → encode (VAE posterior sample, gradients through the encoder) → :func:`distill.distill_step` with the
+view-dependent prompt (φ gets the camera) → + regularisers (sparsity, opacity entropy) → backward → Adam.
+
+Presets: ``quality`` is the official ASD recipe (GPU, frozen models in fp16), ``low-vram`` keeps its 64 → 512 px
+schedule and adds VAE-encoder checkpointing, a smaller table and chunked marching; ``toy-cpu`` is
+a small grid at the prior's low resolution that finishes a short run on two CPU cores in minutes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..devices import resolve_device
+from ..distill import distill_step
+from ..errors import UserInputError
+from ..prior.prompts import ViewPrompts
+from ..scene.cameras import orbit_cameras, sample_cameras
+from ..scene.nerf import NeRFGenerator, NeRFRender
+from . import checkpoint as ckpt
+from .base import DistillationRun, StepInfo
+from .configs import TextTo3DConfig, config_from_dict
+
+
+def sparsity_loss(opacity: torch.Tensor) -> torch.Tensor:
+    """Mean √(opacity² + 0.01) of ``opacity [B, H, W, 1]``: a smooth L1 pull towards empty space."""
+    return (opacity.square() + 0.01).sqrt().mean()
+
+
+def opacity_entropy(opacity: torch.Tensor) -> torch.Tensor:
+    """Mean binary entropy of ``opacity [B, H, W, 1]``: pushes every ray to fully empty or fully opaque."""
+    o = opacity.clamp(1e-4, 1.0 - 1e-4)
+    return -(o * o.log() + (1.0 - o) * (1.0 - o).log()).mean()
+
+
+def blob_seed(step: int, t_anneal_step: int | None, steps: int) -> float:
+    """Weight of the blob's seed ball at ``step`` under ``blob_fade``: 1 → 0 linearly by the second phase's start
+    (``t_anneal_step``; the run's last step when it has none)."""
+    end = steps if t_anneal_step is None else t_anneal_step
+    return max(0.0, 1.0 - step / end) if end > 0 else 0.0
+
+
+class TextTo3D(DistillationRun):
+    """A text-to-3D run; ``nerf`` is the generator θ."""
+
+    kind = "text-to-3d"
+    config_class = TextTo3DConfig
+    has_cameras = True
+
+    def _build(self) -> None:
+        config, prior = self.config, self.prior
+        self.prior_resolution = config.prior_resolution or prior.native_size
+        prior.check_image_size(self.prior_resolution, input_name="model")
+        self.nerf = NeRFGenerator(config.nerf_field, config.render, device=prior.device)
+        groups = self.nerf.parameter_groups(config.lr_grid, config.lr_mlp, config.lr_background)
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+        self.prompts = ViewPrompts(prior, config.prompt, config.negative_prompt,
+                                   view_dependent=config.view_dependent_prompts, perp_neg=config.perp_neg,
+                                   overhead_elevation=config.overhead_elevation)
+
+    def resolution(self, step: int) -> int:
+        return [side for start, side in self.config.resolution_schedule if start <= step][-1]
+
+    def render_for_prior(self, cameras) -> tuple[NeRFRender, torch.Tensor]:
+        """A training render of ``cameras`` and its model-space ``x0 [B, C, h, w]`` (resized to the prior's size,
+        encoded with gradients)."""
+        # "random": the learned background, swapped for a random solid colour at times (official); or the solid
+        # colour a narrow prior saw in training (the toy prior reads any other background as part of the object)
+        background = "learned" if self.config.background == "random" else self.config.background
+        render = self.nerf.render(cameras, self.rng, training=True, background=background)
+        images = render.rgb.permute(0, 3, 1, 2)                                  # [B, 3, H, W]
+        if images.shape[-1] != self.prior_resolution:
+            images = F.interpolate(images, size=(self.prior_resolution,) * 2, mode="bilinear", align_corners=False)
+        return render, self.prior.encode_images(images, generator=self.rng)
+
+    def train_step(self) -> StepInfo:
+        config, step = self.config, self.step
+        if config.blob_fade:  # clamp: never grows back when a run without a second phase is extended past its end
+            self.nerf.field.blob_seed.clamp_(max=blob_seed(step, config.distill.t_anneal_step, config.steps))
+        self.nerf.update_grid(step, self.rng)
+        side = self.resolution(step)
+        cameras = sample_cameras(config.batch_size, config.cameras, side, side, self.rng)
+        render, x0 = self.render_for_prior(cameras)
+        result = distill_step(x0, self.prior, self.phi, self.prompts.conditioning(cameras), config.distill, step,
+                              self.rng)
+        sparsity = sparsity_loss(render.opacity)
+        loss = result.generator_loss + config.lambda_sparsity * sparsity
+        extras = {"resolution": float(side), "sparsity": sparsity.item(), "samples": float(render.samples)}
+        if step >= config.opacity_entropy_from and config.lambda_opacity_entropy > 0:
+            entropy = opacity_entropy(render.opacity)
+            loss = loss + config.lambda_opacity_entropy * entropy
+            extras["opacity_entropy"] = entropy.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return StepInfo.of(self.step, config.steps, result, extras)
+
+    @torch.no_grad()
+    def preview(self, views: int = 4, size: int = 64) -> torch.Tensor:
+        """``views`` renders around the object at the evaluation camera, side by side: ``[1, 3, size, views·size]``."""
+        render = self.nerf.render(orbit_cameras(views, height=size, width=size), background="white")
+        return render.rgb.permute(3, 1, 0, 2).reshape(3, size, views * size).unsqueeze(0)
+
+    def generator_state(self) -> dict[str, torch.Tensor]:
+        return self.nerf.state_tensors()
+
+    def load_generator_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.nerf.load_state_tensors(tensors)
+
+
+def load_nerf(directory: str | os.PathLike, device: str | torch.device | None = None,
+              input_name: str = "checkpoint") -> tuple[NeRFGenerator, TextTo3DConfig, int]:
+    """Only the NeRF of a text-to-3d checkpoint (no diffusion model is loaded): ``(nerf, config, step)``."""
+    tensors, meta = ckpt.load_checkpoint(directory, input_name=input_name)
+    if meta.get("kind") != TextTo3D.kind:
+        raise UserInputError(input_name, f"'{directory}' is a {meta.get('kind')} checkpoint, not a text-to-3d one",
+                             "give the checkpoint/ folder of a text-to-3d run")
+    config = config_from_dict(TextTo3DConfig, meta["config"])
+    nerf = NeRFGenerator(config.nerf_field, config.render, device=resolve_device(device))
+    nerf.load_state_tensors({k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")})
+    return nerf.eval(), config, int(meta["step"])

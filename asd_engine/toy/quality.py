@@ -1,0 +1,246 @@
+"""Quality harness: does ASD beat VSD and SDS? Measured against analytic ground truth on the embedded prior.
+
+3D (``mode="3d"``): for each method × prompt × seed a toy-cpu text-to-3D run, then the NeRF is rendered from the
+evaluation orbit (elevation 15°, distance 1.5, fov 70°, 8 views) and compared with exact renders of the prompt's
+shape and colour from the same cameras: silhouette IoU (maximised over rotations about the up axis: the shapes
+are symmetric or nearly), foreground colour error (mean absolute RGB difference of mean colours) and the
+silhouette area ratio (predicted ÷ true: above 1 the object came out too large). The low orbit sees a torus as a flat
+ring whose hole is a thin line, so a disc scores as well as a torus there; the **top IoU** compares silhouettes from
+4 views at 75° elevation, and the **hole opening** is the mean transparency (1 − alpha) of the NeRF over the true
+shape's holes in those views (the pixels its filled silhouette adds: only the torus has one; 1 = as open as the
+truth, 0 = a disc).
+2D (``mode="2d"``): distill-2d runs judged by :class:`ToyJudge` (is the shape right, is the colour right).
+Results: ``quality.json`` (every run and the per-method summary with the spread across seeds), ``grid.png``
+(methods × prompts, first seed), ``pictures/`` (every run's final picture) and ``runs.jsonl`` (the journal that
+lets a stopped harness resume).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import UserInputError
+from ..images import save_png
+from .data import COLOURS, SHAPES, best_rotation_iou, colour_error, enclosed_holes, truth_views
+
+EVAL_VIEWS, EVAL_SIZE = 8, 64
+TOP_VIEWS, TOP_ELEVATION = 4, 75.0  # seen from above: a torus's hole (true centre opacity 0.03 at 64 px)
+
+
+def parse_toy_prompt(prompt: str) -> tuple[str, str]:
+    """``"a red cube"`` → ("cube", "red"); the harness can only judge prompts of the toy vocabulary."""
+    words = prompt.lower().replace(",", " ").split()
+    shapes = [w for w in words if w in SHAPES]
+    colours = [w for w in words if w in COLOURS]
+    if len(shapes) != 1 or len(colours) != 1:
+        raise UserInputError("prompts", f"'{prompt}' is not one colour and one shape of the toy vocabulary",
+                             f"use e.g. 'a red cube' (colours: {', '.join(COLOURS)}; shapes: {', '.join(SHAPES)})")
+    return shapes[0], colours[0]
+
+
+@torch.no_grad()
+def evaluate_nerf(nerf, shape: str, colour: str) -> dict[str, float]:
+    """Silhouette IoU and colour error of ``nerf`` against the analytic truth from the evaluation orbit."""
+    from ..scene.export import render_turntable
+
+    turntable = render_turntable(nerf, views=EVAL_VIEWS, size=EVAL_SIZE)
+    images, alpha = turntable.rgb.permute(0, 3, 1, 2), turntable.alpha.permute(0, 3, 1, 2)
+    truth, truth_alpha = truth_views(shape, colour, EVAL_VIEWS, EVAL_SIZE)
+    iou, shift = best_rotation_iou(alpha, truth_alpha)
+    # IoU alone cannot tell a too-large object from a too-small one; the silhouette area ratio can (1 = right size)
+    area_ratio = float((alpha > 0.5).sum() / (truth_alpha > 0.5).sum().clamp_min(1))
+    top = render_turntable(nerf, views=TOP_VIEWS, size=EVAL_SIZE, elevation=TOP_ELEVATION).alpha.permute(0, 3, 1, 2)
+    _, top_truth_alpha = truth_views(shape, colour, TOP_VIEWS, EVAL_SIZE, elevation=TOP_ELEVATION)
+    top_iou, _ = best_rotation_iou(top, top_truth_alpha)
+    return {"iou": iou, "colour_error": colour_error(images, alpha, truth, truth_alpha), "rotation_views": shift,
+            "area_ratio": area_ratio, "top_iou": top_iou, "hole_opening": hole_opening(top, top_truth_alpha)}
+
+
+def hole_opening(alpha: torch.Tensor, truth_alpha: torch.Tensor) -> float:
+    """Mean ``1 - alpha`` of ``alpha [V, 1, H, W]`` over the holes of the truth's silhouettes (the pixels that
+    filling them adds); NaN when the truth has no hole (every shape but the torus)."""
+    holes = enclosed_holes(truth_alpha[:, 0] > 0.5)
+    if not holes.any():
+        return float("nan")
+    return float((1.0 - alpha[:, 0].cpu().clamp(0, 1))[holes].mean())
+
+
+@dataclass
+class QualitySettings:
+    methods: list[str]
+    prompts: list[str]
+    seeds: int = 3
+    steps: int | None = None          # None: the preset's default
+    mode: str = "3d"
+    model: str | None = None          # None: the embedded prior
+    phi_noise: str | None = None      # None: the prior's recipe (toy prior: shared; Stable Diffusion: fresh)
+    guidance_scale: float | None = None  # None: the prior's recipe (toy prior: 3; the paper's SD recipe: 7.5)
+
+
+def _grid(rows: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Rows of ``[3, H, W]`` images → one ``[3, rows·H, cols·W]`` image."""
+    return torch.cat([torch.cat(row, dim=2) for row in rows], dim=1)
+
+
+RUN_FIELDS = ("mode", "method", "prompt", "seed", "steps", "phi_noise", "guidance_scale")  # what makes a run
+
+
+def _run_key(record: dict) -> tuple:
+    return tuple(record[name] for name in RUN_FIELDS)
+
+
+def _picture_path(out: Path, method: str, prompt: str, seed: int) -> Path:
+    """Every run's final picture is kept, so a better judge or metric can rescore a harness without rerunning it."""
+    return out / "pictures" / f"{method}__{prompt.replace(' ', '_')}__seed{seed}.png"
+
+
+def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
+                log: Callable[[str], None] = print) -> dict:
+    """Every method × prompt × seed, scored; ``out/runs.jsonl`` grows by one line per finished run, so a harness
+    that is stopped (Ctrl-C, a lost machine) and started again with the same ``out`` skips what it already did."""
+    from ..images import read_png
+    from ..prior import default_prior_path
+    from ..prior.diffusion import DiffusionPrior
+    from ..runs import settings as run_settings
+    from ..runs.configs import TOY_CPU_STEPS
+    from ..runs.plan import ImageGeneratorSpec, NeRFGeneratorSpec, make_run
+    from .data import ToyJudge
+
+    targets = [parse_toy_prompt(p) for p in settings.prompts]
+    if settings.mode not in ("3d", "2d"):
+        raise UserInputError("mode", f"unknown mode '{settings.mode}'", "use 3d or 2d")
+    steps = settings.steps or (TOY_CPU_STEPS if settings.mode == "3d" else 300)  # 2d: the Train Loop node's default
+    out.mkdir(parents=True, exist_ok=True)
+    journal = out / "runs.jsonl"
+    done = {}
+    if journal.is_file():
+        for line in journal.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                done[_run_key(record)] = record
+    prior = DiffusionPrior.from_pretrained(settings.model or default_prior_path(), device=device)
+    noise_row = run_settings.BY_FIELD["distill.phi_noise"]  # journals name the value used, not "from the recipe"
+    judges = None  # built on the first 2D run that needs them (rendering their mask banks takes a while)
+    runs, grid_rows = [], []
+    for method in settings.methods:
+        row = []
+        for prompt, (shape, colour) in zip(settings.prompts, targets):
+            phi_noise = settings.phi_noise or run_settings.recipe_value(noise_row, prior.recipe, settings.mode, method)
+            for seed in range(settings.seeds):
+                identity = dict(zip(RUN_FIELDS, (settings.mode, method, prompt, seed, steps, phi_noise,
+                                                 settings.guidance_scale)))
+                key, picture_path = _run_key(identity), _picture_path(out, method, prompt, seed)
+                if key in done and picture_path.is_file():
+                    runs.append(done[key])
+                    if seed == 0:
+                        row.append(read_png(picture_path)[0])
+                    continue
+                started = time.perf_counter()
+                if settings.mode == "3d":
+                    spec = NeRFGeneratorSpec(preset="toy-cpu", seed=seed)
+                else:
+                    spec = ImageGeneratorSpec(size=None, seed=seed)
+                run = make_run(prior, spec, {"prompt": prompt, "steps": steps, "distill.method": method,
+                                             "distill.phi_noise": phi_noise,
+                                             "distill.guidance_scale": settings.guidance_scale})
+                drift: list[float] = []
+                with torch.enable_grad():
+                    run.run(on_step=lambda info: drift.append(info.phi_drift))
+                seconds = time.perf_counter() - started
+                # the values the run actually used (from the prior's recipe unless the harness set them)
+                used = dict(cfg=run.config.distill.guidance_scale, gamma=run.config.distill.gamma,
+                            weighting=run.config.distill.weighting, background=run.config.background,
+                            phi_lr=run.config.phi.lr if run.phi is not None else None,
+                            lora_targets=run.config.phi.lora_targets if run.phi is not None else None)
+                if settings.mode == "3d":
+                    used["overhead_elevation"], used["blob_fade"] = run.config.overhead_elevation, run.config.blob_fade
+                else:
+                    used["lr_decay_to"], used["jitter"] = run.config.lr_decay_to, run.config.jitter
+                record = dict(identity, seconds=seconds, used=used)
+                if drift and drift[-1] is not None:  # φ's distance from the prior over the last tenth of the run
+                    record["phi_drift"] = statistics.fmean(drift[-max(1, len(drift) // 10):])
+                if settings.mode == "3d":
+                    record.update(evaluate_nerf(run.nerf, shape, colour))
+                    picture = run.preview()[0]
+                else:
+                    picture = run.images()
+                    judges = judges or {"": ToyJudge(), "_cropped": ToyJudge(scale_normalised=True)}
+                    for suffix, judge in judges.items():  # as rendered, and scale-normalised (bounding-box crops)
+                        judged_shape, judged_colour = judge(picture)
+                        record[f"shape_right{suffix}"] = bool(judged_shape >= 0 and SHAPES[int(judged_shape)] == shape)
+                        record[f"colour_right{suffix}"] = bool(
+                            judged_colour >= 0 and list(COLOURS)[int(judged_colour)] == colour)
+                    picture = torch.nn.functional.interpolate(picture, scale_factor=2, mode="nearest")[0]
+                if run.phi is not None and hasattr(run.phi, "remove"):
+                    run.phi.remove()
+                save_png(picture, picture_path)
+                if seed == 0:
+                    row.append(picture.cpu())
+                with journal.open("a") as handle:  # one whole line per run: a kill loses at most the current run
+                    handle.write(json.dumps(record) + "\n")
+                runs.append(record)
+                log(json.dumps(record))
+        grid_rows.append(row)
+    summary = summarise(runs, settings.mode)
+    result = {"settings": settings.__dict__, "summary": summary, "runs": runs}
+    (out / "quality.json").write_text(json.dumps(result, indent=2))
+    save_png(_grid(grid_rows), out / "grid.png")
+    return result
+
+
+def summarise(runs: list[dict], mode: str) -> dict[str, dict[str, float]]:
+    """Per method: means over prompts and seeds, and the spread (std over seeds of the per-seed means)."""
+    summary = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        seeds = sorted({r["seed"] for r in mine})
+        keys = ("iou", "colour_error", "area_ratio", "top_iou", "hole_opening") if mode == "3d" else (
+            "shape_right", "colour_right", "shape_right_cropped", "colour_right_cropped")
+        keys += ("phi_drift",)
+        keys = tuple(k for k in keys if all(k in r for r in mine))  # journals from older versions lack some
+        entry = {}
+        for key in keys:
+            defined = [r for r in mine if r[key] == r[key]]  # drop NaNs (e.g. the hole opening of a holeless shape)
+            entry[key] = statistics.fmean(float(r[key]) for r in defined) if defined else float("nan")
+            by_seed = {s: [float(r[key]) for r in defined if r["seed"] == s] for s in seeds}
+            per_seed = [statistics.fmean(values) for values in by_seed.values() if values]
+            entry[f"{key}_seed_std"] = statistics.pstdev(per_seed) if len(per_seed) > 1 else 0.0
+        entry["seconds_per_run"] = statistics.fmean(r["seconds"] for r in mine)
+        summary[method] = entry
+    return summary
+
+
+def markdown_table(result: dict) -> str:
+    mode = result["settings"]["mode"]
+    if mode == "3d":
+        lines = ["| method | silhouette IoU ↑ | ± over seeds | colour error ↓ | ± over seeds | area ratio (1 = right) "
+                 "| top IoU ↑ | hole opening ↑ | φ drift | s / run |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for method, s in result["summary"].items():
+            lines.append(f"| {method} | {s['iou']:.3f} | {s['iou_seed_std']:.3f} | {s['colour_error']:.3f} | "
+                         f"{s['colour_error_seed_std']:.3f} | {_cell(s, 'area_ratio', '{:.2f}')} | "
+                         f"{_cell(s, 'top_iou', '{:.3f}')} | {_cell(s, 'hole_opening', '{:.2f}')} | "
+                         f"{_cell(s, 'phi_drift', '{:.3f}')} | "
+                         f"{s['seconds_per_run']:.0f} |")
+    else:
+        lines = ["| method | shape right ↑ | ± over seeds | colour right ↑ | ± over seeds | shape right, scale-normalised ↑ "
+                 "| colour right, scale-normalised ↑ | φ drift | s / run |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for method, s in result["summary"].items():
+            lines.append(f"| {method} | {100 * s['shape_right']:.0f} % | {100 * s['shape_right_seed_std']:.0f} | "
+                         f"{100 * s['colour_right']:.0f} % | {100 * s['colour_right_seed_std']:.0f} | "
+                         f"{_cell(s, 'shape_right_cropped', '{:.0%}')} | {_cell(s, 'colour_right_cropped', '{:.0%}')} | "
+                         f"{_cell(s, 'phi_drift', '{:.3f}')} | {s['seconds_per_run']:.0f} |")
+    return "\n".join(lines)
+
+
+def _cell(summary: dict, key: str, fmt: str) -> str:
+    """Absent (older journals) or NaN (no run had it, e.g. no torus for the hole opening) → "—"."""
+    return fmt.format(summary[key]) if key in summary and summary[key] == summary[key] else "—"
