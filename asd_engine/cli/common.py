@@ -21,7 +21,8 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports bad arguments as one line, like every other user error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"error: {message}; see `python -m asd_engine {self.prog.split()[-1]} --help`\n")
+        command = self.prog.removeprefix("python -m asd_engine").strip()
+        sys.stderr.write(f"error: {message}; see `python -m asd_engine {command + ' ' if command else ''}--help`\n")
         sys.exit(EXIT_USER_ERROR)
 
 
