@@ -309,6 +309,15 @@ def _option(value: str):
     return None if value == FROM_PRIOR else value
 
 
+# the Train Loop's links and prompts (its previous version, legacy_nodes.ASDTrainLoop, has the same)
+TRAIN_GRAPH_INPUTS = {
+    "prior": ("ASD_PRIOR", {"tooltip": "From Load SD Model."}),
+    "generator": ("ASD_GENERATOR", {"tooltip": "From NeRF Generator or Image Generator."}),
+    "prompt": ("STRING", {"multiline": True, "default": "a red cube", "tooltip": "What to make."}),
+    "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "Classifier-free guidance's negative prompt."}),
+}
+
+
 class ASDTrain:
     DESCRIPTION = ("Runs Adversarial Score Distillation (or the VSD / SDS baselines) with live progress and a "
                    "preview. Each run keeps its checkpoint in output/asd/train/<prompt>_<run id>: queueing the same "
@@ -336,11 +345,7 @@ class ASDTrain:
                          {"default": FROM_PRIOR, "tooltip": setting_tooltip(field)})
                  for field in ("distill.weighting", "background", "distill.phi_noise")}
         return {"required": {
-            "prior": ("ASD_PRIOR", {"tooltip": "From Load SD Model."}),
-            "generator": ("ASD_GENERATOR", {"tooltip": "From NeRF Generator or Image Generator."}),
-            "prompt": ("STRING", {"multiline": True, "default": "a red cube", "tooltip": "What to make."}),
-            "negative_prompt": ("STRING", {"multiline": True, "default": "",
-                                "tooltip": "Classifier-free guidance's negative prompt."}),
+            **TRAIN_GRAPH_INPUTS,
             "method": setting_widget("distill.method", "asd"),
             steps_name: steps_source,
             "steps": setting_widget("steps", TOY_CPU_STEPS, tooltip="Total steps (also when resuming), when "

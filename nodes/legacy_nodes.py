@@ -10,7 +10,8 @@ from ..asd_engine.distill import METHODS, WEIGHTINGS
 from ..asd_engine.errors import UserInputError
 from ..asd_engine.prior.discriminator import LORA_TARGETS, PhiConfig
 from ..asd_engine.runs import plan as run_plan
-from .asd_nodes import CUSTOM, SEED_TOOLTIP, ASDImage, ASDTrain, _DiscriminatorNode, engine_call, train_node
+from .asd_nodes import (CUSTOM, SEED_TOOLTIP, TRAIN_GRAPH_INPUTS, ASDImage, ASDTrain, _DiscriminatorNode, engine_call,
+                        train_node)
 from .output_nodes import RESOLUTION_INPUT, RESULT_INPUT, THRESHOLD_INPUT, ASDExportNeRFMesh, ASDNeRFMesh
 
 
@@ -87,11 +88,7 @@ class ASDTrainLoop(ASDTrain):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "prior": ("ASD_PRIOR", {"tooltip": "From Load SD Model."}),
-            "generator": ("ASD_GENERATOR", {"tooltip": "From NeRF Generator or Image Generator."}),
-            "prompt": ("STRING", {"multiline": True, "default": "a red cube", "tooltip": "What to make."}),
-            "negative_prompt": ("STRING", {"multiline": True, "default": "",
-                                "tooltip": "Classifier-free guidance's negative prompt."}),
+            **TRAIN_GRAPH_INPUTS,
             "method": (list(METHODS), {"default": "asd", "tooltip": "asd, or the baselines vsd (= γ 0) and sds (no φ)."}),
             "steps": ("INT", {"default": 300, "min": 1, "max": 100_000, "tooltip": "Total steps (also when resuming)."}),
             "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
