@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..asd_engine.distill import METHODS, WEIGHTINGS
 from ..asd_engine.errors import UserInputError
-from ..asd_engine.prior.discriminator import LORA_TARGETS, PhiConfig
+from ..asd_engine.prior.discriminator import LORA_TARGETS, PHI_KINDS, PhiConfig
 from ..asd_engine.runs import plan as run_plan
 from .asd_nodes import (CUSTOM, SEED_TOOLTIP, TRAIN_GRAPH_INPUTS, ASDImage, ASDTrain, _DiscriminatorNode, engine_call,
                         train_node)
@@ -23,7 +23,7 @@ class ASDDiscriminator(_DiscriminatorNode):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "phi_type": (["lora", "ti"], {"default": "lora", "tooltip": "LoRA adapter, or textual inversion tokens."}),
+            "phi_type": (list(PHI_KINDS), {"default": "lora", "tooltip": "LoRA adapter, or textual inversion tokens."}),
             "lora_rank": ("INT", {"default": 4, "min": 1, "max": 128, "tooltip": "LoRA rank (official: 4)."}),
             "ti_tokens": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Number of textual-inversion tokens."}),
             "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-5,

@@ -282,3 +282,19 @@ def test_occupancy_grid_marks_the_blob_and_renders_are_differentiable():
     out.rgb.mean().backward()
     assert nerf.field.encoding.params.grad.abs().sum() > 0  # gradients reach the hash grid
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nerf.field.color_head.parameters())
+
+
+def test_a_nerf_whose_every_sample_is_pruned_renders_its_background():
+    """Once the occupancy grid rules out every cell (an emptied NeRF), a render has no sample left: the hash grid
+    encodes zero points and the picture is the background, in training and evaluation renders alike (this crashed
+    with 'cannot reshape tensor of 0 elements')."""
+    grid = HashGrid(n_levels=4, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4, per_level_scale=1.5)
+    assert grid(torch.zeros(0, 3)).shape == (0, 8)
+    nerf = NeRFGenerator(FieldConfig(n_levels=4, log2_hashmap_size=10, hidden_dim=16), RenderConfig(samples_per_ray=32))
+    nerf.grid.binary.zero_()
+    rng = torch.Generator().manual_seed(0)
+    cameras = sample_cameras(2, CameraRanges(), 16, 16, rng)
+    for training in (True, False):
+        render = nerf.render(cameras, rng, training=training, background="white")
+        assert render.samples == 0 and torch.all(render.opacity == 0)
+        assert torch.allclose(render.rgb, torch.ones_like(render.rgb))

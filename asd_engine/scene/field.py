@@ -126,7 +126,7 @@ class HashGrid(nn.Module):
         weight = self._corners(torch.stack([1.0 - frac, frac], dim=-1), torch.mul)  # [N, l, 8]
         # index_select's backward (index_add) is ~2.5x faster on the CPU than embedding's.
         features = torch.index_select(self.params, 0, index.view(-1)).view(n * levels, 8, self.n_features)
-        return torch.bmm(weight.view(n * levels, 1, 8), features).view(n, -1)
+        return torch.bmm(weight.view(n * levels, 1, 8), features).view(n, levels * self.n_features)  # N may be 0
 
 
 class TcnnHashGrid(nn.Module):
