@@ -140,3 +140,12 @@ def test_the_toy_prior_and_the_comfyui_client_stay_out_of_the_core():
     for module in core:
         assert not any(d.startswith("asd_engine.toy") for d in graph[module]), module
     assert not (ENGINE / "comfy_client.py").exists() and (ROOT / "workflows" / "comfy_client.py").is_file()
+
+
+def test_no_source_file_is_git_ignored():
+    """An ignore rule meant for outputs (``runs/``) once hid the new ``asd_engine/runs/`` modules from commits."""
+    sources = [str(p.relative_to(ROOT)) for folder in ("asd_engine", "nodes", "tests", "workflows", "benchmarks")
+               for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts and "node_modules" not in p.parts]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *sources], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split()
+    assert sources and not ignored, f"ignored by .gitignore: {ignored}"
