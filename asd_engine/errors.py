@@ -27,3 +27,13 @@ class UserInputError(ValueError):
         """``input: problem; fix`` with every input named by ``name_of``."""
         fix = _NAME.sub(lambda m: name_of(m.group(1)), self.fix)
         return f"{name_of(self.input_name)}: {self.problem}; {fix}"
+
+
+class TrainingDiverged(RuntimeError):
+    """A run whose loss or state stopped being finite: it stops at once, and no checkpoint of that state is written
+    (the last one stays). Front doors print ``str(exc)`` as one line."""
+
+    def __init__(self, step: int, what: str) -> None:
+        self.step, self.what = step, what
+        super().__init__(f"training diverged at step {step}: {what}; the last checkpoint written before it is kept "
+                         "(resume from it with a lower learning rate, or start again with another seed)")

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..asd_engine.errors import UserInputError
+from ..asd_engine.errors import TrainingDiverged, UserInputError
 from ..asd_engine.prior.diffusion import DiffusionPrior
 from ..asd_engine.prior.discriminator import PhiConfig, TextualInversionDiscriminator
 from ..asd_engine.prior.loading import load_prior
@@ -38,6 +38,8 @@ def engine_call(method):
                 return method(*args, **kwargs)
         except UserInputError as exc:
             raise RuntimeError(exc.render(settings.widget_of)) from None
+        except TrainingDiverged as exc:
+            raise RuntimeError(str(exc)) from None
     return wrapper
 
 

@@ -213,3 +213,34 @@ def test_help_and_tiny_pipeline_command(tmp_path, capsys):
     assert run_cli("distill-2d", "--model", tmp_path / "tiny", "--prompt", "x", "--steps", 2, "--size", 16,
                    "--out", tmp_path / "o2") == 2
     assert "at least 32 px" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("every, step, what", [(2, 4, "the generator's loss is nan"),
+                                               (1, 3, "generator.image holds non-finite values")])
+def test_a_diverged_run_stops_with_one_line_and_keeps_its_last_finite_checkpoint(
+        tiny_eps_dir, tmp_path, capsys, monkeypatch, every, step, what):
+    """θ turns NaN in step 3's update: the next loss is NaN (step 4), or step 3's checkpoint would hold it. Either way
+    the run stops with one line and exit 3, and the checkpoint on disk is step 2's, finite and resumable."""
+    from safetensors.torch import load_file
+
+    from asd_engine.runs.distill_2d import Distill2D
+
+    original = Distill2D.train_step
+
+    def breaks_at_step_3(self):
+        info = original(self)
+        if self.step == 3:
+            self.image.param.data.fill_(float("nan"))
+        return info
+
+    monkeypatch.setattr(Distill2D, "train_step", breaks_at_step_3)
+    out = tmp_path / "out"
+    assert distill(tiny_eps_dir, out, "--checkpoint-every", every, steps=6) == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: training diverged at step {step}: {what};") and "Traceback" not in err
+    meta = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+    assert meta["step"] == 2 and not (out / "final.png").exists()
+    assert all(bool(t.isfinite().all()) for t in load_file(out / "checkpoint" / "state.safetensors").values()
+               if t.is_floating_point())
+    monkeypatch.setattr(Distill2D, "train_step", original)
+    assert distill(tiny_eps_dir, out, "--resume", out / "checkpoint", steps=6) == 0

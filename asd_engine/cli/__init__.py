@@ -11,7 +11,8 @@ Commands:
   train-toy-prior train the embedded toy prior on procedural shapes with known 3D truth
   tiny-pipeline   write a tiny random Stable-Diffusion-architecture pipeline (for tests and trying the CLI)
 
-User errors print one line ``error: <flag>: <problem>; <fix>`` on stderr and exit with status 2; an interrupted
+User errors print one line ``error: <flag>: <problem>; <fix>`` on stderr and exit with status 2; a run whose loss or
+state stops being finite prints one line and exits with status 3, keeping its last (finite) checkpoint; an interrupted
 run (Ctrl-C) finishes its current step, writes a resumable checkpoint and exits with status 130. The training
 commands live in :mod:`.train`, the toy prior's and measuring ones in :mod:`.toy`, what they share in :mod:`.common`.
 """
@@ -22,11 +23,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..errors import UserInputError
+from ..errors import TrainingDiverged, UserInputError
 from . import toy, train
-from .common import EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser, error_line
+from .common import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser, error_line
 
-__all__ = ["build_parser", "main", "EXIT_USER_ERROR", "EXIT_INTERRUPTED"]
+__all__ = ["build_parser", "main", "EXIT_USER_ERROR", "EXIT_DIVERGED", "EXIT_INTERRUPTED"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,3 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as exc:
         sys.stderr.write(error_line(exc))
         return EXIT_USER_ERROR
+    except TrainingDiverged as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_DIVERGED

@@ -13,6 +13,7 @@ from ..errors import UserInputError
 from ..runs import settings
 
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 PATH_FIELDS = ("model", "phi_model", "references")
 

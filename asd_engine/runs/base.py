@@ -9,6 +9,7 @@ on the same machine.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ..devices import resolve_device, resolve_precision
-from ..errors import UserInputError
+from ..errors import TrainingDiverged, UserInputError
 from ..prior import default_prior_path
 from ..prior.diffusion import DiffusionPrior
 from ..prior.discriminator import build_discriminator
@@ -104,6 +105,9 @@ class DistillationRun:
             if should_stop is not None and should_stop():
                 break
             info = self.train_step()
+            for name, value in (("the generator's loss", info.generator_loss), ("φ's loss", info.phi_loss)):
+                if value is not None and not math.isfinite(value):
+                    raise TrainingDiverged(self.step, f"{name} is {value}")
             self.losses["loss"].append(info.generator_loss)
             if info.phi_loss is not None:
                 self.losses["phi_loss"].append(info.phi_loss)
@@ -117,6 +121,9 @@ class DistillationRun:
         tensors.update({f"generator.{k}": v for k, v in self.generator_state().items()})
         optim_tensors, optim_meta = ckpt.optimizer_state(self.optimizer, "optimizer")
         tensors.update(optim_tensors)
+        for name, tensor in tensors.items():  # a checkpoint is what a resume trusts: never write a diverged state
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise TrainingDiverged(self.step, f"{name} holds non-finite values")
         meta: dict[str, Any] = {"kind": self.kind, "step": self.step, "config": dataclasses.asdict(self.config),
                                 "optimizer": optim_meta, "losses": self.losses}
         if self.phi is not None:
