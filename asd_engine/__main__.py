@@ -2,6 +2,10 @@
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C while torch is still importing: nothing has started yet
+    sys.stderr.write("interrupted before anything started; nothing was written\n")
+    sys.exit(130)
 
 sys.exit(main())

@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from .errors import UserInputError
+
 _provider: Callable[[], torch.device] | None = None
 
 
@@ -36,6 +38,37 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or (isinstance(device, str) and device == "auto"):
         return default_device()
     return torch.device(device)
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")  # what the engine trains on; "meta", "hpu", ... are torch's but not ours
+
+
+def check_device(text: str | None) -> torch.device:
+    """A device a user typed (``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``) → the device, checked to exist here, so
+    a wrong one is refused with one line before any model is loaded; raises a :class:`UserInputError` naming
+    ``device``."""
+    if text is None or text == "auto":
+        return default_device()
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserInputError("device", f"'{text}' is not a torch device",
+                             "use {=device} auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in DEVICE_TYPES:
+        raise UserInputError("device", f"the engine does not run on '{device.type}' devices",
+                             "use {=device} auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None) if device.type != "mps" else getattr(torch.backends, "mps", None)
+    if backend is None or not backend.is_available():
+        why = " (this torch is built without CUDA)" if device.type == "cuda" and torch.version.cuda is None else ""
+        raise UserInputError("device", f"{device.type} is not available on this machine{why}",
+                             "use {=device} cpu, or {=device} auto to take the best device there is")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise UserInputError("device", f"there is no {device.type}:{device.index} (this machine has {count})",
+                             f"use {{=device}} {device.type}:0{f' … {device.type}:{count - 1}' if count > 1 else ''}")
+    return device
 
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -13,7 +13,10 @@ in ``legacy_nodes.py``, so saved workflows still load with their values mapped.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import math
+import os
 import time
 
 import torch
@@ -29,18 +32,104 @@ from . import comfy_bridge as host
 
 
 def engine_call(method):
-    """Node functions run the engine outside ComfyUI's inference mode (its tensors cannot take part in autograd,
-    which training and normal maps need) and turn the engine's user errors into the one-line message ComfyUI shows."""
+    """Node functions check their inputs against their own INPUT_TYPES (:func:`check_inputs`), run the engine
+    outside ComfyUI's inference mode (its tensors cannot take part in autograd, which training and normal maps
+    need) and turn the engine's user errors into the one-line message ComfyUI shows."""
+    signature = inspect.signature(method)
+
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
+    def wrapper(self, *args, **kwargs):
+        check_inputs(type(self), signature, self, args, kwargs)
         try:
             with torch.inference_mode(False):
-                return method(*args, **kwargs)
+                return method(self, *args, **kwargs)
         except UserInputError as exc:
             raise RuntimeError(exc.render(settings.widget_of)) from None
         except TrainingDiverged as exc:
             raise RuntimeError(str(exc)) from None
     return wrapper
+
+
+# Where each of the pack's link types comes from (the fix of a wrong value), and how to recognise one. By class
+# name, not isinstance: the engine may be imported twice (as the pack's subpackage and as ``asd_engine``).
+LINK_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ASD_PRIOR": ("Load SD Model (ASD) or ASD Prior from Checkpoint", ("DiffusionPrior",)),
+    "ASD_PHI": ("ASD Discriminator (LoRA) or (TI)", ("DiscriminatorSpec",)),
+    "ASD_GENERATOR": ("NeRF Generator (ASD) or Image Generator (ASD)", ("NeRFGeneratorSpec", "ImageGeneratorSpec")),
+    "ASD_RESULT": ("ASD Train Loop or Load ASD Checkpoint", ()),          # duck-typed: what the nodes read
+    "ASD_CHECKPOINT": ("Load ASD Checkpoint, Save ASD Checkpoint or a Train Loop's 'checkpoint'", ()),
+}
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _input_problem(kind, options: dict, value) -> tuple[str, str] | None:
+    """Why ``value`` cannot be an input declared ``(kind, options)`` → (problem, fix), or None when it can.
+    ComfyUI's own validation converts and range-checks widget values of a queued graph, but lets NaN through
+    and checks nothing for a direct Python call; this is the same check, plus finiteness, for both."""
+    low, high = options.get("min"), options.get("max")
+    bounds = f"{'' if low is None else _number(low) + ' ≤ '}value{'' if high is None else ' ≤ ' + _number(high)}"
+    if isinstance(kind, list):
+        if isinstance(value, str) and value in kind:
+            return None
+        listed = ", ".join(map(str, kind)) if len(kind) <= 12 else f"the {len(kind)} in its list"
+        return f"{_show(value)} is not one of {listed}", f"choose one of {listed}"
+    if kind in ("INT", "FLOAT"):
+        integer = kind == "INT"
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            return f"{_show(value)} is not a{'n integer' if integer else ' number'}", f"give a number in {bounds}"
+        if not math.isfinite(value):
+            return f"{value} is not a finite number", f"give a number in {bounds}"
+        if (low is not None and value < low) or (high is not None and value > high):
+            return f"{_number(value)} is out of range", f"use {bounds}"
+        return None
+    if kind == "BOOLEAN":
+        return None if isinstance(value, bool) else (f"{_show(value)} is not on/off", "use true or false")
+    if kind == "STRING":
+        return None if isinstance(value, str) else (f"{_show(value)} is not text", "give a text value")
+    if kind in LINK_TYPES:
+        source, classes = LINK_TYPES[kind]
+        if kind == "ASD_RESULT":
+            fits = hasattr(value, "kind")
+        elif kind == "ASD_CHECKPOINT":
+            fits = isinstance(value, (str, os.PathLike))
+        else:
+            fits = any(c.__name__ in classes for c in type(value).__mro__)
+        return None if fits else (f"{_show(value)} is not an {kind}", f"connect the output of {source}")
+    # other packs' and core types (MODEL, CLIP, VAE, MESH): only their absence is ours to catch
+    return None if value is not None else (f"None is not a {kind}", f"connect a node's {kind} output")
+
+
+def check_inputs(node: type, signature: inspect.Signature, self, args: tuple, kwargs: dict) -> None:
+    """Refuse, as the one-line error ComfyUI shows (``widget: problem; fix``), a call of ``node``'s function whose
+    values do not fit the node's INPUT_TYPES: None or a wrong type from Python, NaN or an out-of-range number
+    from API JSON, a combo value that is not in the list. Optional inputs may be None (not connected)."""
+    try:
+        given = signature.bind_partial(self, *args, **kwargs).arguments
+    except TypeError as exc:
+        raise RuntimeError(f"{node.__name__}: {exc}; give each input once, by its name") from None
+    for name, parameter in signature.parameters.items():
+        if name not in given and parameter.default is parameter.empty:
+            raise RuntimeError(f"{name}: no value given; connect it or set its widget")
+    spec = node.INPUT_TYPES()
+    required, optional = spec.get("required", {}), spec.get("optional", {})
+    for name, value in given.items():
+        declared = required.get(name) or optional.get(name)
+        if declared is None or (value is None and name in optional):
+            continue
+        kind, options = declared[0], (declared[1] if len(declared) > 1 else {})
+        if name in getattr(node, "CHOICES_CHECKED_BY_NODE", ()):
+            kind = "STRING"  # a list read from disk: the node says itself why a value is not in it
+        problem = _input_problem(kind, options, value)
+        if problem is not None:
+            raise RuntimeError(f"{name}: {problem[0]}; {problem[1]}")
 
 
 # Seeds stay as typed: no "control after generate" widget (the frontend would add one set to "randomize" for an
@@ -82,6 +171,7 @@ class ASDLoadPrior(_PriorNode):
                    "Stable Diffusion 1.x/2.x pipeline folder from models/asd or models/diffusers, or a single-file "
                    "SD 1.x / 2.x (v) .safetensors checkpoint from models/checkpoints.")
     FUNCTION = "load"
+    CHOICES_CHECKED_BY_NODE = ("model",)  # model_path says where a model must be to be listed
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -381,8 +471,10 @@ class ASDTrain:
 
 def train_node(prior, generator, values: dict, phi=None, resume=None) -> dict:
     """What a Train Loop node does with its values (field → value; None: the engine's default)."""
+    if resume is not None:  # only the folders Load ASD Checkpoint lists: a graph must not read the server's disk
+        resume = host.allowed_checkpoint(resume, input_name="resume")
     plan = run_plan.plan_from_specs(prior, generator, values, discriminator=phi)
-    if resume:
+    if resume is not None:
         plan = run_plan.resume_plan(plan, resume)
     checkpoint = host.train_folder(plan.config.prompt, plan.key()) / "checkpoint"
     start = run_plan.latest_checkpoint([checkpoint, resume], plan.config.steps)
@@ -466,6 +558,7 @@ class ASDLoadCheckpoint:
     RETURN_NAMES = ("checkpoint", "result")
     OUTPUT_TOOLTIPS = ("The checkpoint folder.", "Its NeRF (3D) or image (2D, with 'prior').")
     FUNCTION = "load"
+    CHOICES_CHECKED_BY_NODE = ("checkpoint",)  # load refuses other paths with the allowlist's message
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -248,6 +248,31 @@ def checkpoint_choices() -> dict[str, Path]:
     return found
 
 
+def allowed_checkpoint(path, input_name: str = "resume") -> Path:
+    """``path`` (a Load ASD Checkpoint label or a folder path) as a checkpoint folder under ``output/asd`` or a
+    ``models/asd`` folder, after resolving symlinks and ``..``; anything else is refused with one message, whether
+    or not it exists, so a graph can neither read nor probe other folders of the server."""
+    from ..asd_engine.errors import UserInputError
+    from ..asd_engine.runs.checkpoint import META_FILE
+
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ""
+    refused = UserInputError(input_name, f"'{text}' is not a checkpoint folder under output/asd or models/asd",
+                             "connect Load ASD Checkpoint (its list), Save ASD Checkpoint or a Train Loop's "
+                             "'checkpoint' output")
+    if not text.strip() or "\0" in text:
+        raise refused
+    if not os.path.isabs(text):  # a dropdown label ("output/asd/…"); a path relative to the server's cwd is not
+        labelled = checkpoint_choices().get(text)
+        if labelled is None:
+            raise refused
+        text = os.fspath(labelled)
+    folder = Path(os.path.realpath(text))
+    roots = [Path(os.path.realpath(root)) for _, listed in CHECKPOINT_ROOTS for root in listed()]
+    if not any(folder.is_relative_to(root) for root in roots) or not os.path.isfile(folder / META_FILE):
+        raise refused
+    return folder
+
+
 def save_preview(images: torch.Tensor, prefix: str = "asd_preview") -> list[dict]:
     """IMAGE ``[B, H, W, 3]`` → PNGs in ComfyUI's temp folder, as core Preview Image writes them: the ``ui`` entries
     that show them on the node. Outside ComfyUI: nothing to show, ``[]``."""

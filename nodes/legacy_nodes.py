@@ -76,6 +76,7 @@ class ASDImageGenerator(ASDImage):
                        "(Stable Diffusion 0, toy prior 1; SDS runs 0)."}),
         }}
 
+    @engine_call
     def build(self, size, parameterization, learning_rate, seed, jitter=None):
         # optional, so that API workflows saved before it existed still validate: absent or -1 = from the recipe
         return (run_plan.ImageGeneratorSpec(size=size, parameterization=parameterization, lr=learning_rate or None,

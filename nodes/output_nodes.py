@@ -64,8 +64,18 @@ def _extract_mesh(result, node: str, resolution: int, threshold: float):
     from ..asd_engine.scene.export import extract_mesh, on_device
 
     nerf = _nerf_of(result, node)
-    with on_device(nerf, default_device()):
-        return extract_mesh(nerf, resolution=resolution, threshold=threshold, on_progress=_NodeProgress())
+    try:
+        with on_device(nerf, default_device()):
+            mesh = extract_mesh(nerf, resolution=resolution, threshold=threshold, on_progress=_NodeProgress())
+    except UserInputError as exc:
+        if exc.input_name != "checkpoint":
+            raise
+        # the engine names the NeRF's source as the CLI has it; on these nodes the NeRF arrives as 'result'
+        raise UserInputError("result", exc.problem, exc.fix) from None
+    if len(mesh.faces) == 0:  # nothing to write: say so, rather than a file no viewer opens
+        raise UserInputError("result", "the NeRF is empty: its mesh has no faces",
+                             "train longer (more {=steps}), or check the run's losses")
+    return mesh
 
 
 class ASDRenderViews:

@@ -48,3 +48,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_DIVERGED
+    except KeyboardInterrupt:  # commands without their own Ctrl-C handling (the training commands have theirs)
+        sys.stderr.write(f"interrupted: {args.command} stopped; nothing further was written\n")
+        return EXIT_INTERRUPTED

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..distill import METHODS, PHI_NOISE
+from ..distill import PHI_NOISE
 from ..errors import UserInputError
 from .common import ensure_writable_dir, integer, quiet_libraries
 
@@ -77,19 +77,15 @@ def add_parsers(sub) -> None:
 
 
 def run_quality(args: argparse.Namespace) -> int:
-    from ..toy.quality import QualitySettings, markdown_table, parse_toy_prompt, run_quality as run
+    from ..toy.quality import QualitySettings, check_quality_settings, markdown_table, run_quality as run
 
     prompts = [p.strip() for p in args.prompts.split(";") if p.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for method in methods:
-        if method not in METHODS:
-            raise UserInputError("--methods", f"unknown method '{method}'", "use a comma list of asd, vsd, sds")
-    for prompt in prompts:
-        parse_toy_prompt(prompt)
-    out = ensure_writable_dir(args.out)
-    quiet_libraries()
     settings = QualitySettings(methods=methods, prompts=prompts, seeds=args.seeds, steps=args.steps, mode=args.mode,
                                model=args.model, phi_noise=args.phi_noise, guidance_scale=args.cfg)
+    check_quality_settings(settings)  # before the output folder is made: a refused harness leaves nothing behind
+    out = ensure_writable_dir(args.out)
+    quiet_libraries()
     result = run(settings, out, log=lambda line: sys.stderr.write(line + "\n"))
     table = markdown_table(result)
     (out / "quality.md").write_text(table + "\n")

@@ -15,8 +15,10 @@ Conventions (used throughout the engine):
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,12 @@ from ..errors import UserInputError
 from .recipe import OFFICIAL, Recipe, apply_aliases, read_recipe
 
 PIPELINE_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_COMPONENTS = ("unet", "text_encoder", "vae")  # the components with weight files (tokenizer, scheduler: text)
 SUPPORTED_PREDICTIONS = ("epsilon", "v_prediction")
+# Pickle formats run arbitrary code when unpickled (even torch.load(weights_only=True) parses untrusted bytes): never
+# opened, in a pipeline folder or as a single file; only .safetensors is read.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")  # safetensors header dtypes of real weights
 
 
 @dataclass
@@ -48,6 +55,16 @@ def inspect_pipeline_folder(path: str | os.PathLike, input_name: str = "model") 
     Raises :class:`UserInputError` naming ``input_name`` when it is not.
     """
     folder = Path(path).expanduser()
+    try:
+        folder.stat()
+    except OSError as exc:  # Path.exists() hides a symlink loop as "does not exist", and raises on a permission
+        if exc.errno == errno.ELOOP:
+            raise UserInputError(input_name, f"'{folder}' is a symbolic link loop (its links point at each other, "
+                                 "never at a file or folder)",
+                                 "give the real pipeline folder or checkpoint file, or fix the links") from None
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):  # those two: "does not exist", below
+            raise UserInputError(input_name, f"cannot read '{folder}' ({exc.strerror or exc})",
+                                 "check that this user may read the path and the folders above it") from None
     if not folder.exists():
         raise UserInputError(input_name, f"'{folder}' does not exist",
                              "give the folder of a diffusers pipeline (the one holding model_index.json)")
@@ -64,6 +81,13 @@ def inspect_pipeline_folder(path: str | os.PathLike, input_name: str = "model") 
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserInputError(input_name, f"'{index_file}' is not valid JSON ({exc})",
                              "restore the pipeline's model_index.json") from None
+    except OSError as exc:
+        raise UserInputError(input_name, f"cannot read '{index_file}' ({exc.strerror or exc})",
+                             "check the file's permissions, or restore the pipeline's model_index.json") from None
+    if not isinstance(index, dict):
+        raise UserInputError(input_name, f"'{index_file}' holds a JSON {_json_kind(index)}, not an object of "
+                             "components", "restore the pipeline's model_index.json (an object such as "
+                             '{"unet": ["diffusers", "UNet2DConditionModel"], ...})')
     components: dict[str, tuple[str, str] | None] = {}
     for name, value in index.items():
         if name.startswith("_"):
@@ -82,7 +106,52 @@ def inspect_pipeline_folder(path: str | os.PathLike, input_name: str = "model") 
     if components.get("vae") is not None and not (folder / "vae").is_dir():
         raise UserInputError(input_name, f"model_index.json names a VAE but '{folder / 'vae'}' is missing",
                              "restore the vae/ folder, or remove the 'vae' entry for a pixel-space model")
+    for name in WEIGHT_COMPONENTS:
+        if components.get(name) is not None:
+            _check_weight_files(folder / name, input_name)
     return PipelineFolder(folder, components)
+
+
+def _json_kind(value: object) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), "null")
+
+
+def _check_weight_files(component: Path, input_name: str) -> None:
+    """A component folder must hold .safetensors weights; a pickle file without them is refused unopened (the
+    loader reads only safetensors, so a pickle file beside them is never touched)."""
+    files = sorted(p for p in component.iterdir() if p.is_file())
+    if any(p.suffix.lower() == ".safetensors" for p in files):
+        return
+    pickles = [p for p in files if p.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        raise UserInputError(input_name, f"'{component.name}/{pickles[0].name}' is a pickle weights file (no "
+                             ".safetensors beside it), which can run arbitrary code when loaded, so it is not opened",
+                             f"convert the pipeline to safetensors on a machine you can risk (diffusers: load it and "
+                             f"save_pretrained(..., safe_serialization=True)), or use a copy that ships "
+                             f"{component.name}/*.safetensors")
+    raise UserInputError(input_name, f"'{component}' holds no .safetensors weights",
+                         f"restore the {component.name} component's .safetensors file")
+
+
+def _integer_labelled_weights(folder: Path, part: str, module: torch.nn.Module) -> str | None:
+    """The first tensor of ``folder/part``'s safetensors files stored with a non-float dtype where ``module`` has a
+    float tensor, as ``"name (I32)"``: such data is loaded by casting the integers (F32 bits read as I32 become
+    numbers near 1e9), so it must be caught from the header; None when every weight is stored as a float."""
+    from safetensors import safe_open
+
+    expected = module.state_dict()
+    for file in sorted((folder / part).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                dtype = handle.get_slice(key).get_dtype()
+                if dtype in FLOAT_DTYPES:
+                    continue
+                # transformers ≥ 5.6 dropped CLIPTextModel's "text_model." level; files may have it or not
+                target = expected.get(key, expected.get(key.removeprefix("text_model."),
+                                                        expected.get(f"text_model.{key}")))
+                if target is not None and target.is_floating_point():
+                    return f"{key} ({dtype})"
+    return None
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -113,6 +182,7 @@ class DiffusionPrior:
         self.source: str | None = None      # the folder or file it was loaded from
         self.detected: str | None = None    # for single files: family and prediction type, and what decided them
         self.recipe: Recipe = OFFICIAL       # its distillation defaults (a pipeline folder may carry its own)
+        self._warned_prompts: set[str] = set()  # prompts already warned about being cut (one warning each)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -124,23 +194,54 @@ class DiffusionPrior:
 
         folder = inspect_pipeline_folder(path, input_name)
         kw = dict(local_files_only=True, torch_dtype=dtype)
+        weights = dict(kw, use_safetensors=True)  # never fall back to a pickle file (inspect refused lone ones)
         try:
-            unet = UNet2DConditionModel.from_pretrained(folder.path, subfolder="unet", **kw)
-            text_encoder = CLIPTextModel.from_pretrained(folder.path, subfolder="text_encoder", **kw)
+            unet = UNet2DConditionModel.from_pretrained(folder.path, subfolder="unet", **weights)
+            text_encoder = CLIPTextModel.from_pretrained(folder.path, subfolder="text_encoder", **weights)
             tokenizer = CLIPTokenizer.from_pretrained(folder.path, subfolder="tokenizer", **kw)
             # Every DDPM-family scheduler (PNDM, DDIM, Euler, ...) shares the beta-schedule config; distillation
             # needs only its alphas_cumprod and prediction_type, which DDPMScheduler computes from that config.
             scheduler = DDPMScheduler.from_config(
                 DDPMScheduler.load_config(folder.path, subfolder="scheduler", local_files_only=True))
-            vae = AutoencoderKL.from_pretrained(folder.path, subfolder="vae", **kw) if folder.has_vae else None
+            vae = AutoencoderKL.from_pretrained(folder.path, subfolder="vae", **weights) if folder.has_vae else None
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserInputError(input_name, f"could not load the pipeline in '{folder.path}' ({first_line})",
                                  "check that its weights and configs are complete (safetensors files, config.json)") from None
+        for part, module in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae)):
+            mislabelled = None if module is None else _integer_labelled_weights(folder.path, part, module)
+            if mislabelled:
+                raise UserInputError(input_name, f"its {part} weight {mislabelled} is stored as integers where the "
+                                     "model needs floats (a damaged or mislabelled safetensors file)",
+                                     f"download or copy the {part} weights again")
         prior = cls(unet, text_encoder, tokenizer, scheduler, vae, device=resolve_device(device), dtype=dtype)
+        prior.check_finite(input_name)
         prior.source = str(folder.path)
         prior.recipe = read_recipe(folder.path)
         return prior
+
+    @torch.no_grad()
+    def check_finite(self, input_name: str = "model") -> None:
+        """Refuse weights that are NaN or infinite once loaded (a damaged file, data stored under the wrong dtype, or
+        values too large for the precision they were cast to): every step would be NaN. One pass over the weights
+        on their device, once per load (SD 1.5: well under a second on a GPU, about a second on a CPU)."""
+        for part, module in self.modules().items():
+            tensors = [(name, t) for name, t in (*module.named_parameters(), *module.named_buffers())
+                       if t.is_floating_point()]
+            if not tensors:
+                continue
+            # A sum is NaN or inf when any value is (20× faster than isfinite().all() on a CPU); fp32 accumulation
+            # cannot overflow for real weights. One device sync per module; the culprit is looked up on failure.
+            finite = torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for _, t in tensors]))
+            if bool(finite.all()):
+                continue
+            name, tensor = tensors[int((~finite).nonzero()[0])]
+            what = "NaN or infinite values" if not bool(torch.isfinite(tensor).all()) else \
+                "values so large that computing with them overflows"
+            cast = f" (after the cast to {str(self.dtype).removeprefix('torch.')})" if self.dtype != torch.float32 else ""
+            raise UserInputError(input_name, f"its {part} weight {name} holds {what}{cast}: a damaged file, or data "
+                                 "stored under the wrong type", "download or copy the model again" +
+                                 (", or set {=precision} to fp32" if cast else ""))
 
     def set_memory_options(self, attention_slicing: bool = False, vae_checkpointing: bool = False) -> None:
         """Turn on memory savers (never off: a prior shared between runs keeps what any of them asked for).
@@ -252,8 +353,32 @@ class DiffusionPrior:
         return (int(self.unet.config.in_channels), side, side)
 
     # ------------------------------------------------------------------ text
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """``[B, L]`` token ids, padded/truncated to the tokenizer's max length (after the recipe's word aliases)."""
+    def cut_text(self, prompt: str) -> str:
+        """What of ``prompt`` (after the recipe's word aliases) falls beyond the tokenizer's window and is cut off
+        (CLIP: 77 tokens with the start and end tokens); "" when it all fits."""
+        text = apply_aliases(prompt, self.recipe.prompt_aliases)
+        # verbose=False: transformers' own "sequence length is longer than" log says nothing about what is lost
+        ids = self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+        room = self.tokenizer.model_max_length - self.tokenizer.num_special_tokens_to_add()
+        return self.tokenizer.decode(ids[room:]).strip() if len(ids) > room else ""
+
+    def warn_if_cut(self, prompt: str, what: str = "the prompt") -> bool:
+        """Warn (once per prompt and prior) that the end of ``prompt`` does not fit the text encoder and is dropped,
+        naming the dropped words; True when something is cut."""
+        cut = self.cut_text(prompt)
+        if cut and prompt not in self._warned_prompts:
+            self._warned_prompts.add(prompt)
+            warnings.warn(f"{what} '{prompt}' is longer than the model's text window of "
+                          f"{self.tokenizer.model_max_length} tokens: '{cut}' is cut off and has no effect; shorten "
+                          "it", stacklevel=3)
+        return bool(cut)
+
+    def tokenize(self, prompts: list[str], warn: bool = True) -> torch.Tensor:
+        """``[B, L]`` token ids, padded/truncated to the tokenizer's max length (after the recipe's word aliases);
+        ``warn``: say (once per prompt) what a too-long prompt loses."""
+        if warn:
+            for prompt in dict.fromkeys(prompts):
+                self.warn_if_cut(prompt)
         prompts = [apply_aliases(p, self.recipe.prompt_aliases) for p in prompts]
         return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids.to(self.device)
@@ -263,9 +388,10 @@ class DiffusionPrior:
         return self.text_encoder(ids)[0]
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts → frozen text embeddings ``[B, L, D]`` for the UNet's cross-attention."""
-        return self.encode_token_ids(self.tokenize(prompts))
+    def encode_prompt(self, prompts: list[str], warn: bool = True) -> torch.Tensor:
+        """Prompts → frozen text embeddings ``[B, L, D]`` for the UNet's cross-attention (``warn``: as
+        :meth:`tokenize`)."""
+        return self.encode_token_ids(self.tokenize(prompts, warn=warn))
 
     # ------------------------------------------------------------------ images
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None,

@@ -14,6 +14,7 @@ threestudio's implementation (Apache-2.0); the perpendicular projection is compu
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -44,7 +45,15 @@ class ViewPrompts:
         self.view_dependent, self.perp_neg = view_dependent, perp_neg
         self.overhead_elevation = overhead_elevation
         self.base = prior.encode_prompt([prompt])                                       # [1, L, D]
-        self.views = prior.encode_prompt([prompt + VIEW_SUFFIX[v] for v in VIEWS])      # [4, L, D]
+        if view_dependent and not prior.cut_text(prompt):  # a cut prompt has been named once already
+            cut = {v: prior.cut_text(prompt + VIEW_SUFFIX[v]) for v in VIEWS}
+            if any(cut.values()):  # the suffixes go last: the model never learns which view it sees
+                longest = max(cut.values(), key=len)
+                warnings.warn(f"the prompt '{prompt}' leaves no room in the model's text window of "
+                              f"{prior.tokenizer.model_max_length} tokens for its view suffixes: '{longest}' is cut "
+                              "off, so view-dependent prompting has no effect for some views; shorten the prompt",
+                              stacklevel=2)
+        self.views = prior.encode_prompt([prompt + VIEW_SUFFIX[v] for v in VIEWS], warn=False)  # [4, L, D]
         self.uncond = prior.encode_prompt([negative_prompt])                            # [1, L, D]
         self.prompts = {v: prompt + VIEW_SUFFIX[v] for v in VIEWS}
 

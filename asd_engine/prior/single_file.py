@@ -33,14 +33,13 @@ import torch
 
 from ..devices import resolve_device
 from ..errors import UserInputError
-from .diffusion import DiffusionPrior
+from .diffusion import PICKLE_SUFFIXES, DiffusionPrior
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP_L = "cond_stage_model.transformer."     # SD 1.x: Hugging Face CLIPTextModel keys
 OPEN_CLIP = "cond_stage_model.model."        # SD 2.x: OpenCLIP keys
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 PREDICTION_CHOICES = ("auto", "epsilon", "v_prediction")
 SUPPORTED = "Stable Diffusion 1.x, 2.x-base and 2.x-768 (v) single-file .safetensors checkpoints"
 # ComfyUI's SD2 test (comfy/supported_models.py, SD20.model_type): v-models have a wider spread of this bias.
@@ -340,6 +339,12 @@ def _load_strict(module: torch.nn.Module, weights: dict[str, torch.Tensor], part
     if wrong:
         raise UserInputError(input_name, f"'{name}' has {part} weights of unexpected shape (e.g. {wrong[0]}: "
                              f"{tuple(weights[wrong[0]].shape)})", f"use {SUPPORTED}")
+    # Integers cast to floats stay finite (F32 bits read as I32 become numbers near 1e9): catch the label itself.
+    integer = [k for k in expected if expected[k].is_floating_point() and not weights[k].is_floating_point()]
+    if integer:
+        raise UserInputError(input_name, f"'{name}' stores its {part} weight {integer[0]} as "
+                             f"{str(weights[integer[0]].dtype).removeprefix('torch.')} where the model needs floats "
+                             "(a damaged or mislabelled file)", "download or copy the file again")
     # One dtype per module whatever the file mixes (ComfyUI exports fp32 UNets next to fp16 text encoders).
     module.load_state_dict({k: weights[k].to(dtype) for k in expected}, strict=True, assign=True)
 
@@ -404,5 +409,6 @@ def _build_prior(info: CheckpointInfo, state_dict: dict[str, torch.Tensor], pred
     with torch.inference_mode(False):
         unet, text_encoder, tokenizer, scheduler, vae = build_components(state_dict, info, input_name, dtype)
     prior = DiffusionPrior(unet, text_encoder, tokenizer, scheduler, vae, device=resolve_device(device), dtype=dtype)
+    prior.check_finite(input_name)
     prior.source, prior.detected = source, info.describe()
     return prior

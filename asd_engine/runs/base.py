@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -76,6 +77,9 @@ class DistillationRun:
                                        input_name="phi_model")
             if phi_prior is not None:
                 prior.check_shares_space(phi_prior, "phi_model")
+        for model in (prior, phi_prior):  # fingerprint the weights before φ's adapter joins the UNet's tensors
+            if model is not None and config.distill.uses_phi:
+                model.fingerprint()
         self.phi = (build_discriminator(phi_prior or prior, config.prompt, config.phi, with_camera=self.has_cameras)
                     if config.distill.uses_phi else None)
 
@@ -121,26 +125,32 @@ class DistillationRun:
         tensors.update({f"generator.{k}": v for k, v in self.generator_state().items()})
         optim_tensors, optim_meta = ckpt.optimizer_state(self.optimizer, "optimizer")
         tensors.update(optim_tensors)
-        for name, tensor in tensors.items():  # a checkpoint is what a resume trusts: never write a diverged state
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise TrainingDiverged(self.step, f"{name} holds non-finite values")
+        phi_prior = self.phi.prior if self.phi is not None else None
+        # the weights' fingerprints let a resume recognise the models wherever they have moved since
         meta: dict[str, Any] = {"kind": self.kind, "step": self.step, "config": dataclasses.asdict(self.config),
-                                "optimizer": optim_meta, "losses": self.losses}
+                                "optimizer": optim_meta, "losses": self.losses,
+                                "fingerprints": ckpt.fingerprints(self.prior, phi_prior)}
         if self.phi is not None:
             tensors.update({f"phi.{k}": v for k, v in self.phi.state_tensors().items()})
             phi_tensors, meta["phi_optimizer"] = ckpt.optimizer_state(self.phi.optimizer, "phi_optimizer")
             tensors.update(phi_tensors)
+        for name, tensor in tensors.items():  # a checkpoint is what a resume trusts: never write a diverged state
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise TrainingDiverged(self.step, f"{name} holds non-finite values")
         return ckpt.save_checkpoint(directory, tensors, meta)
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike, overrides: dict[str, Any] | None = None,
                         prior: DiffusionPrior | None = None, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, phi_prior: DiffusionPrior | None = None):
-        """Rebuild a run from its checkpoint; ``overrides`` may change ``steps`` (the new total)."""
-        tensors, meta = ckpt.load_checkpoint(directory, input_name="resume")
-        if meta.get("kind") != cls.kind:
-            raise UserInputError("resume", f"'{directory}' is a {meta.get('kind')} checkpoint",
+                        dtype: torch.dtype | None = None, phi_prior: DiffusionPrior | None = None,
+                        input_name: str = "resume"):
+        """Rebuild a run from its checkpoint; ``overrides`` may change ``steps`` (the new total). The checkpoint is
+        untrusted input: a damaged or mismatched one is a :class:`UserInputError` naming ``input_name``."""
+        tensors, meta = ckpt.load_checkpoint(directory, input_name=input_name, run=True)
+        if meta["kind"] != cls.kind:
+            raise UserInputError(input_name, f"'{directory}' is a {meta['kind']} checkpoint",
                                  f"resume a {cls.kind} run from one of its own checkpoints")
+        ckpt.check_config(cls.config_class, meta["config"], directory, input_name)
         saved = settings.official_where_absent(meta["config"], cls.config_class)
         data = {**cls.config_class.older_values, **saved, **(overrides or {})}
         config = config_from_dict(cls.config_class, data)
@@ -150,13 +160,58 @@ class DistillationRun:
         if meta["step"] > config.steps:
             raise UserInputError("steps", f"the checkpoint is already at step {meta['step']}",
                                  f"use {{=steps}} ≥ {meta['step']} (the total, not the number of extra steps)")
-        run = cls(config, prior=prior, device=device, dtype=dtype, phi_prior=phi_prior)
-        run.load_generator_state({k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")})
-        ckpt.load_optimizer_state(run.optimizer, tensors, meta["optimizer"], "optimizer")
-        if run.phi is not None:
-            run.phi.load_state_tensors({k[len("phi."):]: v for k, v in tensors.items() if k.startswith("phi.")})
-            ckpt.load_optimizer_state(run.phi.optimizer, tensors, meta["phi_optimizer"], "phi_optimizer")
-        run.rng.set_state(tensors["rng_state"])
-        run.step = int(meta["step"])
+        for role, given in (("model", prior), ("phi_model", phi_prior)):
+            if given is not None and ckpt.weights_match(meta, role, given):
+                setattr(config, role, str(given.source))  # the same weights, perhaps moved: record where they are
+        try:
+            run = cls(config, prior=prior, device=device, dtype=dtype, phi_prior=phi_prior)
+        except UserInputError:
+            raise
+        except torch.OutOfMemoryError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
+            # a stored nested setting of the right type but an impossible value (e.g. a negative grid size)
+            raise UserInputError(input_name, f"'{directory}' describes a run that cannot be built "
+                                 f"({type(exc).__name__}: {' '.join(str(exc).split())})", ckpt.INTACT) from None
+        try:  # a run that cannot take the checkpoint's state must not leave φ's adapter in a shared prior
+            generator = {k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")}
+            expected = run.generator_state()
+            why = ckpt.state_mismatch(expected, generator, shapes_only=True)  # copy_ would broadcast a wrong shape
+            if why is None:
+                try:
+                    run.load_generator_state(generator)
+                except UserInputError:
+                    raise
+                except (RuntimeError, KeyError, ValueError) as exc:
+                    why = ckpt.state_mismatch(expected, generator) or " ".join(str(exc).split())
+            if why is not None:
+                raise ckpt.state_does_not_fit(directory, input_name, why)
+            ckpt.load_optimizer_state(run.optimizer, tensors, meta["optimizer"], "optimizer", input_name)
+            if run.phi is not None:
+                if "phi_optimizer" not in meta:
+                    raise ckpt.state_does_not_fit(directory, input_name, "it has no φ, and its method needs one")
+                run.phi.load_state_tensors({k[len("phi."):]: v for k, v in tensors.items() if k.startswith("phi.")})
+                ckpt.load_optimizer_state(run.phi.optimizer, tensors, meta["phi_optimizer"], "phi_optimizer",
+                                          input_name)
+            try:
+                run.rng.set_state(tensors["rng_state"])
+            except (KeyError, RuntimeError, TypeError) as exc:
+                raise ckpt.state_does_not_fit(directory, input_name,
+                                              f"no valid rng_state ({type(exc).__name__})") from None
+        except BaseException:
+            if run.phi is not None and hasattr(run.phi, "remove"):  # textual inversion adds nothing to the prior
+                run.phi.remove()
+            raise
+        run.step = meta["step"]
         run.losses = {name: list(meta.get("losses", {}).get(name, [])) for name in run.losses}
+        saved_total = meta["config"].get("steps")
+        if getattr(config, "lr_decay_to", 1.0) != 1.0 and 0 < run.step < config.steps and saved_total != config.steps:
+            # the 2D learning rate falls along a cosine over the total: a new total re-plans the rest of it
+            done = "step 1 followed" if run.step == 1 else f"steps 1-{run.step} followed"
+            rest = (f"step {config.steps} follows" if config.steps == run.step + 1
+                    else f"steps {run.step + 1}-{config.steps} follow")
+            warnings.warn(f"the learning rate's schedule is re-planned: {done} the cosine of a {saved_total}-step run "
+                          f"and {rest} that of a {config.steps}-step run, so the result differs from a straight "
+                          f"{config.steps}-step run (with lr_decay_to 1, a constant rate, a run extends exactly)",
+                          ckpt.ResumeNotice, stacklevel=2)
         return run

@@ -14,7 +14,9 @@ import math
 import torch
 
 from ..distill import Conditioning, distill_step
+from ..errors import UserInputError
 from ..images import load_image
+from ..prior.memory import check_image_memory
 from .base import DistillationRun, StepInfo
 from .configs import DEFAULT_LR, Distill2DConfig
 from .image_generator import ImageGenerator
@@ -36,6 +38,7 @@ class Distill2D(DistillationRun):
         if config.size is None:
             config.size = prior.native_size
         prior.check_image_size(config.size)
+        check_image_memory(config.size, prior, config.parameterization)  # before θ is allocated
         self.image = ImageGenerator(prior, config.size, config.parameterization, self.rng, config.background,
                                     config.jitter)
         self.base_lr = config.lr if config.lr is not None else DEFAULT_LR[config.parameterization]
@@ -77,5 +80,14 @@ class Distill2D(DistillationRun):
         return {"image": self.image.param}
 
     def load_generator_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        image = tensors.get("image")
+        if image is None:
+            raise UserInputError("resume", "the checkpoint holds no 2D image ('generator.image'): the state of "
+                                 "another kind of run", "resume a distill-2d run from one of its own checkpoints")
+        if image.shape != self.image.param.shape:  # copy_ would broadcast some wrong shapes without a word
+            raise UserInputError("resume", f"the checkpoint's image is {tuple(image.shape)}, its settings ({{=size}} "
+                                 f"{self.config.size}, {{=parameterization}} {self.config.parameterization}, the "
+                                 f"model's space) make {tuple(self.image.param.shape)}",
+                                 "use an intact checkpoint folder (this one was edited or damaged), or start a new run")
         with torch.no_grad():
-            self.image.param.copy_(tensors["image"].to(self.image.param.device))
+            self.image.param.copy_(image.to(self.image.param.device))

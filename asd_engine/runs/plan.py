@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,7 @@ from ..prior.discriminator import PhiConfig
 from ..prior.loading import load_prior
 from . import settings
 from .base import DistillationRun, StepInfo
+from . import checkpoint as ckpt
 from .checkpoint import read_checkpoint_meta
 from .configs import Distill2DConfig, config_from_dict, preset_config
 from .distill_2d import Distill2D
@@ -158,24 +160,84 @@ def plan_run(kind: str, values: dict[str, Any], prior: DiffusionPrior | None = N
     return RunPlan(RUN_CLASSES[kind], config, prior, phi_prior if config.phi_model else None)
 
 
+MODEL_FIELDS = ("model", "phi_model")  # checked by the weights' fingerprint on resume, not by their path
+
+
 def _resumed_plan(kind: str, values: dict[str, Any], resume: str | os.PathLike, prior: DiffusionPrior | None,
                   phi_prior: DiffusionPrior | None, device: str | torch.device | None) -> RunPlan:
-    """The plan of continuing checkpoint ``resume`` to ``values['steps']`` with the checkpoint's own settings."""
+    """The plan of continuing checkpoint ``resume`` to ``values['steps']`` with the checkpoint's own settings.
+    ``values['model']`` / ``values['phi_model']`` may name the same weights at a new place (a moved model folder)."""
     run_class = RUN_CLASSES[kind]
-    meta = read_checkpoint_meta(resume, input_name="resume")
-    stored = meta.get("config", {})
-    if meta.get("kind") != kind:
-        raise UserInputError("resume", f"the checkpoint is a {meta.get('kind')} run, not a {kind} run",
+    meta = read_checkpoint_meta(resume, input_name="resume", run=True)
+    stored = meta["config"]
+    if meta["kind"] != kind:
+        raise UserInputError("resume", f"the checkpoint is a {meta['kind']} run, not a {kind} run",
                              "resume it with the generator type it was trained with")
     if "steps" not in values:
         raise UserInputError("steps", "no total given for the resumed run", "add {=steps} N (the new total)")
+    ckpt.check_config(run_class.config_class, stored, resume)
     check_resume_values(values, stored)
-    config = config_from_dict(run_class.config_class, {**stored, "steps": values["steps"]})
+    data = {**run_class.config_class.older_values, **settings.official_where_absent(stored, run_class.config_class),
+            "steps": values["steps"]}
+    config = config_from_dict(run_class.config_class, data)
     settings.validate(config)  # a checkpoint is input like any other
+    if meta["step"] > config.steps:
+        raise UserInputError("steps", f"the checkpoint is already at step {meta['step']}",
+                             f"use {{=steps}} ≥ {meta['step']} (the total, not the number of extra steps)")
     if prior is None:
-        prior, phi_prior = load_priors(config.model, config.precision, config.prediction_type,
-                                       config.phi_model if config.distill.uses_phi else None, device)
+        device = resolve_device(device)
+        dtype = resolve_precision(config.precision, device)
+        prior = _resumed_prior(meta, config, "model", values.get("model"), lambda path: load_prior(
+            path, device=device, dtype=dtype, prediction_type=config.prediction_type, input_name="model"))
+        phi_prior = None
+        if config.phi_model and config.distill.uses_phi:
+            phi_prior = _resumed_prior(meta, config, "phi_model", values.get("phi_model"), lambda path: load_prior(
+                path, device=prior.device, dtype=prior.dtype, input_name="phi_model"))
+    else:  # a host's priors (the nodes): they must hold the weights the run was trained with
+        for role, given in (("model", prior), ("phi_model", phi_prior)):
+            if given is not None and ckpt.weights_match(meta, role, given) is False:
+                raise UserInputError(role, "its weights differ from the ones the checkpoint was trained with",
+                                     "connect the model the run was trained with to resume it, or start a new run")
     return RunPlan(run_class, config, prior, phi_prior, resume=resume)
+
+
+def _resumed_prior(meta: dict, config: Any, role: str, given: str | None,
+                   load: Callable[[str], DiffusionPrior]) -> DiffusionPrior:
+    """The ``role`` model ("model" / "phi_model") of a resumed run: the checkpoint's, or ``given`` (a path the user
+    typed) when it holds the same weights (the checkpoint's fingerprint); records where it was found in ``config``."""
+    stored = getattr(config, role) or (str(default_prior_path()) if role == "model" else None)
+    known = role in (meta.get("fingerprints") or {})
+    embedded = default_prior_path()
+    if given is None and known and not Path(stored).exists() and Path(stored).name == embedded.name:
+        given = str(embedded)  # the embedded prior of an engine installed elsewhere: recognised by its weights
+    if given is None or given == stored:
+        if not Path(stored).exists():
+            fix = ("give {=" + role + "} with the same weights at their new place (they are recognised by their "
+                   "content)" if known else f"put the model back at '{stored}' (this checkpoint is older than weight "
+                   "fingerprints, so only that path is accepted)")
+            raise UserInputError(role, f"the checkpoint's model '{stored}' no longer exists", fix)
+        prior = load(stored)
+        if ckpt.weights_match(meta, role, prior) is False:
+            raise UserInputError(role, f"the weights at '{stored}' differ from the ones the checkpoint was trained "
+                                 "with", "restore them, or give {=" + role + "} with the original weights")
+        return prior
+    if not known:
+        where = (f"leave {{={role}}} out to resume on '{stored}'" if Path(stored).exists()
+                 else f"put the model back at '{stored}'")
+        raise UserInputError(role, f"'{given}' is not the checkpoint's model '{stored}', and this checkpoint is older "
+                             "than weight fingerprints, so other weights cannot be recognised", where)
+    prior = load(given)
+    match = ckpt.weights_match(meta, role, prior)
+    if match is False:
+        raise UserInputError(role, f"the weights in '{given}' differ from the ones the checkpoint was trained with",
+                             "give {=" + role + "} with the run's own weights, or start a new run without {=resume}")
+    if match is None:  # fingerprints depend on the precision the weights were loaded at
+        warnings.warn(f"the weights in '{given}' could not be compared with the checkpoint's: they were loaded at "
+                      f"{str(prior.dtype).removeprefix('torch.')}, the checkpoint at "
+                      f"{meta['fingerprints'].get('dtype')}; resuming on them as given", ckpt.ResumeNotice,
+                      stacklevel=3)
+    setattr(config, role, str(prior.source))  # the same weights: the run now records where they are
+    return prior
 
 
 def plan_from_specs(prior: DiffusionPrior, generator: ImageGeneratorSpec | NeRFGeneratorSpec,
@@ -197,9 +259,10 @@ def resume_plan(plan: RunPlan, resume: str | os.PathLike) -> RunPlan:
 
 
 def check_resume_values(given: dict[str, Any], stored: dict[str, Any]) -> None:
-    """A resumed run keeps its settings; a value that contradicts the checkpoint is an error, not a silent change."""
+    """A resumed run keeps its settings; a value that contradicts the checkpoint is an error, not a silent change.
+    The models are the exception: the same weights may have moved (:func:`_resumed_prior` compares fingerprints)."""
     for name, value in given.items():
-        if name == "steps":
+        if name == "steps" or name in MODEL_FIELDS:  # models: recognised by their weights (_resumed_prior)
             continue
         have: Any = stored
         for part in name.split("."):
@@ -296,15 +359,13 @@ def load_result(checkpoint: str | os.PathLike, prior: DiffusionPrior | None = No
                 device: str | torch.device | None = None) -> DistillationResult:
     """A result from a checkpoint folder. 3D: the NeRF (no prior needed). 2D: the image, decoded with ``prior``
     when given (a latent image cannot be shown without its VAE)."""
-    meta = read_checkpoint_meta(checkpoint, input_name="checkpoint")
-    if meta.get("kind") == "text-to-3d":
+    meta = read_checkpoint_meta(checkpoint, input_name="checkpoint", run=True)
+    if meta["kind"] == "text-to-3d":
         nerf, config, step = load_nerf(checkpoint, device=device, input_name="checkpoint")
         return DistillationResult("nerf", config, step, Path(checkpoint), nerf=nerf, losses=meta.get("losses", {}))
-    if meta.get("kind") == "distill-2d":
-        if prior is None:
-            return DistillationResult("image", config_from_dict(Distill2DConfig, meta["config"]), meta["step"],
-                                      Path(checkpoint), losses=meta.get("losses", {}))
-        run = Distill2D.from_checkpoint(checkpoint, prior=prior)
-        return result_of(run, Path(checkpoint))
-    raise UserInputError("checkpoint", f"'{checkpoint}' holds a {meta.get('kind')} checkpoint",
-                         "choose a distill-2d or text-to-3d checkpoint")
+    if prior is None:
+        ckpt.check_config(Distill2DConfig, meta["config"], checkpoint, "checkpoint")
+        return DistillationResult("image", config_from_dict(Distill2DConfig, meta["config"]), meta["step"],
+                                  Path(checkpoint), losses=meta.get("losses", {}))
+    run = Distill2D.from_checkpoint(checkpoint, prior=prior, input_name="checkpoint")
+    return result_of(run, Path(checkpoint))

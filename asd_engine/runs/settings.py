@@ -160,6 +160,7 @@ INPUTS: dict[str, tuple[str | None, str | None]] = {
     "resume": ("--resume", "resume"),
     "checkpoint": ("--checkpoint", "checkpoint"),
     "out": ("--out", None),
+    "overwrite": ("--overwrite", None),  # CLI: a fresh run may replace an earlier run's outputs in --out
     "device": ("--device", None),
     "views": ("--views", "views"),
     "view_size": ("--view-size", "size"),
@@ -169,6 +170,8 @@ INPUTS: dict[str, tuple[str | None, str | None]] = {
     "images": (None, None),             # clip-score: its positional image files (the CLI names it "images")
     "mode": ("--mode", None),           # quality harness: 3d or 2d
     "prompts": ("--prompts", None),     # quality harness: its toy prompts
+    "methods": ("--methods", None),     # quality harness: the methods it compares
+    "seeds": ("--seeds", None),         # quality harness: seeds per prompt
     "init": ("--init", None),           # train-toy-prior: the pipeline folder to fine-tune
     "result": (None, "result"),         # nodes: an ASD_RESULT input (Render Views, NeRF to Mesh, Save Checkpoint)
     "mesh": (None, "mesh"),             # nodes: Save Mesh's MESH input

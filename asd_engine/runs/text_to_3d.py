@@ -91,6 +91,15 @@ class TextTo3D(DistillationRun):
         sparsity = sparsity_loss(render.opacity)
         loss = result.generator_loss + config.lambda_sparsity * sparsity
         extras = {"resolution": float(side), "sparsity": sparsity.item(), "samples": float(render.samples)}
+        if render.samples == 0 and not getattr(self, "_warned_empty", False):
+            import warnings
+
+            self._warned_empty = True  # once per run: an emptied field stays empty, every later step would repeat it
+            warnings.warn(f"step {step + 1} of {config.steps}: the NeRF is empty (its density is below what the "
+                          "renderer draws everywhere, so every sample was pruned); a field without samples gets no "
+                          "gradient, so training now only changes the background and the views will show nothing "
+                          "but it; the run goes on. Start again with another seed, a lower sparsity weight or a "
+                          "clearer prompt", stacklevel=2)
         if step >= config.opacity_entropy_from and config.lambda_opacity_entropy > 0:
             entropy = opacity_entropy(render.opacity)
             loss = loss + config.lambda_opacity_entropy * entropy
@@ -116,12 +125,32 @@ class TextTo3D(DistillationRun):
 
 def load_nerf(directory: str | os.PathLike, device: str | torch.device | None = None,
               input_name: str = "checkpoint") -> tuple[NeRFGenerator, TextTo3DConfig, int]:
-    """Only the NeRF of a text-to-3d checkpoint (no diffusion model is loaded): ``(nerf, config, step)``."""
-    tensors, meta = ckpt.load_checkpoint(directory, input_name=input_name)
-    if meta.get("kind") != TextTo3D.kind:
-        raise UserInputError(input_name, f"'{directory}' is a {meta.get('kind')} checkpoint, not a text-to-3d one",
+    """Only the NeRF of a text-to-3d checkpoint (no diffusion model is loaded): ``(nerf, config, step)``. The
+    checkpoint is untrusted input: a damaged or mismatched one is a :class:`UserInputError` naming ``input_name``."""
+    tensors, meta = ckpt.load_checkpoint(directory, input_name=input_name, run=True)
+    if meta["kind"] != TextTo3D.kind:
+        raise UserInputError(input_name, f"'{directory}' is a {meta['kind']} checkpoint, not a text-to-3d one",
                              "give the checkpoint/ folder of a text-to-3d run")
+    ckpt.check_config(TextTo3DConfig, meta["config"], directory, input_name)
     config = config_from_dict(TextTo3DConfig, meta["config"])
-    nerf = NeRFGenerator(config.nerf_field, config.render, device=resolve_device(device))
-    nerf.load_state_tensors({k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")})
-    return nerf.eval(), config, int(meta["step"])
+    try:
+        nerf = NeRFGenerator(config.nerf_field, config.render, device=resolve_device(device))
+    except UserInputError:
+        raise
+    except torch.OutOfMemoryError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
+        # settings of the right type but impossible values (e.g. a negative grid size)
+        raise UserInputError(input_name, f"'{directory}' describes a NeRF that cannot be built "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())})", ckpt.INTACT) from None
+    generator = {k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")}
+    expected = nerf.state_tensors()
+    why = ckpt.state_mismatch(expected, generator, shapes_only=True)
+    if why is None:
+        try:
+            nerf.load_state_tensors(generator)
+        except (RuntimeError, KeyError, ValueError) as exc:  # names that differ (another preset's, or a 2D run's)
+            why = ckpt.state_mismatch(expected, generator) or " ".join(str(exc).split())
+    if why is not None:
+        raise ckpt.state_does_not_fit(directory, input_name, why)
+    return nerf.eval(), config, meta["step"]

@@ -2,7 +2,8 @@
 
 Meshes: the activated density is sampled on a coarse grid to find the object's bounding box, then on a fine grid
 inside it; marching cubes (scikit-image) extracts the isosurface at ``threshold`` (official recipe: 25). If nothing
-exceeds it, the threshold falls back to a quarter of the peak density with a warning. Components with fewer than
+exceeds it, the threshold falls back to a quarter of the peak density with a warning; a field whose density the
+renderer would not draw anywhere is empty (:class:`EmptyField`), and has no mesh. Components with fewer than
 ``min_component_fraction`` of the largest component's faces (floaters) are dropped. Vertex colours come from the
 colour field. Files are y-up (glTF/OBJ convention; the engine's world is z-up) and written atomically; a GLB can
 carry string metadata in its glTF ``asset.extras`` (as ComfyUI's Save GLB embeds the workflow).
@@ -35,6 +36,11 @@ Z_UP_TO_Y_UP = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]
 DENSITY_CHUNK = 262_144  # points per density query: bounds memory, and is the unit of progress/cancel in meshing
 
 OnProgress = Callable[[int, int], None]  # (done, total) after each unit of work; may raise to cancel
+
+
+class EmptyField(UserInputError):
+    """The NeRF has no density the renderer would draw (an emptied or collapsed field): there is no surface to
+    mesh. :func:`export_outputs` reports it as one line and writes everything else."""
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -165,9 +171,16 @@ def extract_mesh(nerf: NeRFGenerator, resolution: int = 256, threshold: float = 
     lo, hi = np.full(3, -radius), np.full(3, radius)
     coarse = _density_grid(nerf, lo, hi, coarse_resolution, tick)
     peak = float(coarse.max())
-    if peak <= 0.0 or not np.isfinite(peak):
-        raise UserInputError("checkpoint", "the NeRF's density is empty everywhere",
-                             "train longer (more {=steps}), or check the run's losses for NaNs")
+    if not np.isfinite(peak):
+        raise UserInputError("checkpoint", f"the NeRF's density is not finite ({peak}): its training diverged",
+                             "resume from an earlier checkpoint of the run, or train again with another {=seed}")
+    # the renderer skips samples whose alpha is below its threshold: a field that never reaches it renders as
+    # background only, and a mesh of it would be a surface of noise nobody can see
+    drawn = 1.0 - float(np.exp(-peak * nerf.step_size))
+    if peak <= 0.0 or drawn < nerf.render_config.alpha_threshold:
+        raise EmptyField("checkpoint", f"the NeRF is empty: its highest density ({peak:.3g}) is below what the "
+                         "renderer draws, so its views show only the background and there is no surface to mesh",
+                         "train again with another {=seed}, a lower {=lambda_sparsity} or a clearer {=prompt}")
     level = threshold
     if peak < threshold:
         level = 0.25 * peak
@@ -269,15 +282,22 @@ def save_mesh(mesh, path: str | os.PathLike, metadata: dict[str, str] | None = N
 def export_outputs(nerf: NeRFGenerator, out: str | os.PathLike, views: int = 120, size: int = 512,
                    mesh_resolution: int = 256, mesh_threshold: float = 25.0, background: str = "white",
                    animation: str = "webp") -> list[Path]:
-    """Everything a text-to-3D run delivers: ``views/*.png``, ``turntable.<webp|gif>``, ``mesh.glb``, ``mesh.obj``."""
+    """Everything a text-to-3D run delivers: ``views/*.png``, ``turntable.<webp|gif>``, ``mesh.glb``, ``mesh.obj``.
+    An empty NeRF gets its views and turntable (background only) and one warning line instead of the meshes."""
     out = Path(out)
     turntable = render_turntable(nerf, views=views, size=size, background=background)
     save_views(turntable, out / "views")
     written = [out / "views", save_animation(turntable.rgb, out / f"turntable.{animation}")]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mesh = extract_mesh(nerf, resolution=mesh_resolution, threshold=mesh_threshold)
+        try:
+            mesh = extract_mesh(nerf, resolution=mesh_resolution, threshold=mesh_threshold)
+        except EmptyField as exc:
+            mesh = None
+            sys.stderr.write(f"warning: no mesh written: {exc.problem}\n")
     for warning in caught:
         sys.stderr.write(f"warning: {warning.message}\n")
+    if mesh is None:
+        return written
     written += [save_mesh(mesh, out / "mesh.glb"), save_mesh(mesh, out / "mesh.obj")]
     return written

@@ -84,6 +84,40 @@ class QualitySettings:
     guidance_scale: float | None = None  # None: the prior's recipe (toy prior: 3; the paper's SD recipe: 7.5)
 
 
+def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
+    """Refuse a harness that would measure nothing or cannot run, before any model is loaded; returns each
+    prompt's ``(shape, colour)``."""
+    import math
+
+    from ..distill import METHODS, PHI_NOISE
+
+    if settings.mode not in ("3d", "2d"):
+        raise UserInputError("mode", f"unknown mode '{settings.mode}'", "use 3d or 2d")
+    if not settings.methods:
+        raise UserInputError("methods", "no method given", f"name one or more of {', '.join(METHODS)}, "
+                             "comma-separated (e.g. asd,vsd)")
+    for method in settings.methods:
+        if method not in METHODS:
+            raise UserInputError("methods", f"unknown method '{method}'", f"use a comma list of {', '.join(METHODS)}")
+    if not settings.prompts:
+        raise UserInputError("prompts", "no prompt given", "give one or more toy prompts, semicolon-separated "
+                             "(e.g. 'a red cube;a green torus')")
+    if isinstance(settings.seeds, bool) or not isinstance(settings.seeds, int) or settings.seeds < 1:
+        raise UserInputError("seeds", f"{settings.seeds!r} seeds would measure nothing",
+                             "use 1 or more seeds per prompt (default 3)")
+    if settings.steps is not None and (isinstance(settings.steps, bool) or not isinstance(settings.steps, int)
+                                       or settings.steps < 1):
+        raise UserInputError("steps", f"{settings.steps!r} is not a step count", "use 1 or more steps per run")
+    if settings.guidance_scale is not None and not (math.isfinite(settings.guidance_scale)
+                                                    and settings.guidance_scale >= 0):
+        raise UserInputError("distill.guidance_scale", f"{settings.guidance_scale} is not a guidance scale",
+                             "use a finite number ≥ 0 (the toy prior's recipe: 3)")
+    if settings.phi_noise is not None and settings.phi_noise not in PHI_NOISE:
+        raise UserInputError("distill.phi_noise", f"unknown noise sharing '{settings.phi_noise}'",
+                             f"use one of {', '.join(PHI_NOISE)}")
+    return [parse_toy_prompt(p) for p in settings.prompts]
+
+
 def _grid(rows: list[list[torch.Tensor]]) -> torch.Tensor:
     """Rows of ``[3, H, W]`` images → one ``[3, rows·H, cols·W]`` image."""
     return torch.cat([torch.cat(row, dim=2) for row in rows], dim=1)
@@ -113,9 +147,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
     from ..runs.plan import ImageGeneratorSpec, NeRFGeneratorSpec, make_run
     from .data import ToyJudge
 
-    targets = [parse_toy_prompt(p) for p in settings.prompts]
-    if settings.mode not in ("3d", "2d"):
-        raise UserInputError("mode", f"unknown mode '{settings.mode}'", "use 3d or 2d")
+    targets = check_quality_settings(settings)
     steps = settings.steps or (TOY_CPU_STEPS if settings.mode == "3d" else 300)  # 2d: the Train Loop node's default
     out.mkdir(parents=True, exist_ok=True)
     journal = out / "runs.jsonl"
