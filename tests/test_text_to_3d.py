@@ -217,7 +217,10 @@ def test_an_extended_run_without_a_second_phase_does_not_grow_the_blob_back(tiny
     run.run(on_step=lambda info: seeds.append(float(run.nerf.field.blob_seed)))
     run.save_checkpoint(tmp_path / "ckpt")
     run.phi.remove()
-    longer = TextTo3D.from_checkpoint(tmp_path / "ckpt", overrides={"steps": 8})
+    from asd_engine.runs.checkpoint import ResumeNotice
+
+    with pytest.warns(ResumeNotice, match="fade is re-planned: it faded over a 3-step run and now fades over a 8-step"):
+        longer = TextTo3D.from_checkpoint(tmp_path / "ckpt", overrides={"steps": 8})
     longer.run(on_step=lambda info: seeds.append(float(longer.nerf.field.blob_seed)))
     longer.phi.remove()
     assert seeds[:3] == pytest.approx([1.0, 2 / 3, 1 / 3])

@@ -212,6 +212,12 @@ class DistillationRun:
                     else f"steps {run.step + 1}-{config.steps} follow")
             warnings.warn(f"the learning rate's schedule is re-planned: {done} the cosine of a {saved_total}-step run "
                           f"and {rest} that of a {config.steps}-step run, so the result differs from a straight "
-                          f"{config.steps}-step run (with lr_decay_to 1, a constant rate, a run extends exactly)",
+                          f"{config.steps}-step run (a constant learning rate extends exactly)",
                           ckpt.ResumeNotice, stacklevel=2)
+        if (getattr(config, "blob_fade", False) and config.distill.t_anneal_step is None and saved_total != config.steps
+                and 0 < run.step < config.steps):
+            # without a second phase the 3D seed ball fades over the total: a new total re-plans the fade
+            warnings.warn(f"the seed ball's fade is re-planned: it faded over a {saved_total}-step run and now fades "
+                          f"over a {config.steps}-step run (it never grows back), so the result differs from a "
+                          f"straight {config.steps}-step run", ckpt.ResumeNotice, stacklevel=2)
         return run
