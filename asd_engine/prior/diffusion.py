@@ -31,7 +31,7 @@ from .recipe import OFFICIAL, Recipe, apply_aliases, read_recipe
 PIPELINE_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_COMPONENTS = ("unet", "text_encoder", "vae")  # the components with weight files (tokenizer, scheduler: text)
 SUPPORTED_PREDICTIONS = ("epsilon", "v_prediction")
-# Pickle formats run arbitrary code when unpickled (even torch.load(weights_only=True) parses untrusted bytes): never
+# Pickle formats run arbitrary code when unpickled (even torch.load with weights_only=True parses untrusted bytes): never
 # opened, in a pipeline folder or as a single file; only .safetensors is read.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")  # safetensors header dtypes of real weights
