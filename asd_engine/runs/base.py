@@ -163,16 +163,8 @@ class DistillationRun:
         for role, given in (("model", prior), ("phi_model", phi_prior)):
             if given is not None and ckpt.weights_match(meta, role, given):
                 setattr(config, role, str(given.source))  # the same weights, perhaps moved: record where they are
-        try:
+        with ckpt.built_from(directory, input_name, "a run"):
             run = cls(config, prior=prior, device=device, dtype=dtype, phi_prior=phi_prior)
-        except UserInputError:
-            raise
-        except torch.OutOfMemoryError:
-            raise
-        except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
-            # a stored nested setting of the right type but an impossible value (e.g. a negative grid size)
-            raise UserInputError(input_name, f"'{directory}' describes a run that cannot be built "
-                                 f"({type(exc).__name__}: {' '.join(str(exc).split())})", ckpt.INTACT) from None
         try:  # a run that cannot take the checkpoint's state must not leave φ's adapter in a shared prior
             generator = {k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")}
             expected = run.generator_state()

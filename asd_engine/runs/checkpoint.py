@@ -7,6 +7,7 @@ used anywhere: optimiser states are flattened into named tensors plus JSON.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -383,3 +384,16 @@ def _same_kind(live: Any, stored: Any) -> bool:
         return isinstance(stored, (tuple, list)) and len(stored) == len(live) and all(
             _is_number(v) and math.isfinite(v) for v in stored)
     return True
+
+
+@contextlib.contextmanager
+def built_from(directory: str | os.PathLike, input_name: str, what: str):
+    """Building ``what`` from stored settings of the right type but impossible values (a negative grid size, say)
+    fails as one line naming the checkpoint, not as a traceback from deep inside torch."""
+    try:
+        yield
+    except (UserInputError, torch.OutOfMemoryError):
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
+        raise UserInputError(input_name, f"'{directory}' describes {what} that cannot be built "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())})", INTACT) from None

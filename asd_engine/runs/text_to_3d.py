@@ -133,16 +133,8 @@ def load_nerf(directory: str | os.PathLike, device: str | torch.device | None = 
                              "give the checkpoint/ folder of a text-to-3d run")
     ckpt.check_config(TextTo3DConfig, meta["config"], directory, input_name)
     config = config_from_dict(TextTo3DConfig, meta["config"])
-    try:
+    with ckpt.built_from(directory, input_name, "a NeRF"):
         nerf = NeRFGenerator(config.nerf_field, config.render, device=resolve_device(device))
-    except UserInputError:
-        raise
-    except torch.OutOfMemoryError:
-        raise
-    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
-        # settings of the right type but impossible values (e.g. a negative grid size)
-        raise UserInputError(input_name, f"'{directory}' describes a NeRF that cannot be built "
-                             f"({type(exc).__name__}: {' '.join(str(exc).split())})", ckpt.INTACT) from None
     generator = {k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")}
     expected = nerf.state_tensors()
     why = ckpt.state_mismatch(expected, generator, shapes_only=True)
