@@ -182,17 +182,22 @@ def _call(pack, nodes, name: str, inputs: dict):
         return getattr(node, type(node).FUNCTION)(**inputs)
 
 
+def _assert_refused_before_any_work(pack, nodes, name, inputs, expected, tmp_path, monkeypatch) -> None:
+    """The node refuses ``inputs`` with one line starting ``expected``, before any work: no run folder, no file."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError) as excinfo:
+        _call(pack, nodes, name, inputs)
+    assert _one_line(excinfo).startswith(expected), str(excinfo.value)
+    assert not (tmp_path / "output").exists()
+
+
 @pytest.mark.parametrize("name, changes, expected", WRONG_TYPES,
                          ids=[f"{n}-{next(iter(c))}={c[next(iter(c))]!r}" for n, c, _ in WRONG_TYPES])
 def test_none_and_wrong_types_from_python_get_the_nodes_one_line_error(pack, nodes, eps_prior, image_generator,
                                                                         nerf_result, tmp_path, monkeypatch, name,
                                                                         changes, expected):
-    monkeypatch.chdir(tmp_path)
-    inputs = {**_valid_inputs(name, eps_prior, image_generator, nerf_result), **changes}
-    with pytest.raises(RuntimeError) as excinfo:
-        _call(pack, nodes, name, inputs)
-    assert _one_line(excinfo).startswith(expected), str(excinfo.value)
-    assert not (tmp_path / "output").exists()  # refused before any work: no run folder, no file
+    _assert_refused_before_any_work(pack, nodes, name, {**_valid_inputs(name, eps_prior, image_generator, nerf_result),
+                                                         **changes}, expected, tmp_path, monkeypatch)
 
 
 def test_a_missing_or_unknown_input_is_one_line_too(pack, nodes, eps_prior, image_generator):
@@ -260,12 +265,8 @@ NUMBERS = [  # training settings (the engine validates them too) and the output 
 def test_nan_and_out_of_range_values_are_refused_with_the_widgets_name(pack, nodes, eps_prior, image_generator,
                                                                         nerf_result, tmp_path, monkeypatch, name,
                                                                         changes, expected):
-    monkeypatch.chdir(tmp_path)
-    inputs = {**_valid_inputs(name, eps_prior, image_generator, nerf_result), **changes}
-    with pytest.raises(RuntimeError) as excinfo:
-        _call(pack, nodes, name, inputs)
-    assert _one_line(excinfo).startswith(expected), str(excinfo.value)
-    assert not (tmp_path / "output").exists()  # no run folder, no mesh file
+    _assert_refused_before_any_work(pack, nodes, name, {**_valid_inputs(name, eps_prior, image_generator, nerf_result),
+                                                         **changes}, expected, tmp_path, monkeypatch)
 
 
 def test_a_value_the_node_ignores_still_has_to_be_a_number(nodes, eps_prior, image_generator):

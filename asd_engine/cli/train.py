@@ -236,8 +236,7 @@ def _write_synced(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        _sync(f)
     os.replace(tmp, path)
 
 
