@@ -1,8 +1,10 @@
 """The one place that decides which torch device the engine uses.
 
 Inside ComfyUI the node pack installs ComfyUI's own device choice (``comfy.model_management.get_torch_device``)
-with :func:`set_device_provider`, so the engine follows ``--cpu``, ``--directml`` etc. without importing ComfyUI.
-Outside the host the default is CUDA when available, then Apple MPS, then the CPU.
+with :func:`set_device_provider`, so the engine follows ``--cpu``, ``--directml`` etc. without importing ComfyUI,
+and its dtype policy for frozen diffusion models with :func:`set_precision_provider` (``--force-fp32``,
+``--bf16-unet``, ...). Outside the host the default is CUDA when available, then Apple MPS, then the CPU, and "auto"
+precision is fp16 on CUDA, fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from .errors import UserInputError
 
 _provider: Callable[[], torch.device] | None = None
+_precision_provider: Callable[[torch.device], torch.dtype] | None = None
 
 
 def set_device_provider(provider: Callable[[], torch.device] | None) -> None:
@@ -74,8 +77,17 @@ def check_device(text: str | None) -> torch.device:
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def set_precision_provider(provider: Callable[[torch.device], torch.dtype] | None) -> None:
+    """Install a function ``device → dtype`` that decides "auto" precision (``None`` restores the default rule)."""
+    global _precision_provider
+    _precision_provider = provider
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The frozen models' dtype: ``auto`` is fp16 on CUDA (as Stable Diffusion runs there) and fp32 elsewhere."""
+    """The frozen models' dtype. ``auto``: the installed provider's choice (ComfyUI's policy inside the host), else
+    fp16 on CUDA (as Stable Diffusion runs there) and fp32 elsewhere."""
     if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if _precision_provider is not None:
+            return _precision_provider(torch.device(device))
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     return PRECISIONS[precision]

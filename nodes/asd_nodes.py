@@ -146,8 +146,8 @@ class _PriorNode:
     RETURN_NAMES = ("prior",)
     OUTPUT_TOOLTIPS = ("The frozen prior; φ adapters are added to it per training run, never copied.",)
     PRECISION_INPUT = (list(settings.BY_FIELD["precision"].choices), {"default": "auto", "tooltip":
-                       "Weights' precision of the frozen prior: auto = fp16 on a GPU, fp32 on the CPU (as the CLI); "
-                       "φ always trains in fp32."})
+                       "Weights' precision of the frozen prior: auto = ComfyUI's choice for diffusion models (fp16 "
+                       "on most GPUs, fp32 on the CPU; --force-fp32, --bf16-unet etc. apply); φ always trains in fp32."})
 
     @staticmethod
     def _placement(precision: str) -> tuple[torch.device, torch.dtype]:

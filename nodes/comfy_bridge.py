@@ -1,4 +1,5 @@
-"""The few places where the pack touches ComfyUI: device, model folders, output folder, progress, interrupt.
+"""The few places where the pack touches ComfyUI: device and dtype policy, model management, model folders, output
+folder, progress, status text, interrupt. Only core's public functions are called; none of its lists is edited.
 
 Every ComfyUI import is inside a function so that the node modules import (and their contract tests run) in plain
 Python; outside ComfyUI the functions fall back to the engine's own behaviour.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..asd_engine.devices import set_device_provider
+from ..asd_engine.devices import PRECISIONS, set_device_provider, set_precision_provider
 from ..asd_engine.prior import default_prior_path
 
 EMBEDDED_PRIOR = "asd-toy-prior (embedded, 32 px)"
@@ -30,16 +31,27 @@ def in_comfyui() -> bool:
 
 
 def setup() -> None:
-    """At pack import inside ComfyUI: follow ComfyUI's device choice and register ``models/asd``."""
+    """At pack import inside ComfyUI: follow ComfyUI's device choice and dtype policy, register ``models/asd``."""
     if not in_comfyui():
         return
     import comfy.model_management
     import folder_paths
 
     set_device_provider(comfy.model_management.get_torch_device)
+    set_precision_provider(core_precision)
     asd_dir = os.path.join(folder_paths.models_dir, "asd")
     os.makedirs(asd_dir, exist_ok=True)
     folder_paths.add_model_folder_path("asd", asd_dir)
+
+
+def core_precision(device: torch.device) -> torch.dtype:
+    """ "auto" precision inside ComfyUI: the dtype core gives a diffusion model's weights on ``device``
+    (``unet_dtype``, which honours --force-fp32, --fp16-unet, --bf16-unet, ...). fp8 and fp64 cannot train φ
+    (core would cast them per layer; the engine computes in its weights' dtype), so those choices become fp32."""
+    import comfy.model_management as mm
+
+    dtype = mm.unet_dtype(device, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])  # core's order
+    return dtype if dtype in PRECISIONS.values() else torch.float32
 
 
 def _pipeline_folders() -> dict[str, Path]:
@@ -173,20 +185,22 @@ def priors_loaded(priors, reserve_bytes: int = 0):
     try:
         yield
     finally:
+        _release([_patchers[p] for p in managed])
         for prior in managed:
-            _release(_patchers[prior])
             prior.to(_patchers[prior].offload_device)
         mm.soft_empty_cache()
 
 
-def _release(patcher) -> None:
-    """Unload one model from ComfyUI's loaded list (back to its offload device), leaving the others alone."""
+def _release(patchers: list) -> None:
+    """Unload ``patchers`` (back to their offload device, out of ComfyUI's loaded list) through core's public
+    ``free_memory``, asking it to free everything on their device except the other loaded models (``keep_loaded``),
+    so those stay where ComfyUI put them."""
     import comfy.model_management as mm
 
-    for index, loaded in enumerate(mm.current_loaded_models):
-        if loaded.model is patcher:
-            mm.current_loaded_models.pop(index).model_unload()
-            return
+    for device in {patcher.load_device for patcher in patchers}:
+        others = [loaded for loaded in mm.current_loaded_models
+                  if all(loaded.model is not patcher for patcher in patchers)]
+        mm.free_memory(1 << 62, device, keep_loaded=others)
 
 
 def output_dir() -> Path:

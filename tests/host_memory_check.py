@@ -3,7 +3,8 @@ watching ComfyUI's model management (``comfy.model_management.current_loaded_mod
 
 What it reports: whether the prior is in ComfyUI's list of loaded models after Load SD Model, at every progress
 update of a Train Loop, and after it (finished, and cancelled); the memory the Train Loop asked ComfyUI to free;
-where the prior's weights are afterwards; and whether any run or optimiser object is still alive.
+where the prior's weights are afterwards; whether a model ComfyUI loaded before the run (not ours) is still loaded
+after it; and whether any run or optimiser object is still alive.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import comfy.options  # noqa: E402
 
 comfy.options.enable_args_parsing()
 import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 import torch  # noqa: E402
@@ -75,10 +77,21 @@ def train(steps):
                                        "sds", "from prior", 0.02, 0.98, "from prior", "fresh")
 
 
+# a model of someone else's, loaded by ComfyUI before our run: releasing the prior must leave it loaded
+bystander = comfy.model_patcher.ModelPatcher(torch.nn.Linear(8, 8), load_device=mm.get_torch_device(),
+                                             offload_device=mm.unet_offload_device())
+load_models_gpu([bystander])
+
+
+def bystander_loaded() -> bool:
+    return any(m.model is bystander for m in mm.current_loaded_models)
+
+
 after_load = prior_loaded()
 cancel_at = None
 train(3)
 during, after = list(seen), prior_loaded()
+bystander_after = bystander_loaded()
 seen.clear()
 cancel_at = 2
 try:
@@ -93,7 +106,7 @@ alive = [type(o).__name__ for o in gc.get_objects()
 print(json.dumps({
     "after_load": after_load, "during_training": during, "after_training": after,
     "cancelled": cancelled, "during_cancelled": list(seen), "after_cancel": prior_loaded(),
-    "memory_required": asked, "unet_bytes": sum(p.numel() * p.element_size() for p in prior.unet.parameters()),
+    "bystander_before": bystander_after, "bystander_after_cancel": bystander_loaded(), "memory_required": asked, "unet_bytes": sum(p.numel() * p.element_size() for p in prior.unet.parameters()),
     "prior_device": str(next(prior.unet.parameters()).device), "offload_device": str(mm.unet_offload_device()),
     "lora_left": any("lora_" in k for k in prior.unet.state_dict()), "alive": alive,
 }))

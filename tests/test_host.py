@@ -182,7 +182,8 @@ def test_training_is_never_thrown_away_requeue_rename_and_cancel(host):
 def test_the_prior_goes_through_comfyuis_model_management_only_while_training():
     """In ComfyUI's own Python: Load SD Model leaves the prior unloaded; during a Train Loop ComfyUI lists it as a
     loaded model (after being asked to free the weights plus the training reserve); after it — finished or
-    cancelled — ComfyUI no longer lists it, its weights are on the offload device, and no run or optimiser lives."""
+    cancelled — ComfyUI no longer lists it, its weights are on the offload device, and no run or optimiser lives.
+    Unloading goes through core's public free_memory: a model ComfyUI had loaded beside it stays loaded."""
     import os
     import subprocess
 
@@ -199,6 +200,7 @@ def test_the_prior_goes_through_comfyuis_model_management_only_while_training():
     assert report["after_training"] is False and report["after_cancel"] is False, report
     assert report["cancelled"] and report["during_cancelled"] and all(report["during_cancelled"]), report
     assert all(asked > report["unet_bytes"] for asked in report["memory_required"]), report
+    assert report["bystander_before"] and report["bystander_after_cancel"], report
     assert report["prior_device"] == report["offload_device"] and not report["lora_left"], report
     assert report["alive"] == [], report
 
@@ -344,3 +346,22 @@ def test_ui_workflows_load_in_the_real_web_page_with_no_missing_node_types(host,
     for f in files:  # ComfyUI serves each template's thumbnail beside it
         with urllib.request.urlopen(f"{host.url}/api/workflow_templates/{PACK_NAME}/{Path(f).stem}.jpg") as response:
             assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg"
+
+
+@pytest.mark.parametrize("flags, dtype", [([], "float32"), (["--force-fp32"], "float32"),
+                                          (["--fp16-unet"], "float16"), (["--bf16-unet"], "bfloat16")])
+def test_auto_precision_follows_comfyuis_dtype_flags(flags, dtype):
+    """'auto' precision is core's choice for a diffusion model on its device: --force-fp32 gives fp32, --fp16-unet
+    and --bf16-unet their dtypes (on this CPU host core's default is fp32); an explicit precision wins."""
+    import os
+    import subprocess
+
+    from comfy_host import comfyui_path
+
+    comfy = comfyui_path()
+    result = subprocess.run([str(comfy / ".venv" / "bin" / "python"), str(ROOT / "tests" / "host_precision_check.py"),
+                             str(comfy), str(ROOT), *flags], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"auto": f"torch.{dtype}", "fp32": "torch.float32", "core": f"torch.{dtype}"}, report

@@ -149,3 +149,13 @@ def test_no_source_file_is_git_ignored():
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *sources], cwd=ROOT, capture_output=True,
                              text=True).stdout.split()
     assert sources and not ignored, f"ignored by .gitignore: {ignored}"
+
+
+def test_nodes_use_only_core_model_management_functions_never_edit_its_lists():
+    """ComfyUI's loaded-model list belongs to core: the pack reads it at most, and loads/unloads through
+    load_models_gpu / free_memory (a later core may rename or restructure the list)."""
+    for path in (ROOT / "nodes").rglob("*.py"):
+        text = path.read_text()
+        edits = re.findall(r"current_loaded_models\s*(?:\.\s*(?:pop|remove|append|insert|clear|extend)\b|\[[^\]]*\]\s*=)"
+                           r"|del\s+\S*current_loaded_models", text)
+        assert not edits, f"{path.name} edits comfy.model_management.current_loaded_models: {edits}"

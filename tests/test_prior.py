@@ -151,10 +151,17 @@ def test_memory_options_and_half_precision_keep_training_working(tiny_eps_dir):
 
     from asd_engine.runs.distill_2d import Distill2D
     from asd_engine.runs.configs import Distill2DConfig
-    from asd_engine.devices import resolve_precision
+    from asd_engine.devices import resolve_precision, set_precision_provider
 
     assert resolve_precision("auto", torch.device("cpu")) == torch.float32
     assert resolve_precision("auto", torch.device("cuda")) == torch.float16
+    set_precision_provider(lambda device: torch.bfloat16)  # a host's policy (ComfyUI's unet_dtype in the pack)
+    try:
+        assert resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
+        assert resolve_precision("fp32", torch.device("cpu")) == torch.float32  # an explicit choice wins
+    finally:
+        set_precision_provider(None)
+    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
     config = Distill2DConfig(prompt="a red cube", model=str(tiny_eps_dir), steps=2, parameterization="pixel",
                              precision="bf16", attention_slicing=True, vae_checkpointing=True)
     run = Distill2D(config, device="cpu")
