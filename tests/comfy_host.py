@@ -10,12 +10,14 @@ import os
 import socket
 import subprocess
 import time
+import tomllib
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACK_NAME = "ComfyUI-ASD"
+# the folder a Registry install creates in custom_nodes/: the node id
+PACK_NAME = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["name"]
 
 
 def comfyui_path() -> Path:
