@@ -52,3 +52,12 @@ def load_image(path: str | os.PathLike, size: int, input_name: str = "references
     left, top = (img.width - side) // 2, (img.height - side) // 2
     img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
     return from_pil(img)
+
+
+def srgb_to_linear(colours: np.ndarray) -> np.ndarray:
+    """Display (sRGB-encoded) colours in [0, 1] → linear light, the IEC 61966-2-1 curve. glTF's COLOR_0 and
+    ComfyUI's MESH ``vertex_colors`` are linear, while renders (and so the colour field) are sRGB. Any shape; an
+    alpha channel must be split off first."""
+    c = np.clip(np.asarray(colours, dtype=np.float32), 0.0, 1.0)
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4).astype(np.float32)
+

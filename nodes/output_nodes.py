@@ -4,7 +4,7 @@ Save Coloured GLB.
 Kept apart from the training nodes in ``asd_nodes.py``; all are thin adapters over ``asd_engine.scene.export``. A result's
 NeRF may be cached on the CPU: the work runs on the engine's device and the NeRF goes back where it was. Meshes
 cross to other packs as core's ``MESH`` (vertices ``[B, N, 3]`` float, faces ``[B, M, 3]`` int, y-up like every
-mesh file the pack writes), with ``vertex_colors`` ``[B, N, 3]`` in [0, 1] added for Save Coloured GLB.
+mesh file the pack writes), with ``vertex_colors`` ``[B, N, 3]`` linear in [0, 1] (core's convention, and glTF's).
 """
 
 from __future__ import annotations
@@ -144,27 +144,56 @@ class ASDExportNeRFMesh:
         for suffix in format.split("+"):
             save_mesh(mesh, folder / f"mesh.{suffix}")
             files.append({"filename": f"mesh.{suffix}", "subfolder": relative, "type": "output"})
-        return {"ui": {"asd_files": files}, "result": (f"{relative}/mesh.{format.split('+')[0]}",)}
+        # "3d", as core Save GLB reports its files (queue history, API clients, the frontend's 3D outputs)
+        return {"ui": {"3d": files}, "result": (f"{relative}/mesh.{format.split('+')[0]}",)}
+
+
+# Every field later core's MESH (comfy_api.latest Types.MESH) has, with its "absent" value: its nodes read them
+# directly (Save GLB, Rotate Mesh, ...), so a mesh of ours carries them all whichever class it is.
+MESH_FIELDS = {"uvs": None, "vertex_colors": None, "texture": None, "metallic_roughness": None, "vertex_counts": None,
+               "face_counts": None, "unlit": False, "normals": None, "tangents": None, "normal_map": None,
+               "occlusion_in_mr": False, "material": None, "emissive": None}
 
 
 class Mesh:
-    """Stand-in for core's ``comfy_extras.nodes_hunyuan3d.MESH`` where ComfyUI is absent: the same attributes,
-    ``vertices`` ``[B, N, 3]`` float32 and ``faces`` ``[B, M, 3]`` int64."""
+    """Stand-in for core's MESH where the host has none (outside ComfyUI): ``vertices`` ``[B, N, 3]`` float32,
+    ``faces`` ``[B, M, 3]`` int64, and the other fields of later core's MESH (:data:`MESH_FIELDS`)."""
 
-    def __init__(self, vertices: torch.Tensor, faces: torch.Tensor) -> None:
+    def __init__(self, vertices: torch.Tensor, faces: torch.Tensor, **fields) -> None:
         self.vertices = vertices
         self.faces = faces
+        for name, absent in MESH_FIELDS.items():
+            setattr(self, name, fields.get(name, absent))
 
 
 def _mesh_class() -> type:
-    """Core's MESH class inside ComfyUI (so that packs checking for it accept ours), else :class:`Mesh`."""
+    """Core's public MESH type where the host has one (``comfy_api.latest`` ``Types.MESH``, later core), else the 3D
+    nodes' MESH class (ComfyUI 0.3.x, which later core keeps only for old imports), else :class:`Mesh`: so that other
+    packs checking for core's class accept ours."""
     if host.in_comfyui():
+        try:
+            from comfy_api.latest import Types
+            if getattr(Types, "MESH", None) is not None:
+                return Types.MESH
+        except ImportError:
+            pass
         try:
             from comfy_extras.nodes_hunyuan3d import MESH
             return MESH
-        except ImportError:  # a ComfyUI without the 3D nodes: core's savers only read the attributes
+        except ImportError:  # a ComfyUI without the 3D nodes
             pass
     return Mesh
+
+
+def make_mesh(vertices: torch.Tensor, faces: torch.Tensor, vertex_colors: torch.Tensor | None = None):
+    """A MESH of the host's class with every field later core reads (:data:`MESH_FIELDS`), vertex colours linear in
+    [0, 1] (core's convention: its Save GLB writes them as glTF's linear COLOR_0 unchanged)."""
+    mesh = _mesh_class()(vertices, faces)
+    for name, absent in MESH_FIELDS.items():
+        if not hasattr(mesh, name):
+            setattr(mesh, name, absent)
+    mesh.vertex_colors = vertex_colors
+    return mesh
 
 
 class ASDNeRFMesh:
@@ -173,8 +202,8 @@ class ASDNeRFMesh:
     CATEGORY = "ASD/outputs"
     RETURN_TYPES = ("MESH",)
     RETURN_NAMES = ("mesh",)
-    OUTPUT_TOOLTIPS = ("Core MESH: vertices [1, N, 3], faces [1, M, 3], plus vertex_colors [1, N, 3] in 0..1 "
-                       "(core nodes ignore the colours).",)
+    OUTPUT_TOOLTIPS = ("Core MESH: vertices [1, N, 3], faces [1, M, 3], vertex_colors [1, N, 3] linear in 0..1 "
+                       "(ComfyUI 0.3.x's Save GLB ignores the colours; later core's writes them).",)
     FUNCTION = "convert"
 
     @classmethod
@@ -188,14 +217,14 @@ class ASDNeRFMesh:
 
         threshold = mesh_threshold(result, threshold_source, threshold)
         vertices, faces, colours = mesh_arrays(_extract_mesh(result, "NeRF to Mesh", resolution, threshold))
-        mesh = _mesh_class()(torch.from_numpy(vertices)[None], torch.from_numpy(faces)[None])
-        mesh.vertex_colors = torch.from_numpy(colours)[None]
-        return (mesh,)
+        return (make_mesh(torch.from_numpy(vertices)[None], torch.from_numpy(faces)[None],
+                          torch.from_numpy(colours)[None]),)
 
 
 def _mesh_items(mesh) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """Core MESH (optionally with ``vertex_colors`` ``[B, N, 3 | 4]``) → per batch item (vertices ``[N, 3]``,
-    faces ``[M, 3]``, colours ``[N, 3 | 4]`` or None), checked so a wrong input fails with its name."""
+    """Core MESH (optionally with ``vertex_colors`` ``[B, N, 3 | 4]``, and later core's ``vertex_counts`` /
+    ``face_counts`` ``[B]`` for zero-padded batches) → per batch item (vertices ``[N, 3]``, faces ``[M, 3]``,
+    colours ``[N, 3 | 4]`` or None), checked so a wrong input fails with its name."""
     vertices, faces = getattr(mesh, "vertices", None), getattr(mesh, "faces", None)
     if not (torch.is_tensor(vertices) and torch.is_tensor(faces) and vertices.ndim == 3 and faces.ndim == 3
             and vertices.shape[-1] == 3 and faces.shape[-1] == 3 and len(vertices) == len(faces) > 0):
@@ -206,8 +235,17 @@ def _mesh_items(mesh) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     if colours is not None and (colours.shape[:2] != vertices.shape[:2] or colours.shape[-1] not in (3, 4)):
         raise UserInputError("mesh", f"its vertex_colors {tuple(colours.shape)} do not fit its vertices "
                              f"{tuple(vertices.shape)}", "give one RGB colour per vertex [B, N, 3], or none")
-    return [(vertices[i].detach().float().cpu().numpy(), faces[i].detach().long().cpu().numpy(),
-             None if colours is None else colours[i].detach().float().cpu().numpy()) for i in range(len(vertices))]
+    counts = [getattr(mesh, "vertex_counts", None), getattr(mesh, "face_counts", None)]
+    if any(c is not None for c in counts):
+        if any(c is None or len(c) != len(vertices) for c in counts):
+            raise UserInputError("mesh", "has vertex_counts or face_counts without the other, or not one per item",
+                                 "give both [B], or neither")
+        counts = [[int(n) for n in c] for c in counts]
+    else:
+        counts = [[vertices.shape[1]] * len(vertices), [faces.shape[1]] * len(faces)]
+    return [(vertices[i, :nv].detach().float().cpu().numpy(), faces[i, :nf].detach().long().cpu().numpy(),
+             None if colours is None else colours[i, :nv].detach().float().cpu().numpy())
+            for i, (nv, nf) in enumerate(zip(*counts))]
 
 
 def _workflow_metadata(prompt: dict | None, extra_pnginfo: dict | None) -> dict[str, str]:
@@ -265,7 +303,7 @@ class ASDSaveMeshGLB:
         metadata = _workflow_metadata(prompt, extra_pnginfo) or None
         records = []
         for (path, record), (vertices, faces, colours) in zip(_glb_targets(filename_prefix, len(items)), items):
-            write_mesh(mesh_from_arrays(vertices, faces, colours), path, metadata)
+            write_mesh(mesh_from_arrays(vertices, faces, colours), path, metadata, linear_colours=True)
             records.append(record)
         # "3d" as core Save GLB reports its files (queue history, clients); the frontend's in-node viewer is wired
         # to the SaveGLB class only, hence the mesh_path output for Preview3D

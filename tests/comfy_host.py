@@ -140,3 +140,26 @@ def run_graph(host: ComfyHost, graph: dict, out: Path) -> tuple[str, str, list[P
     prompt_id = client.queue(graph)
     status = client.follow(prompt_id, log=open("/dev/null", "w"))
     return prompt_id, status, client.download(prompt_id, out) if status == "success" else []
+
+
+PLAYWRIGHT_CORE = os.environ.get("PLAYWRIGHT_CORE_DIR", str(ROOT / "tests" / "ui" / "node_modules" / "playwright-core"))
+
+
+def browser_missing_reason() -> str | None:
+    """Why the browser tests (tests/ui/*.mjs: node, Chromium, playwright-core) cannot run here, or None."""
+    import shutil
+
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    if not shutil.which("node"):
+        return "node is not installed"
+    if not os.path.exists(chromium):
+        return f"no Chromium at {chromium} (apt-get install chromium, or set CHROMIUM)"
+    if not os.path.isdir(PLAYWRIGHT_CORE):
+        return (f"playwright-core not found at {PLAYWRIGHT_CORE} (npm install --prefix tests/ui playwright-core, "
+                "or set PLAYWRIGHT_CORE_DIR)")
+    return None
+
+
+def browser_env() -> dict[str, str]:
+    """The environment tests/ui/*.mjs run in (they find playwright-core through PLAYWRIGHT_CORE_DIR)."""
+    return dict(os.environ, PLAYWRIGHT_CORE_DIR=str(Path(PLAYWRIGHT_CORE).parent))

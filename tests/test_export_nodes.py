@@ -30,6 +30,13 @@ class _BallField(torch.nn.Module):
     def color(self, p: torch.Tensor) -> torch.Tensor:
         return ((p + 1.0) / 2.0).clamp(0, 1)
 
+    def forward(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # what the renderer calls
+        return self.density(p), self.color(p)
+
+    def normals(self, p: torch.Tensor) -> torch.Tensor:
+        offset = p - p.new_tensor(CENTRE)
+        return offset / offset.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
 
 def _nerf(ball: bool = True) -> NeRFGenerator:
     """A tiny NeRF on the CPU: the ball field, or the untrained hash-grid field (a blob of density ≈ 10)."""
@@ -189,3 +196,79 @@ def test_a_cpu_nerf_renders_on_cuda_and_returns_to_the_cpu(out_nodes, monkeypatc
     monkeypatch.setattr(out_nodes.host, "check_interrupt", lambda: seen.append(nerf.device.type))
     images, _, _, _ = out_nodes.ASDRenderViews().render(_result(nerf), 2, 16, 15.0, 1.5, 70.0, "white")
     assert seen == ["cuda", "cuda"] and nerf.device.type == "cpu" and images.device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- colour space, MESH
+def test_glb_vertex_colours_are_linear_and_obj_colours_are_the_renders(tmp_path):
+    """glTF's COLOR_0 is linear: a GLB stores the field's sRGB colour converted (sRGB 0.5 → linear 0.214, where
+    writing it unconverted made viewers show 0.735: washed out); OBJ has no colour space and keeps the display colour."""
+    import trimesh
+
+    from asd_engine.images import srgb_to_linear
+
+    nerf = _nerf()
+    nerf.field.color = lambda p: torch.full_like(p, 0.5)
+    mesh = extract_mesh(nerf, resolution=32)
+    glb = trimesh.load(save_mesh(mesh, tmp_path / "m.glb"), force="mesh").visual.vertex_colors[:, :3]
+    obj = trimesh.load(save_mesh(mesh, tmp_path / "m.obj"), force="mesh").visual.vertex_colors[:, :3]
+    assert np.all(obj == 128) and np.all(glb == 55)  # 0.5 → 128/255 sRGB; 0.214 → 55/255 linear
+    assert abs(float(srgb_to_linear(np.array(0.5))) - 0.2140) < 1e-4
+    assert float(srgb_to_linear(np.array(0.0))) == 0.0 and float(srgb_to_linear(np.array(1.0))) == pytest.approx(1.0)
+    _, _, colours = mesh_arrays(mesh)  # what NeRF to Mesh puts in the MESH: linear too
+    assert np.allclose(colours, srgb_to_linear(np.full(3, 128 / 255)), atol=1e-6)
+
+
+def test_nerf_to_mesh_carries_every_field_later_core_reads(out_nodes):
+    (mesh,) = out_nodes.ASDNeRFMesh().convert(_result(_nerf()), 32, "custom", 25.0)
+    for name, absent in out_nodes.MESH_FIELDS.items():
+        assert hasattr(mesh, name), name
+        if name != "vertex_colors":
+            assert getattr(mesh, name) == absent, name
+
+
+def test_the_mesh_class_is_cores_public_type_then_the_3d_nodes_class(out_nodes, monkeypatch):
+    """Inside a later ComfyUI the MESH is comfy_api.latest's Types.MESH (constructed as later core does:
+    vertices, faces, then keywords); inside 0.3.x the 3D nodes' MESH (vertices, faces only), given the fields."""
+    import sys
+    from types import ModuleType
+
+    class LaterMesh:  # later core's signature: every field a keyword, vertex_counts and face_counts together
+        def __init__(self, vertices, faces, uvs=None, vertex_colors=None, vertex_counts=None, face_counts=None):
+            self.vertices, self.faces, self.uvs, self.vertex_colors = vertices, faces, uvs, vertex_colors
+            self.vertex_counts, self.face_counts = vertex_counts, face_counts
+
+    class OldMesh:
+        def __init__(self, vertices, faces):
+            self.vertices, self.faces = vertices, faces
+
+    latest, hunyuan = ModuleType("comfy_api.latest"), ModuleType("comfy_extras.nodes_hunyuan3d")
+    latest.Types, hunyuan.MESH = SimpleNamespace(MESH=LaterMesh), OldMesh
+    monkeypatch.setattr(out_nodes.host, "in_comfyui", lambda: True)
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", latest)
+    monkeypatch.setitem(sys.modules, "comfy_extras.nodes_hunyuan3d", hunyuan)
+    v, f, c = torch.zeros(1, 3, 3), torch.tensor([[[0, 1, 2]]]), torch.ones(1, 3, 3)
+    later = out_nodes.make_mesh(v, f, c)
+    assert type(later) is LaterMesh and later.vertex_colors is c and later.normals is None and later.unlit is False
+    latest.Types = SimpleNamespace()  # ComfyUI 0.3.64: Types without MESH
+    old = out_nodes.make_mesh(v, f, c)
+    assert type(old) is OldMesh and old.vertex_colors is c and old.vertex_counts is None and old.material is None
+    monkeypatch.delitem(sys.modules, "comfy_extras.nodes_hunyuan3d")
+    monkeypatch.setitem(sys.modules, "comfy_extras", None)  # no 3D nodes at all: the stand-in
+    assert type(out_nodes.make_mesh(v, f, c)) is out_nodes.Mesh
+
+
+def test_save_coloured_glb_honours_later_cores_padded_batches(out_nodes, tmp_path, monkeypatch):
+    """Later core pads a batch of meshes of different sizes and says each one's real counts: only those are saved."""
+    import trimesh
+
+    monkeypatch.chdir(tmp_path)
+    vertices = torch.tensor([[[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], [[0, 0, 0], [1, 0, 0], [0, 1, 0], [9, 9, 9]]],
+                            dtype=torch.float32)
+    faces = torch.tensor([[[0, 1, 2], [0, 1, 3]], [[0, 1, 2], [0, 0, 0]]])
+    mesh = out_nodes.Mesh(vertices, faces, vertex_counts=torch.tensor([4, 3]), face_counts=torch.tensor([2, 1]))
+    records = out_nodes.ASDSaveMeshGLB().save(mesh, "padded")["ui"]["3d"]
+    loaded = [trimesh.load(tmp_path / "output" / r["subfolder"] / r["filename"], force="mesh", process=False)
+              for r in records]
+    assert [(len(m.vertices), len(m.faces)) for m in loaded] == [(4, 2), (3, 1)]
+    with pytest.raises(RuntimeError, match="vertex_counts or face_counts"):
+        out_nodes.ASDSaveMeshGLB().save(out_nodes.Mesh(vertices, faces, vertex_counts=torch.tensor([4, 3])), "bad")

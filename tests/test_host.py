@@ -17,7 +17,7 @@ import torch
 import websocket
 
 from workflows import comfy_client
-from comfy_host import PACK_NAME, ROOT, fast, host_missing_reason, run_graph
+from comfy_host import PACK_NAME, ROOT, browser_env, browser_missing_reason, fast, host_missing_reason, run_graph
 
 reason = host_missing_reason()
 pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
@@ -302,32 +302,14 @@ def test_load_sd_model_lists_checkpoint_files_and_refuses_pickles(host, tiny_sd1
     assert status.startswith("error: node 1") and "'old.ckpt' is a pickle checkpoint" in status, status
 
 
-def _ui_tools() -> str | None:
-    """Why the browser test cannot run, or None."""
-    import os
-    import shutil
-
-    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-    modules = os.environ.get("PLAYWRIGHT_CORE_DIR", str(ROOT / "tests" / "ui" / "node_modules" / "playwright-core"))
-    if not shutil.which("node"):
-        return "node is not installed"
-    if not os.path.exists(chromium):
-        return f"no Chromium at {chromium} (apt-get install chromium, or set CHROMIUM)"
-    if not os.path.isdir(modules):
-        return (f"playwright-core not found at {modules} (npm install --prefix tests/ui playwright-core, "
-                "or set PLAYWRIGHT_CORE_DIR)")
-    return None
-
-
-@pytest.mark.skipif(_ui_tools() is not None, reason=_ui_tools() or "")
+@pytest.mark.skipif(browser_missing_reason() is not None, reason=browser_missing_reason() or "")
 def test_ui_workflows_load_in_the_real_web_page_with_no_missing_node_types(host, tmp_path):
     import os
     import subprocess
 
-    modules = os.environ.get("PLAYWRIGHT_CORE_DIR", str(ROOT / "tests" / "ui" / "node_modules" / "playwright-core"))
     files = [str(p) for p in sorted(WORKFLOWS.glob("*.json"))]
     proc = subprocess.run(["node", str(ROOT / "tests" / "ui" / "load_workflows.mjs"), host.url, str(tmp_path), *files],
-                          env=dict(os.environ, PLAYWRIGHT_CORE_DIR=str(Path(modules).parent)),
+                          env=browser_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     missing = json.loads(proc.stdout.strip().splitlines()[-1])

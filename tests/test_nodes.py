@@ -93,7 +93,7 @@ def test_3d_chain_trains_renders_exports_saves_and_resumes(pack, nodes, tiny_v_d
         out = nodes["ASDExportNeRFMesh"].export(result, 32, "custom", 25.0, "glb+obj", "mesh")
     path = tmp_path / "output" / out["result"][0]
     assert path.suffix == ".glb" and path.is_file() and path.with_suffix(".obj").is_file()
-    assert out["ui"]["asd_files"][0]["type"] == "output"
+    assert out["ui"]["3d"][0]["type"] == "output"
     saved = nodes["ASDSaveCheckpoint"].save(result, "saved")["result"][0]
     ckpt, loaded = nodes["ASDLoadCheckpoint"].load(_label(pack, saved))
     assert loaded.kind == "nerf" and loaded.step == 3 and loaded.losses == losses

@@ -5,7 +5,7 @@ inside it; marching cubes (scikit-image) extracts the isosurface at ``threshold`
 exceeds it, the threshold falls back to a quarter of the peak density with a warning; a field whose density the
 renderer would not draw anywhere is empty (:class:`EmptyField`), and has no mesh. Components with fewer than
 ``min_component_fraction`` of the largest component's faces (floaters) are dropped. Vertex colours come from the
-colour field. Files are y-up (glTF/OBJ convention; the engine's world is z-up) and written atomically; a GLB can
+colour field (sRGB, like the renders; a GLB stores them linear, as glTF defines COLOR_0). Files are y-up (glTF/OBJ convention; the engine's world is z-up) and written atomically; a GLB can
 carry string metadata in its glTF ``asset.extras`` (as ComfyUI's Save GLB embeds the workflow).
 
 Long calls take ``on_progress(done, total)``, called after each unit of work (a view, a density chunk, the mesh
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import UserInputError
-from ..images import save_png, to_pil
+from ..images import save_png, srgb_to_linear, to_pil
 from .cameras import orbit_cameras
 from .nerf import NeRFGenerator
 
@@ -161,7 +161,7 @@ def extract_mesh(nerf: NeRFGenerator, resolution: int = 256, threshold: float = 
                  coarse_resolution: int = 64, min_component_fraction: float = 0.01,
                  on_progress: OnProgress | None = None):
     """Marching-cubes mesh of the density with vertex colours → ``trimesh.Trimesh`` in engine (z-up) coordinates,
-    vertex colours RGBA uint8 ``[N, 4]``. ``on_progress(done, total)`` after each density chunk of the coarse and
+    vertex colours RGBA uint8 ``[N, 4]``, sRGB like the renders (files convert them where their format wants linear). ``on_progress(done, total)`` after each density chunk of the coarse and
     the fine grid and after the colouring (``total`` is known up front)."""
     import trimesh
     from skimage.measure import marching_cubes
@@ -218,15 +218,16 @@ def to_y_up(mesh):
 
 def mesh_arrays(mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``mesh`` from :func:`extract_mesh` (engine z-up) → the y-up arrays :func:`save_mesh` writes: vertices
-    ``[N, 3]`` float32, faces ``[M, 3]`` int64, vertex colours ``[N, 3]`` float32 in [0, 1]."""
+    ``[N, 3]`` float32, faces ``[M, 3]`` int64, vertex colours ``[N, 3]`` float32 in [0, 1], linear (as glTF's
+    COLOR_0 and ComfyUI's MESH carry them)."""
     upright = to_y_up(mesh)
-    colours = np.asarray(upright.visual.vertex_colors, dtype=np.float32)[:, :3] / 255.0
+    colours = srgb_to_linear(np.asarray(upright.visual.vertex_colors, dtype=np.float32)[:, :3] / 255.0)
     return (np.asarray(upright.vertices, dtype=np.float32), np.asarray(upright.faces, dtype=np.int64), colours)
 
 
 def mesh_from_arrays(vertices: np.ndarray, faces: np.ndarray, colours: np.ndarray | None = None):
     """Vertices ``[N, 3]``, faces ``[M, 3]`` and optional colours ``[N, 3 | 4]`` float in [0, 1] → a
-    ``trimesh.Trimesh`` kept exactly as given (no merging, no axis change)."""
+    ``trimesh.Trimesh`` kept exactly as given (no merging, no axis change, colours in their own colour space)."""
     import trimesh
 
     mesh = trimesh.Trimesh(vertices=np.asarray(vertices, dtype=np.float64), faces=np.asarray(faces, dtype=np.int64),
@@ -239,10 +240,17 @@ def mesh_from_arrays(vertices: np.ndarray, faces: np.ndarray, colours: np.ndarra
     return mesh
 
 
-def _glb_bytes(mesh, metadata: dict[str, str] | None) -> bytes:
-    """GLB of ``mesh`` (vertex colours as COLOR_0) with ``metadata`` in the glTF ``asset.extras``, where ComfyUI's
-    Save GLB puts the workflow (trimesh has no argument for it, but lets the glTF tree be edited before packing)."""
+def _glb_bytes(mesh, metadata: dict[str, str] | None, linear_colours: bool) -> bytes:
+    """GLB of ``mesh`` (vertex colours as COLOR_0, which glTF defines as linear: sRGB colours are converted) with
+    ``metadata`` in the glTF ``asset.extras``, where ComfyUI's Save GLB puts the workflow (trimesh has no argument
+    for it, but lets the glTF tree be edited before packing). trimesh stores COLOR_0 as 8-bit."""
     from trimesh.exchange.gltf import export_glb
+
+    if mesh.visual.kind == "vertex" and not linear_colours:
+        mesh = mesh.copy()
+        rgba = np.asarray(mesh.visual.vertex_colors, dtype=np.float32) / 255.0
+        rgba[:, :3] = srgb_to_linear(rgba[:, :3])
+        mesh.visual.vertex_colors = (rgba * 255 + 0.5).astype(np.uint8)
 
     def add_extras(tree: dict) -> None:
         tree["asset"].setdefault("extras", {}).update(metadata)
@@ -250,10 +258,13 @@ def _glb_bytes(mesh, metadata: dict[str, str] | None) -> bytes:
     return export_glb(mesh.scene(), tree_postprocessor=add_extras if metadata else None)
 
 
-def write_mesh(mesh, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+def write_mesh(mesh, path: str | os.PathLike, metadata: dict[str, str] | None = None,
+               linear_colours: bool = False) -> Path:
     """Write ``mesh`` as it is (already in file coordinates) as GLB, OBJ or PLY (by suffix) with its vertex colours,
     atomically (temp file + rename: a reader never sees half a file). ``metadata`` (str → str) goes into a GLB's
-    ``asset.extras``; the other formats have no place for it."""
+    ``asset.extras``; the other formats have no place for it. Vertex colours are sRGB unless ``linear_colours``; a
+    GLB gets them linear (glTF's COLOR_0), OBJ and PLY as given (no colour space in those formats; viewers show
+    them as display colours)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if metadata and suffix != ".glb":
@@ -262,7 +273,7 @@ def write_mesh(mesh, path: str | os.PathLike, metadata: dict[str, str] | None = 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
         if suffix == ".glb":
-            tmp.write_bytes(_glb_bytes(mesh, metadata))
+            tmp.write_bytes(_glb_bytes(mesh, metadata, linear_colours))
         elif suffix == ".obj":
             mesh.export(tmp, file_type="obj", include_color=True, include_normals=True)
         else:
