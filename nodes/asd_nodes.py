@@ -7,7 +7,8 @@ output nodes. Custom types are pack-prefixed: ASD_PRIOR, ASD_PHI, ASD_GENERATOR,
 Widgets come from the engine's settings table (``asd_engine/runs/settings.py``): their choices, ranges and tooltips.
 A value that defaults to the prior's recipe or the preset has an explicit ``<name>_source`` choice beside it
 ("from prior" / "from preset", or "custom" for the value widget). The nodes of the previous version keep their ids
-in ``legacy_nodes.py``, so saved workflows still load with their values mapped.
+in ``legacy_nodes.py``, so saved workflows still load with their values mapped. ``SEARCH_ALIASES`` are words
+ComfyUI's node search also matches (read by core releases from early 2026; 0.3.x ignores them).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from . import comfy_bridge as host
 def engine_call(method):
     """Node functions check their inputs against their own INPUT_TYPES (:func:`check_inputs`), run the engine
     outside ComfyUI's inference mode (its tensors cannot take part in autograd, which training and normal maps
-    need) and turn the engine's user errors into the one-line message ComfyUI shows."""
+    need) and turn the engine's user errors, and a missing requirement, into the one-line message ComfyUI shows."""
     signature = inspect.signature(method)
 
     @functools.wraps(method)
@@ -47,6 +48,11 @@ def engine_call(method):
             raise RuntimeError(exc.render(settings.widget_of)) from None
         except TrainingDiverged as exc:
             raise RuntimeError(str(exc)) from None
+        except ModuleNotFoundError as exc:  # a requirement not installed in ComfyUI's Python
+            missing = host.missing_requirements()
+            if not missing:
+                raise
+            raise RuntimeError(host.install_hint(missing)) from None
     return wrapper
 
 
@@ -167,6 +173,7 @@ class _PriorNode:
 
 
 class ASDLoadPrior(_PriorNode):
+    SEARCH_ALIASES = ["stable diffusion", "score distillation", "text to 3d"]
     DESCRIPTION = ("Loads a frozen diffusion prior for score distillation: the embedded 32 px toy prior, a diffusers "
                    "Stable Diffusion 1.x/2.x pipeline folder from models/asd or models/diffusers, or a single-file "
                    "SD 1.x / 2.x (v) .safetensors checkpoint from models/checkpoints.")
@@ -290,6 +297,7 @@ class _DiscriminatorNode:
 
 
 class ASDDiscriminatorLoRA(_DiscriminatorNode):
+    SEARCH_ALIASES = ["vsd", "prolificdreamer", "variational score distillation", "lora"]
     DESCRIPTION = ("ASD's discriminator φ as a LoRA on the prior's own UNet (optionally conditioned on the camera), "
                    "its learning rate, and ASD's γ.")
 
@@ -315,6 +323,7 @@ class ASDDiscriminatorLoRA(_DiscriminatorNode):
 
 
 class ASDDiscriminatorTI(_DiscriminatorNode):
+    SEARCH_ALIASES = ["vsd", "textual inversion", "score distillation"]
     DESCRIPTION = "ASD's discriminator φ as textual-inversion tokens (only their embeddings train), and ASD's γ."
 
     @classmethod
@@ -335,6 +344,7 @@ class ASDDiscriminatorTI(_DiscriminatorNode):
 
 
 class ASDNeRFGenerator:
+    SEARCH_ALIASES = ["text to 3d", "nerf", "dreamfusion", "prolificdreamer", "3d"]
     DESCRIPTION = ("A NeRF to distil (text-to-3D): hash-grid field, occupancy-grid renderer and background, with "
                    "a preset: toy-cpu (minutes on a CPU), quality (the official recipe, GPU), low-vram.")
     CATEGORY = "ASD/setup"
@@ -363,6 +373,7 @@ class ASDNeRFGenerator:
 
 
 class ASDImage:
+    SEARCH_ALIASES = ["score distillation", "sds", "2d"]
     DESCRIPTION = "One image to distil (2D): optimised as the prior's latent, or as RGB pixels through its VAE."
     CATEGORY = "ASD/setup"
     RETURN_TYPES = ("ASD_GENERATOR",)
@@ -411,6 +422,8 @@ TRAIN_GRAPH_INPUTS = {
 
 
 class ASDTrain:
+    SEARCH_ALIASES = ["text to 3d", "nerf", "sds", "vsd", "dreamfusion", "prolificdreamer", "score distillation",
+                      "adversarial score distillation"]
     DESCRIPTION = ("Runs Adversarial Score Distillation (or the VSD / SDS baselines) with live progress and a "
                    "preview. Each run keeps its checkpoint in output/asd/train/<prompt>_<run id>: queueing the same "
                    "run again reuses it, and after a Cancel it resumes where it stopped.")
@@ -480,6 +493,7 @@ def train_node(prior, generator, values: dict, phi=None, resume=None) -> dict:
     start = run_plan.latest_checkpoint([checkpoint, resume], plan.config.steps)
     with host.priors_loaded([prior, plan.phi_prior], run_plan.training_memory_bytes(plan)):
         result, preview = _train(plan, start, checkpoint)
+    host.show_text(f"checkpoint: {host.output_label(result.checkpoint)} (step {plan.config.steps})")
     images = host.to_comfy_images(preview)
     return {"ui": {"images": host.save_preview(images)},
             "result": (result, images, str(result.checkpoint), result.losses)}
@@ -488,8 +502,8 @@ def train_node(prior, generator, values: dict, phi=None, resume=None) -> dict:
 def _train(plan, start, checkpoint):
     run = plan.build(resume=start)
     if start is not None:  # a finished run is rebuilt from its checkpoint and runs no step
-        logging.info("[ASD] Train Loop: %s %s at step %d of %d", "resuming" if run.step < run.config.steps
-                     else "reusing the finished run in", start, run.step, run.config.steps)
+        host.show_text(f"{'resuming' if run.step < run.config.steps else 'reusing the finished run in'} "
+                       f"{host.output_label(start)} at step {run.step} of {run.config.steps}")
     progress = Progress(run)
     try:
         result = run_plan.train(run, checkpoint, on_step=progress.on_step, is_interrupt=host.is_interrupt)
@@ -546,7 +560,8 @@ class ASDSaveCheckpoint:
             raise UserInputError("result", "it has no checkpoint folder to save",
                                  "connect an ASD Train Loop or Load ASD Checkpoint result")
         shutil.copytree(result.checkpoint, folder / "checkpoint")
-        return {"ui": {"text": [f"{relative}/checkpoint"]}, "result": (str(folder / "checkpoint"),)}
+        host.show_text(f"saved output/{relative}/checkpoint (step {run_plan.checkpoint_step(folder / 'checkpoint')})")
+        return (str(folder / "checkpoint"),)
 
 
 class ASDLoadCheckpoint:
@@ -567,8 +582,22 @@ class ASDLoadCheckpoint:
                            "A checkpoint folder under output/asd or models/asd (refresh the page after training to "
                            "see new ones). Paths elsewhere are refused, so a shared server never reads other folders."}),
         }, "optional": {
-            "prior": ("ASD_PRIOR", {"tooltip": "Needed to decode a 2D (latent) result."}),
+            "prior": ("ASD_PRIOR", {"lazy": True, "tooltip": "Needed to decode a 2D result; a 3D checkpoint never "
+                                                             "loads it (the linked loader does not run)."}),
         }}
+
+    @classmethod
+    def IS_CHANGED(cls, checkpoint, prior=None):
+        """ComfyUI reuses this node's outputs while this stays the same: so they are refreshed when the checkpoint
+        on disk changed (a Train Loop trained the run further), not only when another folder is chosen."""
+        return run_plan.checkpoint_version(host.checkpoint_choices().get(checkpoint))
+
+    def check_lazy_status(self, checkpoint, prior=None):
+        """Ask ComfyUI for 'prior' only for a 2D checkpoint (its image needs the VAE): a 3D one needs no prior."""
+        folder = host.checkpoint_choices().get(checkpoint)
+        if prior is None and run_plan.checkpoint_kind(folder) not in (None, "text-to-3d"):
+            return ["prior"]
+        return []
 
     @engine_call
     def load(self, checkpoint, prior=None):

@@ -8,6 +8,7 @@ Python; outside ComfyUI the functions fall back to the engine's own behaviour.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import weakref
 from pathlib import Path
@@ -21,6 +22,37 @@ EMBEDDED_PRIOR = "asd-toy-prior (embedded, 32 px)"
 MODEL_FOLDERS = ("asd", "diffusers")
 
 
+REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
+MODULE_OF = {"pillow": "PIL", "scikit-image": "skimage", "websocket-client": "websocket"}  # distribution → import
+
+
+def missing_requirements() -> list[str]:
+    """The distributions in the pack's requirements.txt that this Python cannot import (found without importing)."""
+    import importlib.util
+    import re
+
+    missing = []
+    for line in REQUIREMENTS.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line.split("#", 1)[0])
+        if match:
+            name = match.group(1).lower()
+            try:
+                found = importlib.util.find_spec(MODULE_OF.get(name, name.replace("-", "_"))) is not None
+            except (ImportError, ValueError):  # a finder refusing it, or a broken entry in sys.modules
+                found = False
+            if not found:
+                missing.append(name)
+    return missing
+
+
+def install_hint(missing: list[str]) -> str:
+    """One line: which packages are missing and the command that installs them into this Python."""
+    import sys
+
+    return (f"missing Python package{'s' if len(missing) > 1 else ''} {', '.join(missing)}: run "
+            f"`{sys.executable} -m pip install -r {REQUIREMENTS}` and restart ComfyUI")
+
+
 def in_comfyui() -> bool:
     try:
         import comfy.model_management  # noqa: F401
@@ -31,9 +63,14 @@ def in_comfyui() -> bool:
 
 
 def setup() -> None:
-    """At pack import inside ComfyUI: follow ComfyUI's device choice and dtype policy, register ``models/asd``."""
+    """At pack import inside ComfyUI: say in one line which requirements are missing (the nodes still load, so
+    workflows open; running one repeats the line), follow ComfyUI's device choice and dtype policy, register
+    ``models/asd``."""
     if not in_comfyui():
         return
+    missing = missing_requirements()
+    if missing:
+        logging.error("[ASD] %s", install_hint(missing))
     import comfy.model_management
     import folder_paths
 
@@ -77,19 +114,80 @@ def _pipeline_folders() -> dict[str, Path]:
 
 
 def _checkpoint_files() -> list[str]:
-    """ComfyUI's ``models/checkpoints`` files. Pickle files are listed too, so that choosing one explains why it is
-    refused (and how to convert it) instead of the file silently missing from the list."""
+    """ComfyUI's ``models/checkpoints`` files that can become a prior (:func:`loadable_checkpoints`)."""
     if not in_comfyui():
         return []
     import folder_paths
 
-    return list(folder_paths.get_filename_list("checkpoints"))
+    names = folder_paths.get_filename_list("checkpoints")
+    return loadable_checkpoints({name: folder_paths.get_full_path("checkpoints", name) for name in names})
+
+
+# file path → ((mtime_ns, size), the header's problem or None): a header is read once per version of a file
+_header_verdicts: dict[str, tuple[tuple[int, int], str | None]] = {}
+
+
+def loadable_checkpoints(files: dict[str, str]) -> list[str]:
+    """The names of ``files`` (name → path) Load SD Model lists: SD 1.x / 2.x safetensors, judged from each file's
+    header and cached by modification time and size, so that ComfyUI's /object_info stays fast with many large
+    files. SDXL, Flux, LoRAs, ... are left out with one console line each; pickles stay listed, so that choosing one
+    explains why it is refused and how to convert it."""
+    from ..asd_engine.prior.diffusion import PICKLE_SUFFIXES
+    from ..asd_engine.prior.single_file import header_problem
+
+    listed = []
+    for name, path in files.items():
+        if Path(name).suffix.lower() in PICKLE_SUFFIXES:
+            listed.append(name)
+            continue
+        try:
+            stat = os.stat(path)
+        except OSError:
+            continue
+        version = (stat.st_mtime_ns, stat.st_size)
+        cached = _header_verdicts.get(path)
+        if cached is None or cached[0] != version:
+            _header_verdicts[path] = (version, header_problem(path))
+        problem = _header_verdicts[path][1]
+        if problem is None:
+            listed.append(name)
+        else:
+            _report_left_out(f"models/checkpoints/{name}", problem)
+    return listed
+
+
+_reported: set[tuple[str, str]] = set()
+
+
+def _report_left_out(what: str, problem: str) -> None:
+    """One console line per model and reason, not one per page load."""
+    if (what, problem) not in _reported:
+        _reported.add((what, problem))
+        logging.info("[ASD] Load SD Model leaves out %s: %s", what, problem)
+
+
+def _loadable_folders() -> list[str]:
+    """The pipeline folders whose model_index.json and component folders make a Stable Diffusion-style pipeline (no
+    weights are read); the others are left out with one console line each."""
+    from ..asd_engine.errors import UserInputError
+    from ..asd_engine.prior.diffusion import inspect_pipeline_folder
+
+    listed = []
+    for name, folder in _pipeline_folders().items():
+        try:
+            inspect_pipeline_folder(folder)
+        except UserInputError as exc:
+            _report_left_out(f"the pipeline folder {name}", exc.problem)
+            continue
+        listed.append(name)
+    return listed
 
 
 def model_choices() -> list[str]:
-    """The embedded prior first (when shipped), then pipeline folders, then single-file checkpoints."""
+    """The embedded prior first (when shipped), then pipeline folders, then single-file checkpoints: those that can
+    become a prior."""
     names = [EMBEDDED_PRIOR] if (default_prior_path() / "model_index.json").is_file() else []
-    return names + sorted(_pipeline_folders()) + sorted(_checkpoint_files())
+    return names + sorted(_loadable_folders()) + sorted(_checkpoint_files())
 
 
 def model_path(name: str) -> Path:
@@ -98,10 +196,11 @@ def model_path(name: str) -> Path:
     folders = _pipeline_folders()
     if name in folders:
         return folders[name]
-    if name in _checkpoint_files():
+    if in_comfyui():
         import folder_paths
 
-        return Path(folder_paths.get_full_path("checkpoints", name))
+        if name in folder_paths.get_filename_list("checkpoints"):  # also one left out of the list: the loader
+            return Path(folder_paths.get_full_path("checkpoints", name))  # says exactly why it cannot be used
     from ..asd_engine.errors import UserInputError
 
     raise UserInputError("model", f"'{name}' is neither a pipeline folder in models/asd or models/diffusers nor a "
@@ -211,6 +310,13 @@ def output_dir() -> Path:
     return Path.cwd() / "output"
 
 
+def output_label(path) -> str:
+    """``path`` as a user finds it: ``output/…`` inside ComfyUI's output folder, else as it is."""
+    path = Path(path)
+    base = output_dir()
+    return f"output/{path.relative_to(base).as_posix()}" if path.is_relative_to(base) else str(path)
+
+
 def new_output_folder(prefix: str) -> tuple[Path, str]:
     """A fresh ``output/asd/<prefix>_NNNNN`` folder → (absolute path, path relative to the output folder)."""
     base = output_dir()
@@ -306,15 +412,36 @@ def save_preview(images: torch.Tensor, prefix: str = "asd_preview") -> list[dict
     return shown
 
 
+def show_text(text: str) -> None:
+    """One line of status on the running node in the page (core's progress-text channel, what core Get Image Size
+    shows its result with) and in the console; outside ComfyUI only the console log."""
+    logging.info("[ASD] %s", text)
+    if not in_comfyui():
+        return
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:  # a ComfyUI without the channel (older than 0.3.4x)
+        return
+    context, server = get_executing_context(), getattr(PromptServer, "instance", None)
+    if context is None or server is None or not hasattr(server, "send_progress_text"):
+        return
+    server.send_progress_text(text, context.node_id, sid=server.client_id)  # to the client that queued the graph
+
+
 class Progress:
-    """ComfyUI's progress bar with a preview image; outside ComfyUI it does nothing."""
+    """ComfyUI's progress bar with a preview image (at most ``--preview-size`` px, as core's sampler previews);
+    outside ComfyUI it does nothing."""
 
     def __init__(self, total: int) -> None:
         self.bar = None
+        self.preview_size = 512
         if in_comfyui():
             import comfy.utils
+            from comfy.cli_args import args
 
             self.bar = comfy.utils.ProgressBar(total)
+            self.preview_size = args.preview_size
 
     def update(self, step: int, total: int, preview: torch.Tensor | None = None) -> None:
         """Move the bar to ``step`` of ``total``, with ``preview`` ``[1, 3, H, W]`` when given."""
@@ -324,7 +451,7 @@ class Progress:
         if preview is not None:
             from ..asd_engine.images import to_pil
 
-            image = ("JPEG", to_pil(preview), 512)
+            image = ("JPEG", to_pil(preview), self.preview_size)
         self.bar.update_absolute(step, total, image)
 
 

@@ -144,6 +144,7 @@ class ASDExportNeRFMesh:
         for suffix in format.split("+"):
             save_mesh(mesh, folder / f"mesh.{suffix}")
             files.append({"filename": f"mesh.{suffix}", "subfolder": relative, "type": "output"})
+        host.show_text("saved " + ", ".join(f"output/{relative}/{f['filename']}" for f in files))
         # "3d", as core Save GLB reports its files (queue history, API clients, the frontend's 3D outputs)
         return {"ui": {"3d": files}, "result": (f"{relative}/mesh.{format.split('+')[0]}",)}
 
@@ -307,8 +308,9 @@ class ASDSaveMeshGLB:
             records.append(record)
         # "3d" as core Save GLB reports its files (queue history, clients); the frontend's in-node viewer is wired
         # to the SaveGLB class only, hence the mesh_path output for Preview3D
-        first = records[0]
-        relative = f"{first['subfolder']}/{first['filename']}" if first["subfolder"] else first["filename"]
+        names = [f"{r['subfolder']}/{r['filename']}" if r["subfolder"] else r["filename"] for r in records]
+        host.show_text("saved " + ", ".join(f"output/{name}" for name in names))
+        relative = names[0]
         return {"ui": {"3d": records}, "result": (relative,)}
 
 

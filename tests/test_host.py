@@ -110,6 +110,9 @@ def _events(host, graph: dict, interrupt_at: tuple[str, int] | None = None) -> t
         except websocket.WebSocketTimeoutException:  # a long step: keep waiting until the deadline
             continue
         if not isinstance(message, str):
+            text = comfy_client.progress_text(message)  # binary frames: previews, and status lines on nodes
+            if text is not None:
+                events.append({"type": "progress_text", "data": {"node": text[0], "text": text[1]}})
             continue
         event = json.loads(message)
         data = event.get("data", {})
@@ -131,6 +134,11 @@ def _events(host, graph: dict, interrupt_at: tuple[str, int] | None = None) -> t
 
 def _progress(events: list[dict], node: str) -> list[int]:
     return [e["data"]["value"] for e in events if e["type"] == "progress" and e["data"]["node"] == node]
+
+
+def _texts(events: list[dict]) -> list[tuple[str, str]]:
+    """(node, text) of the status lines shown on nodes (core's progress-text channel)."""
+    return [(e["data"]["node"], e["data"]["text"]) for e in events if e["type"] == "progress_text"]
 
 
 def _cached(events: list[dict]) -> set[str]:
@@ -156,7 +164,10 @@ def test_training_is_never_thrown_away_requeue_rename_and_cancel(host):
     status, events = _events(host, graph)
     assert status == "success", status
     assert _progress(events, "4")[0] == stopped and _progress(events, "4")[-1] == 12  # resumed, not restarted
-    assert f"resuming {folder / 'checkpoint'} at step {stopped} of 12" in host.log_text()
+    label = f"output/asd/train/{folder.name}/checkpoint"
+    assert f"resuming {label} at step {stopped} of 12" in host.log_text()
+    assert ("4", f"resuming {label} at step {stopped} of 12") in _texts(events)  # shown on the node
+    assert ("4", f"checkpoint: {label} (step 12)") in _texts(events)
 
     status, events = _events(host, graph)  # unchanged graph: ComfyUI's cache, nothing runs
     assert status == "success" and "4" in _cached(events) and _progress(events, "4") == []
@@ -166,7 +177,7 @@ def test_training_is_never_thrown_away_requeue_rename_and_cancel(host):
     graph["1"]["inputs"]["precision"] = "fp32"  # a cache miss upstream that computes the same: the same run
     status, events = _events(host, graph)
     assert status == "success" and _progress(events, "4") == [12]  # its finished checkpoint, no step
-    assert "reusing the finished run in" in host.log_text()
+    assert ("4", f"reusing the finished run in {label} at step 12 of 12") in _texts(events)
 
     resumed = folder.with_name(folder.name + "_resumed")
     folder.rename(resumed)
@@ -288,9 +299,19 @@ def test_core_load_checkpoint_feeds_the_train_loop(host, tiny_sd15, tmp_path):
 
 
 def test_load_sd_model_lists_checkpoint_files_and_refuses_pickles(host, tiny_sd15, tmp_path):
+    """It lists the SD 1.x file and the pickle (which it refuses with the fix), and leaves out an SDXL file, saying
+    why in the console."""
+    from safetensors.torch import save_file
+
     (host.base / "checkpoints" / "old.ckpt").write_bytes(b"not opened")
+    save_file({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 2)},
+              host.base / "checkpoints" / "sdxl_like.safetensors")
     choices = host.get_json("/object_info/ASDLoadPrior")["ASDLoadPrior"]["input"]["required"]["model"][0]
-    assert tiny_sd15.name in choices and "old.ckpt" in choices
+    assert tiny_sd15.name in choices and "old.ckpt" in choices and "sdxl_like.safetensors" not in choices
+    assert "Load SD Model leaves out models/checkpoints/sdxl_like.safetensors: 'sdxl_like.safetensors' is an SDXL " \
+        "checkpoint" in host.log_text()
+    core = host.get_json("/object_info/CheckpointLoaderSimple")["CheckpointLoaderSimple"]["input"]["required"]
+    assert "sdxl_like.safetensors" in core["ckpt_name"][0]  # core's own loader still offers it
     graph = fast(comfy_client.load_workflow(WORKFLOWS / "api" / "image_2d_asd.json"))
     graph["1"]["inputs"]["model"] = tiny_sd15.name
     graph["3"]["inputs"]["size"] = 64
@@ -347,3 +368,34 @@ def test_auto_precision_follows_comfyuis_dtype_flags(flags, dtype):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"auto": f"torch.{dtype}", "fp32": "torch.float32", "core": f"torch.{dtype}"}, report
+
+
+def _executed(events: list[dict]) -> set[str]:
+    return {e["data"]["node"] for e in events if e["type"] == "executing" and e["data"].get("node") is not None}
+
+
+def test_load_checkpoint_runs_no_prior_for_3d_and_runs_again_when_the_checkpoint_changed(host):
+    """Load ASD Checkpoint's 'prior' is lazy: for a 3D checkpoint the linked Load SD Model never runs. Its outputs
+    are cached while the checkpoint on disk is unchanged, and refreshed when it changed (IS_CHANGED)."""
+    graph = fast(comfy_client.load_workflow(WORKFLOWS / "api" / "text_to_3d_asd.json"))
+    graph = {key: graph[key] for key in ("1", "2", "3", "4")}
+    graph["4"]["inputs"]["prompt"] = "a lazy yellow cube"
+    status, _ = _events(host, graph)
+    assert status == "success", status
+    (folder,) = (host.base / "output" / "asd" / "train").glob("a_lazy_yellow_cube_*")
+    label = f"output/asd/train/{folder.name}/checkpoint"
+    loader = {"class_type": "ASDLoadPrior", "inputs": {"model": graph["1"]["inputs"]["model"], "precision": "fp32",
+                                                       "prediction_type": "auto"}}
+    views = {"1": loader, "2": {"class_type": "ASDLoadCheckpoint", "inputs": {"checkpoint": label, "prior": ["1", 0]}},
+             "3": {"class_type": "ASDRenderViews", "inputs": {"result": ["2", 1], "views": 2, "size": 32,
+                   "elevation": 15.0, "distance": 1.5, "fov": 70.0, "background": "white"}},
+             "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+    status, events = _events(host, views)
+    assert status == "success", status
+    assert "1" not in _executed(events) and {"2", "3"} <= _executed(events)  # the prior was never loaded
+    status, events = _events(host, views)
+    assert status == "success" and _executed(events) & {"1", "2", "3"} == set()  # unchanged: cached
+    meta = folder / "checkpoint" / "checkpoint.json"
+    meta.write_text(meta.read_text())  # the run's folder written again (as a resumed run does)
+    status, events = _events(host, views)
+    assert status == "success" and {"2", "3"} <= _executed(events) and "1" not in _executed(events)

@@ -26,6 +26,13 @@ def test_mappings_are_complete(pack):
     assert expected <= set(names.values())
 
 
+def test_nodes_are_found_by_the_words_users_search_for(pack):
+    aliases = {a for cls in pack.NODE_CLASS_MAPPINGS.values() for a in getattr(cls, "SEARCH_ALIASES", [])}
+    for cls in pack.NODE_CLASS_MAPPINGS.values():
+        assert all(isinstance(a, str) and a == a.lower() for a in getattr(cls, "SEARCH_ALIASES", []))
+    assert {"text to 3d", "nerf", "sds", "vsd", "dreamfusion", "prolificdreamer", "score distillation"} <= aliases
+
+
 def test_every_node_is_well_formed(pack):
     for key, cls in pack.NODE_CLASS_MAPPINGS.items():
         assert cls.CATEGORY.startswith("ASD/"), key
@@ -94,11 +101,21 @@ def test_3d_chain_trains_renders_exports_saves_and_resumes(pack, nodes, tiny_v_d
     path = tmp_path / "output" / out["result"][0]
     assert path.suffix == ".glb" and path.is_file() and path.with_suffix(".obj").is_file()
     assert out["ui"]["3d"][0]["type"] == "output"
-    saved = nodes["ASDSaveCheckpoint"].save(result, "saved")["result"][0]
-    ckpt, loaded = nodes["ASDLoadCheckpoint"].load(_label(pack, saved))
+    saved = nodes["ASDSaveCheckpoint"].save(result, "saved")[0]
+    loader = nodes["ASDLoadCheckpoint"]
+    assert loader.check_lazy_status(_label(pack, saved)) == []  # a 3D checkpoint never asks for the prior
+    ckpt, loaded = loader.load(_label(pack, saved))
     assert loaded.kind == "nerf" and loaded.step == 3 and loaded.losses == losses
+    version = type(loader).IS_CHANGED(_label(pack, checkpoint))
+    assert version == type(loader).IS_CHANGED(_label(pack, checkpoint)) and "step 3" in version
     resumed, _, _, resumed_losses = _train(nodes, prior, generator, "a red cube", "asd", 5, phi=phi, resume=ckpt)
     assert resumed.step == 5 and resumed_losses["loss"][:3] == losses["loss"] and len(resumed_losses["loss"]) == 5
+    # a run trained further in its own folder (a Cancel, then the same graph again) rewrites the checkpoint there:
+    # a Load ASD Checkpoint of that folder must run again
+    import shutil
+
+    shutil.copytree(resumed.checkpoint, checkpoint, dirs_exist_ok=True)
+    assert "step 5" in type(loader).IS_CHANGED(_label(pack, checkpoint)) != version
     with pytest.raises(RuntimeError, match="prompt"):
         _train(nodes, prior, generator, "a blue torus", "asd", 5, resume=ckpt)
 
@@ -113,6 +130,8 @@ def test_2d_chain_and_user_errors(pack, nodes, tiny_eps_dir, tmp_path, monkeypat
         nodes["ASDRenderViews"].render(result, 4, 32, 15.0, 1.5, 70.0, "white")
     _, loaded = nodes["ASDLoadCheckpoint"].load(_label(pack, checkpoint), prior=prior)
     assert torch.allclose(loaded.image, result.image, atol=1e-6)
+    assert nodes["ASDLoadCheckpoint"].check_lazy_status(_label(pack, checkpoint)) == ["prior"]  # 2D: decode it
+    assert nodes["ASDLoadCheckpoint"].check_lazy_status(_label(pack, checkpoint), prior=prior) == []
     with pytest.raises(RuntimeError, match="resolution_schedule"):
         nodes["ASDNeRFGenerator"].build("toy-cpu", "64:32", 1, 0)
     for source, widget, jitter in (("from prior", 5, None), ("custom", 0, 0), ("custom", 3, 3)):
@@ -226,3 +245,36 @@ def test_phi_on_a_second_model_through_the_nodes(pack, nodes, tiny_eps_dir, tiny
             "lora_" in k for k in phi_model.unet.state_dict())  # φ lived on the second model and was removed
         resumed, _, _, _ = _train(nodes, prior, generator, "a red cube", "asd", 3, phi=phi, resume=checkpoint)
     assert resumed.step == 3
+
+
+def test_a_missing_requirement_is_one_line_naming_requirements_txt(tmp_path):
+    """In a Python without scikit-image and nerfacc the pack still imports (workflows open); a node that needs them
+    fails with one line naming the packages and the pip command, not a ModuleNotFoundError traceback."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = f"""
+import importlib.abc, sys
+class Hide(importlib.abc.MetaPathFinder):  # as if these were never installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("skimage", "nerfacc"):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Hide())
+sys.path[:0] = [{str(root)!r}, {str(root / "workflows")!r}, {str(root / "tests")!r}]
+from make_workflows import load_pack
+pack = load_pack()
+bridge = sys.modules[pack.__name__ + ".nodes.comfy_bridge"]
+print(bridge.missing_requirements())
+from test_export_nodes import _nerf, _result
+try:
+    pack.NODE_CLASS_MAPPINGS["ASDNeRFMesh"]().convert(_result(_nerf()), 16, "custom", 25.0)
+except RuntimeError as exc:
+    print(exc)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    listed, message = result.stdout.strip().splitlines()
+    assert listed == "['nerfacc', 'scikit-image']"
+    assert message == (f"missing Python packages nerfacc, scikit-image: run `{sys.executable} -m pip install -r "
+                       f"{root / 'requirements.txt'}` and restart ComfyUI")

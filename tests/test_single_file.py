@@ -221,3 +221,32 @@ def test_incomplete_files_name_what_is_missing_and_old_text_encoder_keys_load(sd
     prompts = ["a photo of a cat"]
     assert torch.equal(load_prior(tmp_path / "old.safetensors", device="cpu").encode_prompt(prompts),
                        load_prior(folder, device="cpu").encode_prompt(prompts))
+
+
+def test_load_sd_model_lists_only_files_it_can_load_reading_each_header_once(pack, sd1, tmp_path, monkeypatch):
+    """SD 1.x/2.x safetensors are listed, SDXL / LoRA / non-checkpoint files are left out (judged from the header),
+    pickles stay listed (choosing one says how to convert it); a header is read again only when the file changes."""
+    import os
+
+    from safetensors.torch import save_file
+
+    bridge = __import__(pack.__name__ + ".nodes.comfy_bridge", fromlist=["loadable_checkpoints"])
+    single = __import__(pack.__name__ + ".asd_engine.prior.single_file", fromlist=["header_problem"])
+    save_file({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(4, 2),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 4, 3, 3)}, tmp_path / "sdxl.safetensors")
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 2)},
+              tmp_path / "lora.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 8)
+    (tmp_path / "old.ckpt").write_bytes(b"never opened")
+    files = {p.name: str(p) for p in [sd1[1], *sorted(tmp_path.iterdir())]}
+    reads = []
+    monkeypatch.setattr(single, "header_problem", lambda path, real=single.header_problem: reads.append(path) or real(path))
+    monkeypatch.setattr(bridge, "_header_verdicts", {})
+    assert bridge.loadable_checkpoints(files) == [sd1[1].name, "old.ckpt"]
+    assert len(reads) == 4  # every safetensors file once; the pickle is never opened
+    assert bridge.loadable_checkpoints(files) == [sd1[1].name, "old.ckpt"] and len(reads) == 4  # cached
+    stat = os.stat(tmp_path / "lora.safetensors")
+    os.utime(tmp_path / "lora.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    bridge.loadable_checkpoints(files)
+    assert reads[4:] == [str(tmp_path / "lora.safetensors")]  # only the changed file is read again
+    assert "SDXL" in single.header_problem(tmp_path / "sdxl.safetensors")

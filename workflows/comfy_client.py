@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
 import sys
 import time
 import urllib.error
@@ -31,6 +32,18 @@ EXIT_FAILED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 2, 130
 
 class ClientError(Exception):
     """A problem the user can fix (printed as one ``error:`` line, exit status 2)."""
+
+
+PROGRESS_TEXT = 3  # ComfyUI's binary event type for a status line on a node (server.BinaryEventTypes.TEXT)
+
+
+def progress_text(message: bytes) -> tuple[str, str] | None:
+    """A binary websocket frame → (node id, text) when it is a status line shown on a node, else None. The frame:
+    event type (4 bytes, big-endian), node id length (4 bytes), node id, UTF-8 text."""
+    if len(message) < 8 or struct.unpack(">I", message[:4])[0] != PROGRESS_TEXT:
+        return None
+    (length,) = struct.unpack(">I", message[4:8])
+    return message[8:8 + length].decode("utf-8", "replace"), message[8 + length:].decode("utf-8", "replace")
 
 
 def load_workflow(path: str | Path) -> dict[str, Any]:
@@ -147,8 +160,11 @@ class Client:
                     if self._finished(prompt_id):
                         return "success"
                     continue
-                if not isinstance(message, str):
-                    continue  # binary frames are preview images
+                if not isinstance(message, str):  # binary frames: preview images, and status lines on nodes
+                    text = progress_text(message)
+                    if text is not None:
+                        log.write(f"\nnode {text[0]}: {text[1]}\n")
+                    continue
                 event = json.loads(message)
                 kind, data = event.get("type"), event.get("data", {})
                 if data.get("prompt_id") not in (None, prompt_id):

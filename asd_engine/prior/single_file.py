@@ -98,6 +98,19 @@ def inspect_single_file(path: str | os.PathLike, input_name: str = "model") -> C
     return CheckpointInfo(file, shapes, metadata)
 
 
+def header_problem(path: str | os.PathLike) -> str | None:
+    """Why the file at ``path`` cannot become a prior, judged from its header alone (no tensor data is read), or None
+    when it can; for listing files quickly (loading checks everything again). Pickles have a problem: they are
+    never opened."""
+    try:
+        info = inspect_single_file(path)
+        classify(info)
+        derive_configs(info)
+    except UserInputError as exc:
+        return exc.problem
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------- family
 def classify(info: CheckpointInfo, input_name: str = "model") -> str:
     """Set and return ``info.family`` ("sd1"/"sd2") from tensor names and shapes, or raise naming the family."""

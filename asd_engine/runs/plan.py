@@ -281,16 +281,38 @@ def json_like(value: Any) -> Any:
     return value
 
 
-def checkpoint_step(folder: str | os.PathLike | None) -> int | None:
-    """The step a checkpoint folder holds, or None when there is no readable checkpoint there."""
+def _meta_value(folder: str | os.PathLike | None, key: str):
+    """One entry of a checkpoint folder's metadata, or None when there is no readable checkpoint there."""
     import json
 
     from .checkpoint import META_FILE
 
     try:
-        return int(json.loads((Path(folder) / META_FILE).read_text())["step"])
+        return json.loads((Path(folder) / META_FILE).read_text())[key]
     except (TypeError, OSError, ValueError, KeyError):
         return None
+
+
+def checkpoint_step(folder: str | os.PathLike | None) -> int | None:
+    """The step a checkpoint folder holds, or None when there is no readable checkpoint there."""
+    try:
+        return int(_meta_value(folder, "step"))
+    except (TypeError, ValueError):
+        return None
+
+
+def checkpoint_kind(folder: str | os.PathLike | None) -> str | None:
+    """"text-to-3d" or "distill-2d" for a checkpoint folder, None when there is no readable checkpoint there."""
+    return _meta_value(folder, "kind")
+
+
+def checkpoint_version(folder: str | os.PathLike | None) -> str:
+    """Changes whenever the checkpoint in ``folder`` does (a longer run, or a resumed one, writes the same folder):
+    its step and its files' modification times; "" for no checkpoint."""
+    if folder is None or checkpoint_step(folder) is None:
+        return ""
+    times = sorted((p.name, p.stat().st_mtime_ns) for p in Path(folder).iterdir() if p.is_file())
+    return f"step {checkpoint_step(folder)}: {times}"
 
 
 def latest_checkpoint(folders: list, steps: int) -> Path | None:
