@@ -48,7 +48,7 @@ def engine_call(method):
             raise RuntimeError(exc.render(settings.widget_of)) from None
         except TrainingDiverged as exc:
             raise RuntimeError(str(exc)) from None
-        except ModuleNotFoundError as exc:  # a requirement not installed in ComfyUI's Python
+        except ModuleNotFoundError:  # a requirement not installed in ComfyUI's Python
             missing = host.missing_requirements()
             if not missing:
                 raise
