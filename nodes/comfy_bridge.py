@@ -147,7 +147,11 @@ def loadable_checkpoints(files: dict[str, str]) -> list[str]:
         version = (stat.st_mtime_ns, stat.st_size)
         cached = _header_verdicts.get(path)
         if cached is None or cached[0] != version:
-            _header_verdicts[path] = (version, header_problem(path))
+            try:
+                problem = header_problem(path)
+            except Exception as exc:  # noqa: BLE001 — a strange file must not break ComfyUI's node list
+                problem = f"'{name}' has a header this pack cannot read ({type(exc).__name__}: {exc})"
+            _header_verdicts[path] = (version, problem)
         problem = _header_verdicts[path][1]
         if problem is None:
             listed.append(name)
