@@ -124,3 +124,18 @@ def test_every_shipped_third_party_notice_is_listed():
     assert not not_in_metadata, f"[project].license-files lacks {not_in_metadata}"
     for path in shipped:
         assert (ROOT / path).stat().st_size > 0, path
+
+
+def test_every_floor_is_a_tested_version():
+    """requirements.txt's floors are exactly the versions benchmarks/floors.sh installs (tests/requirements-floors.txt)
+    and runs the suite with, and the floors run uses the same torch as the test set-up."""
+    floors = {}
+    for line in _requirement_lines(ROOT / "tests" / "requirements-floors.txt"):
+        name, version = line.split("==")
+        floors[_distribution_name(name)] = version
+    for requirement in _requirement_lines(ROOT / "requirements.txt"):
+        name = _distribution_name(requirement)
+        assert re.fullmatch(rf"{re.escape(name)}>=[\d.]+", requirement.lower().replace("_", "-")), requirement
+        assert requirement.split(">=")[1] == floors.get(name), f"{requirement}: floors run pins {floors.get(name)}"
+    test_torch = [r for r in _requirement_lines(ROOT / "tests" / "requirements.txt") if r.startswith("torch==")]
+    assert test_torch == [f"torch=={floors['torch']}"]

@@ -152,6 +152,23 @@ def test_weights_stored_as_integers_are_refused(pipeline_copy, tmp_path, capsys)
     assert "stored as integers" in one_line_error(capsys, distill_2d(pipeline_copy, tmp_path / "out"), "--model")
 
 
+@pytest.mark.parametrize("part", ["text_encoder", "unet"])
+def test_weights_a_pipeline_lacks_are_refused_not_left_random(pipeline_copy, tmp_path, capsys, part):
+    """A weight missing from the file (or stored under names this library version does not read: transformers < 5.6
+    reads the embedded prior's text encoder that way) would stay at random initialisation with only a warning."""
+    from safetensors.torch import load_file, save_file
+
+    (file,) = (pipeline_copy / part).glob("*.safetensors")
+    weights = load_file(file)
+    dropped = sorted(weights)[0]
+    del weights[dropped]
+    save_file(weights, file)
+    with pytest.raises(UserInputError, match=f"its {part} weights do not fit its config: 1 weights are missing") as caught:
+        load_prior(pipeline_copy)
+    assert caught.value.input_name == "model" and "pip install -r requirements.txt" in caught.value.fix
+    assert "weights are missing" in one_line_error(capsys, distill_2d(pipeline_copy, tmp_path / "out"), "--model")
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_weights_that_are_not_finite_are_refused(pipeline_copy, tmp_path, capsys, value):
     weights = load_file(pipeline_copy / VAE_FILE)

@@ -15,6 +15,7 @@ Conventions (used throughout the engine):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -112,6 +113,21 @@ def inspect_pipeline_folder(path: str | os.PathLike, input_name: str = "model") 
     return PipelineFolder(folder, components)
 
 
+@contextlib.contextmanager
+def _quiet_transformers_loading():
+    """transformers draws a "Loading weights" bar when a checkpoint's keys do not match; the loader turns that case
+    into one error line, which the bar would precede on the terminal."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
+
+
 def _json_kind(value: object) -> str:
     return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), "null")
 
@@ -196,8 +212,13 @@ class DiffusionPrior:
         kw = dict(local_files_only=True, torch_dtype=dtype)
         weights = dict(kw, use_safetensors=True)  # never fall back to a pickle file (inspect refused lone ones)
         try:
-            unet = UNet2DConditionModel.from_pretrained(folder.path, subfolder="unet", **weights)
-            text_encoder = CLIPTextModel.from_pretrained(folder.path, subfolder="text_encoder", **weights)
+            # loading info: a weight the file lacks (or names in a layout this library version does not read) is
+            # left at random initialisation with only a logged warning; here it is refused
+            unet, unet_info = UNet2DConditionModel.from_pretrained(folder.path, subfolder="unet",
+                                                                   output_loading_info=True, **weights)
+            with _quiet_transformers_loading():
+                text_encoder, text_info = CLIPTextModel.from_pretrained(folder.path, subfolder="text_encoder",
+                                                                        output_loading_info=True, **weights)
             tokenizer = CLIPTokenizer.from_pretrained(folder.path, subfolder="tokenizer", **kw)
             # Every DDPM-family scheduler (PNDM, DDIM, Euler, ...) shares the beta-schedule config; distillation
             # needs only its alphas_cumprod and prediction_type, which DDPMScheduler computes from that config.
@@ -208,6 +229,14 @@ class DiffusionPrior:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserInputError(input_name, f"could not load the pipeline in '{folder.path}' ({first_line})",
                                  "check that its weights and configs are complete (safetensors files, config.json)") from None
+        for part, info in (("unet", unet_info), ("text_encoder", text_info)):
+            missing = sorted(info.get("missing_keys") or [])
+            if missing:
+                raise UserInputError(input_name, f"its {part} weights do not fit its config: {len(missing)} "
+                                     f"weights are missing (e.g. {missing[0]}), which would stay random",
+                                     "download or copy the pipeline again; if it loads elsewhere, update this "
+                                     "Python's packages (pip install -r requirements.txt: transformers ≥ 5.6 and "
+                                     "diffusers ≥ 0.35.2 read every layout the pack ships)")
         for part, module in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae)):
             mislabelled = None if module is None else _integer_labelled_weights(folder.path, part, module)
             if mislabelled:
