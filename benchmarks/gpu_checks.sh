@@ -3,7 +3,11 @@
 #
 #   OUT=gpu_checks_out bash benchmarks/gpu_checks.sh        # logs and JSON lines land in $OUT
 #
-# Order = priority: each step has its own time limit so that one slow step cannot starve the rest.
+# Order = priority: each step has its own time limit so that one slow step cannot starve the rest (about 8 minutes
+# in all; warp-lang must be installed for the kernel steps: pip install warp-lang).
+#   0. benchmarks/profile_step.py: one `quality` step part by part on a full-size random SD2.1, at 64 and 512 px;
+#      steps/s and peak memory of `quality` and `low-vram` with the torch grid and the warp kernels; a 300-step
+#      toy-cpu ASD run on CUDA with the warp kernels, scored by benchmarks/score_run.py.
 #   1. nerfacc's CUDA extension is JIT-built in the background (CPU work, overlaps the GPU steps; nerfacc 0.5.3
 #      ships no prebuilt wheel on PyPI, so this is what a user without one gets on the first `sampler=nerfacc`).
 #   2. benchmarks/gpu_memory.py: peak memory and steps/s of `quality` and `low-vram` on a full-size random SD2.1,
@@ -37,9 +41,15 @@ $PY -c "import torch, diffusers, transformers, peft; print('torch', torch.__vers
     >"$OUT/nerfacc_build.log" 2>&1; echo "nerfacc build rc $?" >>"$OUT/nerfacc_build.log") &
 build=$!
 
-step gpu_memory 120 $PY benchmarks/gpu_memory.py --warmup 1 --steps 3
+step profile_64 40 $PY benchmarks/profile_step.py --preset quality --side 64 --prior sd21 --steps 3 --json "$OUT/profile.jsonl"
+step profile_512 70 $PY benchmarks/profile_step.py --preset quality --side 512 --prior sd21 --steps 2 --json "$OUT/profile.jsonl"
+step profile_512_warp 70 $PY benchmarks/profile_step.py --preset quality --side 512 --prior sd21 --steps 2 --field-backend warp --json "$OUT/profile.jsonl"
+step memory_torch 80 $PY benchmarks/gpu_memory.py --warmup 1 --steps 3 --field-backend torch
+step memory_warp 80 $PY benchmarks/gpu_memory.py --warmup 1 --steps 3 --field-backend warp
+step toy_warp_300 100 $PY -m asd_engine text-to-3d --prompt "a red cube" --preset toy-cpu --steps 300 --field-backend warp --out "$OUT/toy_warp_300"
+step toy_warp_score 20 $PY benchmarks/score_run.py "$OUT/toy_warp_300"
 step gpu_memory_phi_model 90 $PY benchmarks/gpu_memory.py --phi-model --warmup 1 --steps 3
-step render_torch 40 $PY benchmarks/render_throughput.py --device cuda --sides 64,256 --quality-side 512 --repeats 3
+step render_torch 60 $PY benchmarks/render_throughput.py --device cuda --sides 64,256 --quality-side 512 --repeats 3 --backends torch,warp
 wait $build
 echo "== nerfacc build:"; tail -n 5 "$OUT/nerfacc_build.log"
 step pytest_cuda 110 $PY -m pytest -v --timeout 60 tests/test_field_render.py tests/test_export_nodes.py \

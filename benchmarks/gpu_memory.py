@@ -66,6 +66,7 @@ def measure(preset: str, args, device: torch.device) -> dict:
     config = preset_config(preset, "a zoomed out DSLR photo of a hamburger", steps=args.warmup + args.steps)
     config.resolution_schedule = [(0, args.size)]
     config.prior_resolution = 64 if args.tiny else None
+    config.nerf_field.backend = args.field_backend
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -84,7 +85,7 @@ def measure(preset: str, args, device: torch.device) -> dict:
     result = {"preset": preset, "device": str(device), "precision": str(dtype).replace("torch.", ""),
               "render_px": args.size, "phi_on_second_model": args.phi_model, "tiny": args.tiny,
               "attention_slicing": config.attention_slicing, "vae_checkpointing": config.vae_checkpointing,
-              "steps_per_s": args.steps / seconds}
+              "field_backend": run.nerf.field.backend, "steps_per_s": args.steps / seconds}
     if device.type == "cuda":
         result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2 ** 30
@@ -101,6 +102,8 @@ def main() -> None:
     parser.add_argument("--phi-model", action="store_true", help="φ on a second SD2.1-768-v UNet (official pairing)")
     parser.add_argument("--tiny", action="store_true", help="tiny SD2-shaped model (CPU smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--field-backend", default="auto", choices=["auto", "torch", "warp", "tcnn"],
+                        help="the hash grid's implementation (docs/engine.md#field-backends)")
     args = parser.parse_args()
     device = torch.device(args.device)
     for preset in args.presets.split(","):

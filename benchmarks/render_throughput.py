@@ -1,11 +1,12 @@
 """Rendering throughput of the pure-torch NeRF path, and where a text-to-3D step spends its time.
 
 Part 1 — rays/s of a training render (forward + backward through the hash grid) for the toy-cpu and quality
-field/render settings, after the occupancy grid has been updated on the initial "blob".
+field/render settings, after the occupancy grid has been updated on the initial "blob"; with each hash-grid backend
+in ``--backends`` (default torch and warp when installed), and the ratio of each to torch measured in the same run.
 Part 2 — one TextTo3D toy-cpu step split into: render forward, VAE/pixel encode, distill_step (the prior's UNet
 calls and φ's update), and the rest (backward through render + encoder, Adam). Shares are of the whole step.
 
-Run:  .venv/bin/python benchmarks/render_throughput.py [--device cpu|cuda] [--repeats 5]
+Run:  .venv/bin/python benchmarks/render_throughput.py [--device cpu|cuda] [--repeats 5] [--backends torch,warp]
 The prior is an SD-architecture pixel-space pipeline with random weights (the size of the planned embedded prior:
 UNet channels (32, 64, 64), 32 px); timings do not depend on the weights.
 """
@@ -34,9 +35,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def render_throughput(preset: str, side: int, batch: int, repeats: int, device: torch.device, sampler: str) -> None:
+def render_throughput(preset: str, side: int, batch: int, repeats: int, device: torch.device, sampler: str,
+                      backend: str = "torch") -> float:
+    """Prints one line; returns the median seconds of a render + backward."""
     config = t3d.preset_config(preset, "x")
     config.render.sampler = sampler
+    config.nerf_field.backend = backend
     torch.manual_seed(0)
     nerf = NeRFGenerator(config.nerf_field, config.render, device=device)
     g = torch.Generator().manual_seed(0)
@@ -57,6 +61,7 @@ def render_throughput(preset: str, side: int, batch: int, repeats: int, device: 
     rays = batch * side * side
     print(f"{preset:<9} {side:>4}px x{batch}  {nerf.field.backend:<5} {sampler:<7} {rays / t:>10.0f} rays/s  "
           f"{statistics.median(samples) / rays:6.1f} samples/ray  {t * 1e3:8.1f} ms/render+backward")
+    return t
 
 
 def step_breakdown(repeats: int, device: torch.device, sampler: str) -> None:
@@ -111,13 +116,21 @@ def main() -> None:
                         help="ray marcher: the pure-torch one, or nerfacc's CUDA traversal (JIT-built if not prebuilt)")
     parser.add_argument("--sides", default="32,64", help="toy-cpu render sides to time")
     parser.add_argument("--quality-side", type=int, default=64, help="render side for the quality preset")
+    parser.add_argument("--backends", default=None, help="hash-grid backends to compare, e.g. torch,warp (default: "
+                        "torch, and warp when installed)")
     args = parser.parse_args()
+    from asd_engine.scene import hash_kernels
+
+    backends = args.backends.split(",") if args.backends else ["torch"] + (["warp"] * hash_kernels.available())
     device = torch.device(args.device)
     print(f"# render_throughput: device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}")
-    for side in (int(s) for s in args.sides.split(",")):
-        render_throughput("toy-cpu", side, 1, args.repeats, device, args.sampler)
-    render_throughput("quality", args.quality_side, 1, args.repeats, device, args.sampler)
+    cases = [("toy-cpu", int(s)) for s in args.sides.split(",")] + [("quality", args.quality_side)]
+    for preset, side in cases:
+        seconds = {b: render_throughput(preset, side, 1, args.repeats, device, args.sampler, b) for b in backends}
+        for backend in (b for b in backends if b != "torch" and "torch" in seconds):
+            print(f"  {preset} {side}px: {backend} renders+backwards {seconds['torch'] / seconds[backend]:.2f}x as "
+                  f"fast as torch")
     step_breakdown(max(args.repeats, 8), device, args.sampler)
 
 

@@ -364,12 +364,15 @@ class ASDNeRFGenerator:
             "batch_size": setting_widget("batch_size", 1),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1, "control_after_generate": False,
                      "tooltip": SEED_TOOLTIP}),
+        }, "optional": {  # optional: graphs saved before it existed still validate
+            "field_backend": setting_widget("nerf_field.backend", "auto"),
         }}
 
     @engine_call
-    def build(self, preset, resolution_schedule, batch_size, seed):
+    def build(self, preset, resolution_schedule, batch_size, seed, field_backend=None):
         schedule = settings.parse_resolution_schedule(resolution_schedule)
-        return (run_plan.NeRFGeneratorSpec(preset=preset, resolution_schedule=schedule, batch_size=batch_size, seed=seed),)
+        return (run_plan.NeRFGeneratorSpec(preset=preset, resolution_schedule=schedule, batch_size=batch_size,
+                                           seed=seed, field_backend=field_backend or "auto"),)
 
 
 class ASDImage:

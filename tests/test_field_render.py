@@ -86,6 +86,69 @@ def test_hash_grid_recomputed_in_backward_gives_the_same_features_and_gradients(
     assert 0 < grid.n_dense < grid.n_levels  # both the dense and the hashed branch were split by level
 
 
+def _warp_or_skip():
+    from asd_engine.scene import hash_kernels
+
+    if not hash_kernels.available():  # tests/requirements.txt installs it: this skip is for other set-ups
+        pytest.skip("warp-lang is not installed: pip install -r tests/requirements.txt")
+    return hash_kernels
+
+
+@pytest.mark.parametrize("preset", ["toy-cpu", "quality", "dense-and-hashed"])
+def test_warp_kernels_match_the_torch_grid_in_values_and_gradients(preset):
+    """The fused kernels and the torch grid: features, the table's gradient and the input's gradient agree to
+    1e-5 (relative, fp32), at the presets' shapes and at a small grid whose levels are both dense and hashed."""
+    from asd_engine.runs.configs import preset_config
+
+    kernels = _warp_or_skip()
+    if preset == "dense-and-hashed":
+        grid = HashGrid(n_levels=6, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4,
+                        per_level_scale=2.0)
+    else:
+        c = preset_config(preset, "x").nerf_field
+        grid = HashGrid(c.n_levels, c.n_features_per_level, c.log2_hashmap_size, c.base_resolution,
+                        c.per_level_scale)
+    assert 0 < grid.n_dense < grid.n_levels
+    torch.manual_seed(0)
+    with torch.no_grad():
+        grid.params.uniform_(-1, 1)
+    x = torch.rand(2000, 3)
+    x[0], x[1], x[2] = 0.0, 1.0, torch.tensor([1.0, 0.0, 0.5])  # the cube's corners: wrap-around at 1
+    weights = torch.randn(2000, grid.output_dim)
+    results = []
+    for kernel in ("torch", "warp"):
+        grid.kernel = kernel
+        grid.zero_grad(set_to_none=True)
+        p = x.clone().requires_grad_(True)
+        out = grid(p)
+        (out * weights).sum().backward()
+        results.append((out.detach(), grid.params.grad.clone(), p.grad.clone()))
+    grid.kernel = "torch"
+    for name, ref, got in zip(("features", "table gradient", "input gradient"), *results):
+        scale = ref.abs().max().clamp_min(1e-12)
+        assert ((got - ref).abs().max() / scale) <= 1e-5, name
+    empty = kernels.warp_hash_encode(grid, torch.zeros(0, 3))
+    assert empty.shape == (0, grid.output_dim)
+
+
+def test_the_warp_backend_is_chosen_by_name_and_refused_where_it_cannot_run(monkeypatch):
+    from asd_engine.errors import UserInputError
+    from asd_engine.scene import field as field_module
+    from asd_engine.scene import hash_kernels
+
+    _warp_or_skip()
+    field = NeRFField(FieldConfig(n_levels=4, log2_hashmap_size=10, backend="warp"))
+    assert field.backend == "warp" and field.encoding.kernel == "warp"
+    assert NeRFField(FieldConfig(n_levels=4, log2_hashmap_size=10)).backend == "torch"  # auto on a CPU
+    assert "encoding.params" in field.state_dict()  # the torch grid's layout: checkpoints move between backends
+    with pytest.raises(UserInputError, match="built for 2 features per level, not 4") as caught:
+        NeRFField(FieldConfig(n_levels=4, n_features_per_level=4, log2_hashmap_size=10, backend="warp"))
+    assert caught.value.input_name == "nerf_field.backend"
+    monkeypatch.setattr(hash_kernels, "available", lambda: False)
+    with pytest.raises(UserInputError, match="warp is not installed"):
+        field_module.resolve_backend("warp", torch.device("cpu"), 2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tiny-cuda-nn comparison needs a CUDA GPU")
 def test_tcnn_backend_matches_the_torch_grid():
     pytest.importorskip("tinycudann", reason="tinycudann is not installed (it is optional)")

@@ -75,6 +75,10 @@ def _train(nodes, prior, generator, prompt, method, steps, phi=None, resume=None
     return out["result"]
 
 
+def pack_plan(pack):
+    return __import__(pack.__name__ + ".asd_engine.runs.plan", fromlist=["plan_from_specs"])
+
+
 def _label(pack, folder):
     """Load ASD Checkpoint's dropdown label of a checkpoint folder."""
     bridge = __import__(pack.__name__ + ".nodes.comfy_bridge", fromlist=["checkpoint_choices"])
@@ -134,6 +138,12 @@ def test_2d_chain_and_user_errors(pack, nodes, tiny_eps_dir, tmp_path, monkeypat
     assert nodes["ASDLoadCheckpoint"].check_lazy_status(_label(pack, checkpoint), prior=prior) == []
     with pytest.raises(RuntimeError, match="resolution_schedule"):
         nodes["ASDNeRFGenerator"].build("toy-cpu", "64:32", 1, 0)
+    assert nodes["ASDNeRFGenerator"].build("toy-cpu", "", 1, 0)[0].field_backend == "auto"  # a graph without it
+    (spec,) = nodes["ASDNeRFGenerator"].build("toy-cpu", "", 1, 0, "torch")
+    plan = pack_plan(pack).plan_from_specs(prior, spec, {"prompt": "a red cube", "distill.method": "sds"})
+    assert plan.config.nerf_field.backend == "torch"
+    with pytest.raises(RuntimeError, match="^field_backend: 'fast' is not one of"):
+        nodes["ASDNeRFGenerator"].build("toy-cpu", "", 1, 0, "fast")
     for source, widget, jitter in (("from prior", 5, None), ("custom", 0, 0), ("custom", 3, 3)):
         assert nodes["ASDImage"].build("custom", 32, "latent", "default", 0.03, source, widget, 0)[0].jitter == jitter
     (spec,) = nodes["ASDImage"].build("from prior", 512, "pixel", "custom", 0.02, "from prior", 0, 0)

@@ -183,14 +183,18 @@ def test_latent_prior_text_to_3d_with_perp_neg_and_ti(tiny_eps_dir, tmp_path):
     assert json.loads((out / "run.json").read_text())["config"]["perp_neg"] is True
 
 
-def test_text_to_3d_resume_equals_a_straight_run_and_render_reproduces_the_views(tiny_v_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "warp"])
+def test_text_to_3d_resume_equals_a_straight_run_and_render_reproduces_the_views(tiny_v_dir, tmp_path, backend):
     # Bit-identity holds on the CPU. On CUDA the hash grid's backward (index_add) accumulates with atomics, in no
     # fixed order, so two straight runs already differ in the last bits (seen on an H200); hence device cpu.
     # the blob fades over the first 4 steps (a recipe field, here set by hand): the resumed run must pick up the
-    # fade where it stopped, and `render` must draw the saved NeRF with its faded blob
+    # fade where it stopped, and `render` must draw the saved NeRF with its faded blob. The warp backend's CPU
+    # kernels run in order, so the same holds for a run with the fused kernels (recorded in run.json).
+    if backend == "warp":
+        pytest.importorskip("warp", reason="warp-lang is not installed: pip install -r tests/requirements.txt")
     cpu = ["--device", "cpu"]
     common = ["--model", tiny_v_dir, "--prompt", "a red cube", "--seed", 3, "--blob-fade", "on", "--t-anneal-step", 4,
-              *FAST, *cpu]
+              "--field-backend", backend, *FAST, *cpu]
     assert run_cli("text-to-3d", *common, "--steps", 6, "--out", tmp_path / "straight") == 0
     assert run_cli("text-to-3d", *common, "--steps", 3, "--out", tmp_path / "first") == 0
     assert run_cli("text-to-3d", "--resume", tmp_path / "first" / "checkpoint", "--steps", 6,
@@ -205,6 +209,7 @@ def test_text_to_3d_resume_equals_a_straight_run_and_render_reproduces_the_views
         assert (tmp_path / "again" / "views" / name).read_bytes() == \
                (tmp_path / "straight" / "views" / name).read_bytes()
     assert (tmp_path / "again" / "mesh.glb").is_file()
+    assert json.loads((tmp_path / "resumed" / "run.json").read_text())["field_backend"] == backend
 
 
 def test_an_extended_run_without_a_second_phase_does_not_grow_the_blob_back(tiny_v_dir, tmp_path):

@@ -32,6 +32,8 @@ def ui_to_api(ui: dict, input_order, has_control) -> dict:
         for name, kind in input_order(node["type"]):
             if kind not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
                 continue
+            if not values:  # a widget added after the file was saved (at the end): the frontend keeps its default
+                break
             value = values.pop(0)
             if name not in inputs:
                 inputs[name] = value

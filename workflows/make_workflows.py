@@ -111,7 +111,7 @@ RECIPE_DEFAULTS = {"steps_source": "from preset", "steps": 900, "cfg_source": "f
                    "background": "from prior", "noise_sharing": "from prior"}
 
 NERF_TOY = ("ASDNeRFGenerator", "NeRF Generator", (40, 520),
-            {"preset": "toy-cpu", "resolution_schedule": "", "batch_size": 1, "seed": 0})
+            {"preset": "toy-cpu", "resolution_schedule": "", "batch_size": 1, "seed": 0, "field_backend": "auto"})
 MESH_FROM_PRESET = {"threshold_source": "from preset", "threshold": 25.0}  # toy-cpu's preset meshes at 5
 
 
@@ -192,7 +192,7 @@ def text_to_3d_sd21() -> dict:
             {"model": (10, 0), "clip": (10, 1), "vae": (10, 2), "precision": "auto"}),
         2: ("ASDDiscriminatorLoRA", "ASD Discriminator (LoRA)", (40, 460), phi_inputs),
         3: ("ASDNeRFGenerator", "NeRF Generator", (40, 720),
-            {"preset": "quality", "resolution_schedule": "", "batch_size": 1, "seed": 0}),
+            {"preset": "quality", "resolution_schedule": "", "batch_size": 1, "seed": 0, "field_backend": "auto"}),
         4: ("ASDTrain", "ASD Train Loop", (420, 60),
             {"prior": (1, 0), "generator": (3, 0), "prompt": "a DSLR photo of a hamburger", "negative_prompt": "",
              "method": "asd", **RECIPE_DEFAULTS, "steps": 25000, "phi": (2, 0)}),

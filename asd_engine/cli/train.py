@@ -341,6 +341,8 @@ def _train_into(out: Path, args: argparse.Namespace, kind: str, mode: str, finis
                                                 "recipe": dataclasses.asdict(run.prior.recipe),
                                                 "model_detected": run.prior.detected,
                                                 "resumed_from": args.resume, "device": str(run.prior.device),
+                                                "field_backend": run.nerf.field.backend if hasattr(run, "nerf")
+                                                else None,  # the hash grid that ran (auto resolved)
                                                 "torch": torch.__version__}, indent=2))
     stop = {"requested": False}
 

@@ -60,10 +60,13 @@ class NeRFGeneratorSpec:
     resolution_schedule: list[tuple[int, int]] | None = None
     batch_size: int = 1
     seed: int = 0
+    field_backend: str = "auto"
     kind = TextTo3D.kind
 
     def values(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["nerf_field.backend"] = values.pop("field_backend")
+        return values
 
 
 @dataclass

@@ -26,6 +26,7 @@ from ..errors import UserInputError
 from ..prior.discriminator import LORA_TARGETS, PHI_KINDS
 from ..prior.recipe import BACKGROUNDS, OFFICIAL, Recipe
 from ..prior.single_file import PREDICTION_CHOICES
+from ..scene.field import FIELD_BACKENDS
 from .configs import PRESETS, Distill2DConfig, RunConfig, preset_config
 from .image_generator import PARAMETERIZATIONS
 
@@ -151,6 +152,9 @@ SETTINGS: tuple[Setting, ...] = (
       low_open=True, recipe="overhead_elevation", modes=ONLY_3D),
     S("resolution_schedule", "--resolution-schedule", "resolution_schedule",
       "render sizes by step, e.g. '0:64, 5000:512'", kind=list, modes=ONLY_3D),
+    S("nerf_field.backend", "--field-backend", "field_backend", "hash-grid implementation: auto (tiny-cuda-nn on CUDA "
+      "when installed, else torch), torch (the reference), warp (fused kernels, CPU and CUDA: pip install "
+      "warp-lang), tcnn", choices=FIELD_BACKENDS, modes=ONLY_3D),
 )
 del S
 BY_FIELD: dict[str, Setting] = {s.field: s for s in SETTINGS}

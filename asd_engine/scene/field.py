@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 HASH_PRIMES = (1, 2654435761, 805459861)
+# auto: tiny-cuda-nn on CUDA when it is installed, else the torch grid; torch: the reference; warp: fused kernels
+# (pip install warp-lang; CPU and CUDA); tcnn: tiny-cuda-nn (CUDA only). Every backend has the same parameters.
+FIELD_BACKENDS = ("auto", "torch", "warp", "tcnn")
 
 
 @dataclass
@@ -33,7 +36,28 @@ class FieldConfig:
     density_blob_scale: float = 10.0    # "blob" density prior: + scale · (1 - |x| / std) before softplus
     density_blob_std: float = 0.5       # (its positive part, the seed ball, can fade: NeRFField.blob_seed)
     background_hidden_dim: int = 16
-    backend: str = "auto"               # "auto" (tcnn on CUDA when importable), "torch" or "tcnn"
+    backend: str = "auto"               # FIELD_BACKENDS: which hash-grid implementation runs (docs/engine.md#field-backends)
+
+
+def resolve_backend(backend: str, device: torch.device, n_features_per_level: int) -> str:
+    """The hash-grid implementation that runs for ``backend`` on ``device``: "torch", "warp" or "tcnn". Raises a
+    :class:`UserInputError` naming ``nerf_field.backend`` when the one asked for cannot run here."""
+    from ..errors import UserInputError
+
+    if backend == "warp":
+        from . import hash_kernels
+
+        if not hash_kernels.available():
+            raise UserInputError("nerf_field.backend", "warp is not installed in this Python",
+                                 "pip install warp-lang (no compiler needed), or use {=nerf_field.backend} torch")
+        if n_features_per_level != hash_kernels.FEATURES_PER_LEVEL:
+            raise UserInputError("nerf_field.backend", f"the warp kernels are built for "
+                                 f"{hash_kernels.FEATURES_PER_LEVEL} features per level, not {n_features_per_level}",
+                                 "use {=nerf_field.backend} torch")
+        return "warp"
+    if backend == "tcnn" or (backend == "auto" and _tcnn_available(device)):
+        return "tcnn"
+    return "torch"
 
 
 def _tcnn_available(device: torch.device) -> bool:
@@ -78,6 +102,9 @@ class HashGrid(nn.Module):
         # tcnn's initialisation: uniform in ±1e-4; the same flat [entries, F] layout tcnn uses
         self.params = nn.Parameter(torch.empty(offsets[-1], n_features_per_level).uniform_(-1e-4, 1e-4))
 
+    # "torch": the ops below; "warp": the fused kernels of hash_kernels.py over the same table (set by NeRFField)
+    kernel: str = "torch"
+
     @property
     def output_dim(self) -> int:
         return self.n_levels * self.n_features
@@ -97,6 +124,10 @@ class HashGrid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
+        if self.kernel == "warp":  # fused: nothing per corner is kept for backward, so no checkpointing either
+            from .hash_kernels import warp_hash_encode
+
+            return warp_hash_encode(self, x)
         if torch.is_grad_enabled() and x.shape[0] > self.checkpoint_points:
             from torch.utils.checkpoint import checkpoint
 
@@ -179,9 +210,9 @@ class NeRFField(nn.Module):
         grid = HashGrid(config.n_levels, config.n_features_per_level, config.log2_hashmap_size,
                         config.base_resolution, config.per_level_scale)
         device = torch.device(device)
-        use_tcnn = config.backend == "tcnn" or (config.backend == "auto" and _tcnn_available(device))
-        self.backend = "tcnn" if use_tcnn else "torch"
-        self.encoding: nn.Module = TcnnHashGrid(grid.to(device)) if use_tcnn else grid
+        self.backend = resolve_backend(config.backend, device, config.n_features_per_level)
+        grid.kernel = "warp" if self.backend == "warp" else "torch"
+        self.encoding: nn.Module = TcnnHashGrid(grid.to(device)) if self.backend == "tcnn" else grid
         self.density_head = mlp(self.encoding.output_dim, config.hidden_dim, 1)
         self.color_head = mlp(self.encoding.output_dim, config.hidden_dim, 3)
         self.register_buffer("blob_seed", torch.ones(()))
