@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import asd_engine.runs.text_to_3d as t3d  # noqa: E402
+from asd_engine.runs.configs import preset_config  # noqa: E402
 from asd_engine.scene.cameras import CameraRanges, sample_cameras  # noqa: E402
 from asd_engine.scene.nerf import NeRFGenerator  # noqa: E402
 from asd_engine.prior.tiny_pipeline import build_tiny_pipeline  # noqa: E402
@@ -38,7 +39,7 @@ def _sync(device: torch.device) -> None:
 def render_throughput(preset: str, side: int, batch: int, repeats: int, device: torch.device, sampler: str,
                       backend: str = "torch") -> float:
     """Prints one line; returns the median seconds of a render + backward."""
-    config = t3d.preset_config(preset, "x")
+    config = preset_config(preset, "x")
     config.render.sampler = sampler
     config.nerf_field.backend = backend
     torch.manual_seed(0)
@@ -68,7 +69,7 @@ def step_breakdown(repeats: int, device: torch.device, sampler: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build_tiny_pipeline(tmp, prediction_type="v_prediction", latent=False, block_out_channels=(32, 64, 64),
                             cross_attention_dim=64)
-        config = t3d.preset_config("toy-cpu", "a red cube", model=tmp, steps=10_000)
+        config = preset_config("toy-cpu", "a red cube", model=tmp, steps=10_000)
         config.render.sampler = sampler
         run = t3d.TextTo3D(config, device=device)
     parts = {"render": [], "encode": [], "distill": []}
