@@ -83,7 +83,8 @@ def build_run(args, device: torch.device) -> t3d.TextTo3D:
         from gpu_memory import random_sd2_prior  # the full-size random SD2.1 of the memory benchmark
 
         prior = random_sd2_prior(device, dtype, v_prediction=False, tiny=args.prior == "tiny-sd2")
-    config = preset_config(args.preset, "a zoomed out DSLR photo of a hamburger", steps=args.steps + 1)
+    prompt = "a red cube" if args.prior == "toy" else "a zoomed out DSLR photo of a hamburger"  # toy: 16 tokens
+    config = preset_config(args.preset, prompt, steps=args.steps + 1)
     config.resolution_schedule = [(0, args.side)]
     config.nerf_field.backend = args.field_backend
     if args.prior == "tiny-sd2":
