@@ -129,6 +129,8 @@ def test_warp_kernels_match_the_torch_grid_in_values_and_gradients(preset):
         assert ((got - ref).abs().max() / scale) <= 1e-5, name
     empty = kernels.warp_hash_encode(grid, torch.zeros(0, 3))
     assert empty.shape == (0, grid.output_dim)
+    bad = torch.tensor([[float("nan"), 0.5, 0.5], [float("inf"), -float("inf"), 0.5]])
+    assert torch.isnan(kernels.warp_hash_encode(grid, bad)).any()  # garbage in, NaN out; never a read outside the table
 
 
 def test_the_warp_backend_is_chosen_by_name_and_refused_where_it_cannot_run(monkeypatch):

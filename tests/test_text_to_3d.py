@@ -210,6 +210,20 @@ def test_text_to_3d_resume_equals_a_straight_run_and_render_reproduces_the_views
                (tmp_path / "straight" / "views" / name).read_bytes()
     assert (tmp_path / "again" / "mesh.glb").is_file()
     assert json.loads((tmp_path / "resumed" / "run.json").read_text())["field_backend"] == backend
+    if backend == "warp":  # where Warp is not installed, the kernels' checkpoint loads into the torch grid
+        from asd_engine.runs.text_to_3d import load_nerf
+        from asd_engine.scene import hash_kernels
+
+        with_kernels, _, _ = load_nerf(tmp_path / "straight" / "checkpoint", device="cpu")
+        points = torch.rand(500, 3) - 0.5
+        expected = with_kernels.field.density(points)
+        original = hash_kernels.available
+        hash_kernels.available = lambda: False
+        try:
+            without, _, _ = load_nerf(tmp_path / "straight" / "checkpoint", device="cpu")
+        finally:
+            hash_kernels.available = original
+        assert without.field.backend == "torch" and torch.allclose(without.field.density(points), expected, rtol=1e-5)
 
 
 def test_an_extended_run_without_a_second_phase_does_not_grow_the_blob_back(tiny_v_dir, tmp_path):

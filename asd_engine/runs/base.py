@@ -24,6 +24,7 @@ from ..prior import default_prior_path
 from ..prior.diffusion import DiffusionPrior
 from ..prior.discriminator import build_discriminator
 from ..prior.loading import load_prior
+from ..scene.field import runnable_backend
 from . import checkpoint as ckpt, settings
 from .configs import config_from_dict
 
@@ -154,6 +155,8 @@ class DistillationRun:
         saved = settings.official_where_absent(meta["config"], cls.config_class)
         data = {**cls.config_class.older_values, **saved, **(overrides or {})}
         config = config_from_dict(cls.config_class, data)
+        if hasattr(config, "nerf_field"):  # trained with the Warp kernels, resumed where Warp is not installed
+            config.nerf_field.backend = runnable_backend(config.nerf_field.backend)
         if config.from_recipe is None:
             config.from_recipe = []  # stored settings are concrete: nothing is left for the recipe
         settings.validate(config)  # a checkpoint is input like any other

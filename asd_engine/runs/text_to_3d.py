@@ -21,6 +21,7 @@ from ..distill import distill_step
 from ..errors import UserInputError
 from ..prior.prompts import ViewPrompts
 from ..scene.cameras import orbit_cameras, sample_cameras
+from ..scene.field import runnable_backend
 from ..scene.nerf import NeRFGenerator, NeRFRender
 from . import checkpoint as ckpt
 from .base import DistillationRun, StepInfo
@@ -133,6 +134,7 @@ def load_nerf(directory: str | os.PathLike, device: str | torch.device | None = 
                              "give the checkpoint/ folder of a text-to-3d run")
     ckpt.check_config(TextTo3DConfig, meta["config"], directory, input_name)
     config = config_from_dict(TextTo3DConfig, meta["config"])
+    config.nerf_field.backend = runnable_backend(config.nerf_field.backend)
     with ckpt.built_from(directory, input_name, "a NeRF"):
         nerf = NeRFGenerator(config.nerf_field, config.render, device=resolve_device(device))
     generator = {k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")}

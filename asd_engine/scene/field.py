@@ -60,6 +60,16 @@ def resolve_backend(backend: str, device: torch.device, n_features_per_level: in
     return "torch"
 
 
+def runnable_backend(stored: str) -> str:
+    """The backend to rebuild a saved field with: the stored one, or "auto" where Warp is not installed (every
+    backend holds the same table, so a checkpoint trained with the kernels loads into the torch grid)."""
+    if stored == "warp":
+        from . import hash_kernels
+
+        return "warp" if hash_kernels.available() else "auto"
+    return stored
+
+
 def _tcnn_available(device: torch.device) -> bool:
     if device.type != "cuda":
         return False

@@ -42,9 +42,37 @@ def _kernels():
     @wp.func
     def corner_index(cx: int, cy: int, cz: int, resolution: int, size: int, dense: int) -> int:
         if dense != 0:
-            return (cx + cy * resolution + cz * resolution * resolution) % size  # coordinates are never negative
+            # the field clamps points into the grid, so coordinates are ≥ 0; the second modulo keeps a NaN point's
+            # (undefined) coordinates inside the table instead of reading memory outside it
+            return ((cx + cy * resolution + cz * resolution * resolution) % size + size) % size
         h = wp.uint32(cx) ^ (wp.uint32(cy) * prime_y) ^ (wp.uint32(cz) * prime_z)
         return int(h & wp.uint32(size - 1))  # table sizes of hashed levels are powers of two
+
+    @wp.func
+    def cell(x: wp.array2d(dtype=wp.float32), i: int, scale: float):
+        """Point ``i``'s cell at a level (lowest corner) and its position in it, tiny-cuda-nn's ``x·scale + 0.5``."""
+        px = x[i, 0] * scale + 0.5
+        py = x[i, 1] * scale + 0.5
+        pz = x[i, 2] * scale + 0.5
+        fx = wp.floor(px)
+        fy = wp.floor(py)
+        fz = wp.floor(pz)
+        return px - fx, py - fy, pz - fz, int(fx), int(fy), int(fz)
+
+    @wp.func
+    def corner_of(tx: float, ty: float, tz: float, cx: int, cy: int, cz: int, corner: int, level: int,
+                  resolutions: wp.array(dtype=wp.int32), sizes: wp.array(dtype=wp.int32),
+                  offsets: wp.array(dtype=wp.int32), n_dense: int):
+        """Corner ``corner`` (bits: x, y, z high) of the cell → its per-axis weights and its table row."""
+        bx = corner & 1
+        by = (corner >> 1) & 1
+        bz = (corner >> 2) & 1
+        wx = wp.where(bx == 1, tx, 1.0 - tx)
+        wy = wp.where(by == 1, ty, 1.0 - ty)
+        wz = wp.where(bz == 1, tz, 1.0 - tz)
+        dense = wp.where(level < n_dense, 1, 0)
+        row = offsets[level] + corner_index(cx + bx, cy + by, cz + bz, resolutions[level], sizes[level], dense)
+        return wx, wy, wz, row
 
     @wp.kernel
     def forward(x: wp.array2d(dtype=wp.float32), table: wp.array2d(dtype=wp.float32),
@@ -52,31 +80,12 @@ def _kernels():
                 sizes: wp.array(dtype=wp.int32), offsets: wp.array(dtype=wp.int32), n_dense: int,
                 out: wp.array2d(dtype=wp.float32)):
         i, level = wp.tid()
-        scale = scales[level]
-        px = x[i, 0] * scale + 0.5
-        py = x[i, 1] * scale + 0.5
-        pz = x[i, 2] * scale + 0.5
-        fx = wp.floor(px)
-        fy = wp.floor(py)
-        fz = wp.floor(pz)
-        tx = px - fx
-        ty = py - fy
-        tz = pz - fz
-        cx = int(fx)
-        cy = int(fy)
-        cz = int(fz)
-        dense = wp.where(level < n_dense, 1, 0)
+        tx, ty, tz, cx, cy, cz = cell(x, i, scales[level])
         a0 = float(0.0)
         a1 = float(0.0)
         for corner in range(8):
-            bx = corner & 1
-            by = (corner >> 1) & 1
-            bz = (corner >> 2) & 1
-            wx = wp.where(bx == 1, tx, 1.0 - tx)
-            wy = wp.where(by == 1, ty, 1.0 - ty)
-            wz = wp.where(bz == 1, tz, 1.0 - tz)
+            wx, wy, wz, row = corner_of(tx, ty, tz, cx, cy, cz, corner, level, resolutions, sizes, offsets, n_dense)
             w = wx * wy * wz
-            row = offsets[level] + corner_index(cx + bx, cy + by, cz + bz, resolutions[level], sizes[level], dense)
             a0 += w * table[row, 0]
             a1 += w * table[row, 1]
         out[i, level * 2 + 0] = a0
@@ -90,40 +99,23 @@ def _kernels():
                  grad_table: wp.array2d(dtype=wp.float32), grad_x: wp.array3d(dtype=wp.float32)):
         i, level = wp.tid()
         scale = scales[level]
-        px = x[i, 0] * scale + 0.5
-        py = x[i, 1] * scale + 0.5
-        pz = x[i, 2] * scale + 0.5
-        fx = wp.floor(px)
-        fy = wp.floor(py)
-        fz = wp.floor(pz)
-        tx = px - fx
-        ty = py - fy
-        tz = pz - fz
-        cx = int(fx)
-        cy = int(fy)
-        cz = int(fz)
-        dense = wp.where(level < n_dense, 1, 0)
+        tx, ty, tz, cx, cy, cz = cell(x, i, scale)
         g0 = grad_out[i, level * 2 + 0]
         g1 = grad_out[i, level * 2 + 1]
         dx = float(0.0)
         dy = float(0.0)
         dz = float(0.0)
         for corner in range(8):
-            bx = corner & 1
-            by = (corner >> 1) & 1
-            bz = (corner >> 2) & 1
-            wx = wp.where(bx == 1, tx, 1.0 - tx)
-            wy = wp.where(by == 1, ty, 1.0 - ty)
-            wz = wp.where(bz == 1, tz, 1.0 - tz)
+            wx, wy, wz, row = corner_of(tx, ty, tz, cx, cy, cz, corner, level, resolutions, sizes, offsets, n_dense)
             w = wx * wy * wz
-            row = offsets[level] + corner_index(cx + bx, cy + by, cz + bz, resolutions[level], sizes[level], dense)
             wp.atomic_add(grad_table, row, 0, w * g0)
             wp.atomic_add(grad_table, row, 1, w * g1)
             if want_x != 0:
                 blend = table[row, 0] * g0 + table[row, 1] * g1
-                sx = wp.where(bx == 1, 1.0, -1.0)
-                sy = wp.where(by == 1, 1.0, -1.0)
-                sz = wp.where(bz == 1, 1.0, -1.0)
+                # d(weight)/d(position): ±1 on the axis, the other two axes' weights
+                sx = wp.where((corner & 1) == 1, 1.0, -1.0)
+                sy = wp.where(((corner >> 1) & 1) == 1, 1.0, -1.0)
+                sz = wp.where(((corner >> 2) & 1) == 1, 1.0, -1.0)
                 dx += sx * wy * wz * blend
                 dy += wx * sy * wz * blend
                 dz += wx * wy * sz * blend
