@@ -558,12 +558,13 @@ class ASDSaveCheckpoint:
     def save(self, result, filename_prefix):
         import shutil
 
-        folder, relative = host.new_output_folder(filename_prefix)
-        if result.checkpoint is None or run_plan.checkpoint_step(result.checkpoint) is None:
+        folder, _ = host.new_output_folder(filename_prefix)
+        step = None if result.checkpoint is None else run_plan.checkpoint_step(result.checkpoint)
+        if step is None:
             raise UserInputError("result", "it has no checkpoint folder to save",
                                  "connect an ASD Train Loop or Load ASD Checkpoint result")
         shutil.copytree(result.checkpoint, folder / "checkpoint")
-        host.show_text(f"saved output/{relative}/checkpoint (step {run_plan.checkpoint_step(folder / 'checkpoint')})")
+        host.show_text(f"saved {host.output_label(folder / 'checkpoint')} (step {step})")
         return (str(folder / "checkpoint"),)
 
 

@@ -144,7 +144,7 @@ class ASDExportNeRFMesh:
         for suffix in format.split("+"):
             save_mesh(mesh, folder / f"mesh.{suffix}")
             files.append({"filename": f"mesh.{suffix}", "subfolder": relative, "type": "output"})
-        host.show_text("saved " + ", ".join(f"output/{relative}/{f['filename']}" for f in files))
+        host.show_text("saved " + ", ".join(host.output_label(folder / f["filename"]) for f in files))
         # "3d", as core Save GLB reports its files (queue history, API clients, the frontend's 3D outputs)
         return {"ui": {"3d": files}, "result": (f"{relative}/mesh.{format.split('+')[0]}",)}
 
@@ -303,14 +303,16 @@ class ASDSaveMeshGLB:
         items = _mesh_items(mesh)
         metadata = _workflow_metadata(prompt, extra_pnginfo) or None
         records = []
+        paths = []
         for (path, record), (vertices, faces, colours) in zip(_glb_targets(filename_prefix, len(items)), items):
             write_mesh(mesh_from_arrays(vertices, faces, colours), path, metadata, linear_colours=True)
             records.append(record)
+            paths.append(path)
+        host.show_text("saved " + ", ".join(host.output_label(path) for path in paths))
         # "3d" as core Save GLB reports its files (queue history, clients); the frontend's in-node viewer is wired
         # to the SaveGLB class only, hence the mesh_path output for Preview3D
-        names = [f"{r['subfolder']}/{r['filename']}" if r["subfolder"] else r["filename"] for r in records]
-        host.show_text("saved " + ", ".join(f"output/{name}" for name in names))
-        relative = names[0]
+        first = records[0]
+        relative = f"{first['subfolder']}/{first['filename']}" if first["subfolder"] else first["filename"]
         return {"ui": {"3d": records}, "result": (relative,)}
 
 

@@ -312,10 +312,11 @@ def checkpoint_kind(folder: str | os.PathLike | None) -> str | None:
 def checkpoint_version(folder: str | os.PathLike | None) -> str:
     """Changes whenever the checkpoint in ``folder`` does (a longer run, or a resumed one, writes the same folder):
     its step and its files' modification times; "" for no checkpoint."""
-    if folder is None or checkpoint_step(folder) is None:
+    step = None if folder is None else checkpoint_step(folder)
+    if step is None:
         return ""
     times = sorted((p.name, p.stat().st_mtime_ns) for p in Path(folder).iterdir() if p.is_file())
-    return f"step {checkpoint_step(folder)}: {times}"
+    return f"step {step}: {times}"
 
 
 def latest_checkpoint(folders: list, steps: int) -> Path | None:

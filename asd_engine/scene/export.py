@@ -5,8 +5,9 @@ inside it; marching cubes (scikit-image) extracts the isosurface at ``threshold`
 exceeds it, the threshold falls back to a quarter of the peak density with a warning; a field whose density the
 renderer would not draw anywhere is empty (:class:`EmptyField`), and has no mesh. Components with fewer than
 ``min_component_fraction`` of the largest component's faces (floaters) are dropped. Vertex colours come from the
-colour field (sRGB, like the renders; a GLB stores them linear, as glTF defines COLOR_0). Files are y-up (glTF/OBJ convention; the engine's world is z-up) and written atomically; a GLB can
-carry string metadata in its glTF ``asset.extras`` (as ComfyUI's Save GLB embeds the workflow).
+colour field (sRGB, like the renders; a GLB stores them linear, as glTF defines COLOR_0). Files are y-up (glTF/OBJ
+convention; the engine's world is z-up) and written atomically; a GLB can carry string metadata in its glTF
+``asset.extras`` (as ComfyUI's Save GLB embeds the workflow).
 
 Long calls take ``on_progress(done, total)``, called after each unit of work (a view, a density chunk, the mesh
 colouring): a host shows progress with it and may raise from it to cancel — the exception propagates untouched,
@@ -161,8 +162,9 @@ def extract_mesh(nerf: NeRFGenerator, resolution: int = 256, threshold: float = 
                  coarse_resolution: int = 64, min_component_fraction: float = 0.01,
                  on_progress: OnProgress | None = None):
     """Marching-cubes mesh of the density with vertex colours → ``trimesh.Trimesh`` in engine (z-up) coordinates,
-    vertex colours RGBA uint8 ``[N, 4]``, sRGB like the renders (files convert them where their format wants linear). ``on_progress(done, total)`` after each density chunk of the coarse and
-    the fine grid and after the colouring (``total`` is known up front)."""
+    vertex colours RGBA uint8 ``[N, 4]``, sRGB like the renders (files convert them where their format wants
+    linear). ``on_progress(done, total)`` after each density chunk of the coarse and the fine grid and after the
+    colouring (``total`` is known up front)."""
     import trimesh
     from skimage.measure import marching_cubes
 

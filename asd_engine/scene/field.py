@@ -36,7 +36,7 @@ class FieldConfig:
     density_blob_scale: float = 10.0    # "blob" density prior: + scale · (1 - |x| / std) before softplus
     density_blob_std: float = 0.5       # (its positive part, the seed ball, can fade: NeRFField.blob_seed)
     background_hidden_dim: int = 16
-    backend: str = "auto"               # FIELD_BACKENDS: which hash-grid implementation runs (docs/engine.md#field-backends)
+    backend: str = "auto"               # FIELD_BACKENDS: the hash grid's implementation (docs/engine.md#field-backends)
 
 
 def resolve_backend(backend: str, device: torch.device, n_features_per_level: int) -> str:
