@@ -5,7 +5,8 @@
 #
 # Order = priority: each step has its own time limit so that one slow step cannot starve the rest (about 8 minutes
 # in all; warp-lang must be installed for the kernel steps: pip install warp-lang).
-#   0. benchmarks/profile_step.py: one `quality` step part by part on a full-size random SD2.1, at 64 and 512 px;
+#   0. benchmarks/profile_step.py: one `quality` step part by part on a full-size random SD2.1, at 64 and 512 px,
+#      and a `low-vram` one at 512 px (with where each preset's peak memory is allocated);
 #      steps/s and peak memory of `quality` and `low-vram` with the torch grid and the warp kernels; a 300-step
 #      toy-cpu ASD run on CUDA with the warp kernels, scored by benchmarks/score_run.py.
 #   1. nerfacc's CUDA extension is JIT-built in the background (CPU work, overlaps the GPU steps; nerfacc 0.5.3
@@ -44,6 +45,7 @@ build=$!
 step profile_64 40 $PY benchmarks/profile_step.py --preset quality --side 64 --prior sd21 --steps 3 --json "$OUT/profile.jsonl"
 step profile_512 70 $PY benchmarks/profile_step.py --preset quality --side 512 --prior sd21 --steps 2 --json "$OUT/profile.jsonl"
 step profile_512_warp 70 $PY benchmarks/profile_step.py --preset quality --side 512 --prior sd21 --steps 2 --field-backend warp --json "$OUT/profile.jsonl"
+step profile_512_lowvram 70 $PY benchmarks/profile_step.py --preset low-vram --side 512 --prior sd21 --steps 2 --field-backend warp --json "$OUT/profile.jsonl"
 step memory_torch 80 $PY benchmarks/gpu_memory.py --warmup 1 --steps 3 --field-backend torch
 step memory_warp 80 $PY benchmarks/gpu_memory.py --warmup 1 --steps 3 --field-backend warp
 step toy_warp_300 100 $PY -m asd_engine text-to-3d --prompt "a red cube" --preset toy-cpu --steps 300 --field-backend warp --out "$OUT/toy_warp_300"

@@ -44,24 +44,37 @@ PARTS = ("marcher candidates", "pruning pass", "field forward", "compositing", "
 
 
 class Clock:
-    """Exclusive wall time per part: a part's time excludes the parts timed inside it."""
+    """Exclusive wall time per part: a part's time excludes the parts timed inside it. On CUDA also the peak memory
+    allocated while each part was the innermost one running (where a step's peak happens)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.times, self.stack = device, defaultdict(float), []
+        self.device, self.times, self.stack, self.names = device, defaultdict(float), [], []
+        self.peaks: dict[str, float] = defaultdict(float)
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _close_peak_window(self) -> None:
+        """Credit the peak since the last part boundary to the part running in between, and start a new window."""
+        if self.device.type == "cuda":
+            name = self.names[-1] if self.names else "rest"
+            self.peaks[name] = max(self.peaks[name], torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+
     @contextlib.contextmanager
     def part(self, name: str):
         self.sync()
+        self._close_peak_window()
         start = time.perf_counter()
         self.stack.append(0.0)
+        self.names.append(name)
         try:
             yield
         finally:
             self.sync()
+            self._close_peak_window()
+            self.names.pop()
             elapsed = time.perf_counter() - start
             inner = self.stack.pop()
             self.times[name] += elapsed - inner
@@ -190,6 +203,10 @@ def main() -> None:
     print(f"{'step':<22}{total * 1e3:>10.1f}{100.0:>7.1f}%   ({1 / total:.2f} steps/s)")
     print(f"  of θ backward, the field's backward alone: {field_backward * 1e3:.1f} ms "
           f"({100 * field_backward / total:.1f}% of the step)")
+    if clock.peaks:
+        print("# peak GiB allocated while each part ran (innermost part; over all steps):")
+        for name, peak in sorted(clock.peaks.items(), key=lambda item: -item[1]):
+            print(f"  {name:<22}{peak / 2 ** 30:>8.2f}")
     if args.json:
         with open(args.json, "a") as handle:
             handle.write(json.dumps({"preset": args.preset, "side": args.side, "prior": args.prior,
@@ -197,6 +214,7 @@ def main() -> None:
                                      "device": str(device), "step_ms": total * 1e3,
                                      "parts_ms": {k: v * 1e3 for k, v in median.items()},
                                      "field_backward_ms": field_backward * 1e3,
+                                     "peak_gib_by_part": {k: v / 2 ** 30 for k, v in clock.peaks.items()},
                                      "samples": statistics.median(samples)}) + "\n")
 
 

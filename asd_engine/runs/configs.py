@@ -136,7 +136,7 @@ def preset_config(preset: str, prompt: str, **overrides: Any) -> TextTo3DConfig:
     config = TextTo3DConfig(prompt=prompt, preset=preset)
     if preset == "low-vram":  # the recipe's 64 → 512 px schedule, with every memory saver
         config.nerf_field = FieldConfig(log2_hashmap_size=18)
-        config.render = RenderConfig(samples_per_ray=256, ray_chunk=8192)
+        config.render = RenderConfig(samples_per_ray=256, ray_chunk=8192, checkpoint_rays=8192)
         config.vae_checkpointing = True  # attention stays on SDPA: on CUDA it is already the memory-lean kernel
     elif preset == "toy-cpu":
         config.steps = TOY_CPU_STEPS

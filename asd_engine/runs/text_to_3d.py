@@ -5,7 +5,8 @@ resolution → encode (VAE posterior sample, gradients through the encoder) → 
 view-dependent prompt (φ gets the camera) → + regularisers (sparsity, opacity entropy) → backward → Adam.
 
 Presets: ``quality`` is the official ASD recipe (GPU, frozen models in fp16), ``low-vram`` keeps its 64 → 512 px
-schedule and adds VAE-encoder checkpointing, a smaller table and chunked marching; ``toy-cpu`` is
+schedule and adds VAE-encoder checkpointing, a smaller table, chunked marching and chunk-checkpointed renders;
+``toy-cpu`` is
 a small grid at the prior's low resolution that finishes a short run on two CPU cores in minutes.
 """
 

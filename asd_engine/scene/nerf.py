@@ -69,7 +69,8 @@ class NeRFGenerator(nn.Module):
         o, d = origins.reshape(-1, 3), directions.reshape(-1, 3)
         keep, t_starts, t_ends = march(o, d, self.grid, self.step_size, self.render_config,
                                        density_fn=self.field.density, generator=generator, stratified=training)
-        rays = volume_render(self.field, o, d, keep, t_starts, t_ends, with_normals=with_normals)
+        rays = volume_render(self.field, o, d, keep, t_starts, t_ends, with_normals=with_normals,
+                             checkpoint_rays=self.render_config.checkpoint_rays if training else 0)
         bg = self._background(d, b, h, w, generator, training, background)
         rgb = rays.rgb.view(b, h, w, 3) + (1.0 - rays.opacity.view(b, h, w, 1)) * bg
         normals = None

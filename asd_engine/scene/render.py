@@ -6,7 +6,7 @@ nerfacc's ``OccGridEstimator``: fixed marching steps from the scene cube's entry
 cells skipped where the grid is empty, samples dropped below an alpha threshold or after the transmittance falls
 below ``early_stop_eps``. When nerfacc's compiled extension is installed and the device is CUDA, its traversal is
 used instead (sampler "auto"). Either way the samples are "left-packed" into dense ``[R, S]`` tensors (each ray's
-kept samples first, S = the most any ray kept), which nerfacc's batched volume-rendering ops accept on any device.
+kept samples first, S = the most any ray kept); compositing then works on the kept samples only (packed).
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ class RenderConfig:
     background_random_prob: float = 0.5  # training: replace the background by a random solid colour
     sampler: str = "auto"               # "auto", "torch" or "nerfacc" (CUDA with nerfacc's compiled extension)
     ray_chunk: int = 16384              # rays marched at once while sampling (memory bound, no gradients)
+    # training renders: rays per gradient-checkpointed chunk (0: one piece). The backward then holds one chunk's
+    # field activations instead of the whole image's, for a second field forward (docs/benchmarks.md#render-memory)
+    checkpoint_rays: int = 0
 
 
 DENSITY_CHUNK = 1 << 19  # points whose density is evaluated at once while pruning; memory only, not in the config
@@ -119,26 +122,19 @@ def left_pack(keep: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, 
     return tuple(packed)
 
 
-def _march_torch(origins, directions, grid: OccupancyGrid, step_size: float, jitter: torch.Tensor | None,
-                 chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _march_torch(origins, directions, grid: OccupancyGrid, step_size: float, jitter: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     near, far = ray_box(origins, directions, grid.radius)
     span = (far - near).clamp_min(0.0)
     n_steps = max(1, math.ceil(float(span.max()) / step_size)) if len(span) else 1
     offset = torch.full_like(near, 0.0) if jitter is None else jitter * step_size
-    pieces = []
     k = torch.arange(n_steps, device=origins.device, dtype=torch.float32)
-    for start in range(0, origins.shape[0], chunk):
-        sl = slice(start, start + chunk)
-        t_start = near[sl, None] + offset[sl, None] + k[None] * step_size           # [r, n]
-        t_end = t_start + step_size
-        mid = 0.5 * (t_start + t_end)
-        points = origins[sl, None] + directions[sl, None] * mid[..., None]
-        keep = (t_end <= far[sl, None] + 1e-6) & grid.occupied(points)
-        pieces.append(left_pack(keep, t_start, t_end))
-    width = max(p[0].shape[1] for p in pieces)
-    pad = lambda x, fill: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=fill)  # noqa: E731
-    keep = torch.cat([pad(p[0], False) for p in pieces])
-    return keep, torch.cat([pad(p[1], 0.0) for p in pieces]), torch.cat([pad(p[2], 0.0) for p in pieces])
+    t_start = near[:, None] + offset[:, None] + k[None] * step_size           # [r, n]
+    t_end = t_start + step_size
+    mid = 0.5 * (t_start + t_end)
+    points = origins[:, None] + directions[:, None] * mid[..., None]
+    keep = (t_end <= far[:, None] + 1e-6) & grid.occupied(points)
+    return left_pack(keep, t_start, t_end)
 
 
 def _march_nerfacc(origins, directions, grid: OccupancyGrid, step_size: float, stratified: bool):
@@ -172,24 +168,69 @@ def march(origins: torch.Tensor, directions: torch.Tensor, grid: OccupancyGrid, 
     transmittance is below ``config.early_stop_eps`` are dropped (evaluated without gradients).
     """
     use_nerfacc = config.sampler == "nerfacc" or (config.sampler == "auto" and nerfacc_cuda_available(origins.device))
-    if use_nerfacc:
-        keep, t_starts, t_ends = _march_nerfacc(origins, directions, grid, step_size, stratified)
-    else:
-        jitter = torch.rand(origins.shape[0], generator=generator).to(origins.device) if stratified else None
-        keep, t_starts, t_ends = _march_torch(origins, directions, grid, step_size, jitter, config.ray_chunk)
     prune = density_fn is not None and (config.alpha_threshold > 0 or config.early_stop_eps > 0)
-    if prune and keep.any():
-        points = origins[:, None] + directions[:, None] * (0.5 * (t_starts + t_ends))[..., None]
-        sigma = torch.zeros_like(t_starts)
-        kept = points[keep]
-        # in chunks: at 512 px the unpruned samples number ~10^8, and one grid forward over all of them would
+    jitter = None
+    if stratified and not use_nerfacc:
+        jitter = torch.rand(origins.shape[0], generator=generator).to(origins.device)
+    # The torch marcher goes in chunks of rays, each pruned before the next is marched: the unpruned candidates
+    # are the marcher's peak memory. nerfacc's traversal returns all rays' candidates at once.
+    chunk = max(origins.shape[0], 1) if use_nerfacc else config.ray_chunk
+    pieces = []
+    for start in range(0, max(origins.shape[0], 1), chunk):
+        o, d = origins[start:start + chunk], directions[start:start + chunk]
+        if use_nerfacc:
+            keep, t_starts, t_ends = _march_nerfacc(o, d, grid, step_size, stratified)
+        else:
+            keep, t_starts, t_ends = _march_torch(o, d, grid, step_size,
+                                                  None if jitter is None else jitter[start:start + chunk])
+        if prune and keep.any():
+            keep, t_starts, t_ends = left_pack(_visible(o, d, keep, t_starts, t_ends, density_fn, config),
+                                               t_starts, t_ends)
+        pieces.append((keep, t_starts, t_ends))
+    width = max(keep.shape[1] for keep, _, _ in pieces)
+    pad = lambda x, fill: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=fill)  # noqa: E731
+    return tuple(torch.cat([pad(piece[i], fill) for piece in pieces]) for i, fill in enumerate((False, 0.0, 0.0)))
+
+
+# The pruning pass walks the packed candidates front to back in slabs of these many columns (doubling up to the
+# last): a ray whose transmittance has fallen below `early_stop_eps` gets no density call behind its surface.
+FIRST_SLAB = 8
+
+
+def _visible(origins: torch.Tensor, directions: torch.Tensor, keep: torch.Tensor, t_starts: torch.Tensor,
+             t_ends: torch.Tensor, density_fn, config: RenderConfig) -> torch.Tensor:
+    """``keep [R, S]`` (left-packed candidates) → the candidates whose alpha reaches ``config.alpha_threshold`` and
+    whose transmittance reaches ``config.early_stop_eps`` (nerfacc's ``render_visibility_from_density``).
+
+    Same answer as evaluating the density at every candidate, without evaluating it where it cannot matter: the
+    transmittance only falls along a ray, so once it is below ``early_stop_eps`` every later candidate is dropped
+    anyway. On a formed, opaque object most candidates lie behind its front surface.
+    """
+    n_rays, width = keep.shape
+    visible = torch.zeros_like(keep)
+    transmittance = torch.ones(n_rays, device=keep.device)     # in front of the current slab
+    alive = torch.ones(n_rays, dtype=torch.bool, device=keep.device)
+    start, slab = 0, FIRST_SLAB
+    while start < width:
+        cols = slice(start, start + slab)
+        rows = (alive & keep[:, start]).nonzero().squeeze(-1)   # left-packed: a ray's first column in the slab
+        if not len(rows):
+            break
+        k = keep[rows, cols]
+        t0, t1 = t_starts[rows, cols], t_ends[rows, cols]
+        points = origins[rows, None] + directions[rows, None] * (0.5 * (t0 + t1))[..., None]
+        sigma = torch.zeros_like(t0)
+        # in chunks: at 512 px the candidates number ~10^8, and one grid forward over all of them would
         # gather ~4 KB per point (a 139 GB GPU ran out of memory here)
-        sigma[keep] = torch.cat([density_fn(chunk).float() for chunk in kept.split(DENSITY_CHUNK)])
-        alpha = 1.0 - torch.exp(-sigma * (t_ends - t_starts))
-        transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], 1), 1)
-        keep = keep & (alpha >= config.alpha_threshold) & (transmittance >= config.early_stop_eps)
-        keep, t_starts, t_ends = left_pack(keep, t_starts, t_ends)
-    return keep, t_starts, t_ends
+        sigma[k] = torch.cat([density_fn(chunk).float() for chunk in points[k].split(DENSITY_CHUNK)])
+        alpha = 1.0 - torch.exp(-sigma * (t1 - t0))
+        through = torch.cumprod(1.0 - alpha, dim=1)                             # inclusive, within the slab
+        before = transmittance[rows, None] * torch.cat([torch.ones_like(through[:, :1]), through[:, :-1]], 1)
+        visible[rows, cols] = k & (alpha >= config.alpha_threshold) & (before >= config.early_stop_eps)
+        transmittance[rows] = transmittance[rows] * through[:, -1]
+        alive[rows] = transmittance[rows] >= config.early_stop_eps
+        start, slab = start + slab, slab * 2
+    return visible
 
 
 @dataclass
@@ -204,20 +245,28 @@ class RayRender:
 
 
 def volume_render(field, origins: torch.Tensor, directions: torch.Tensor, keep: torch.Tensor,
-                  t_starts: torch.Tensor, t_ends: torch.Tensor, with_normals: bool = False) -> RayRender:
-    """Evaluate ``field`` at the kept samples and composite front to back (nerfacc's batched ops, any device)."""
-    from nerfacc import accumulate_along_rays, render_weight_from_density
+                  t_starts: torch.Tensor, t_ends: torch.Tensor, with_normals: bool = False,
+                  checkpoint_rays: int = 0) -> RayRender:
+    """Evaluate ``field`` at the kept samples and composite them front to back.
 
-    mid = 0.5 * (t_starts + t_ends)
-    points = (origins[:, None] + directions[:, None] * mid[..., None])[keep]   # [M, 3]
-    sigma_kept, rgb_kept = field(points)
-    sigmas = torch.zeros_like(t_starts, dtype=sigma_kept.dtype)
-    sigmas[keep] = sigma_kept
-    rgbs = torch.zeros(*t_starts.shape, 3, device=t_starts.device, dtype=rgb_kept.dtype)
-    rgbs[keep] = rgb_kept
-    weights, _, _ = render_weight_from_density(t_starts, t_ends, sigmas)       # [R, S]
-    opacity = accumulate_along_rays(weights, None)
-    depth = accumulate_along_rays(weights, mid[..., None])
+    ``checkpoint_rays > 0`` (and gradients on): composite that many rays at a time under activation checkpointing,
+    so the backward recomputes one chunk's field forward at a time instead of storing every sample's activations.
+    Same values and gradients either way.
+    """
+    chunked = checkpoint_rays > 0 and torch.is_grad_enabled() and origins.shape[0] > checkpoint_rays
+    if chunked:
+        from torch.utils.checkpoint import checkpoint
+
+        parts = []
+        for start in range(0, origins.shape[0], checkpoint_rays):
+            rows = slice(start, start + checkpoint_rays)
+            k = keep[rows]
+            width = max(int(k.sum(1).max()), 1)  # left-packed: this chunk's rows need only their longest prefix
+            parts.append(checkpoint(_composite, field, origins[rows], directions[rows], k[:, :width],
+                                    t_starts[rows, :width], t_ends[rows, :width], use_reentrant=False))
+        rgb, opacity, depth = (torch.cat(p) for p in zip(*parts))
+    else:
+        rgb, opacity, depth = _composite(field, origins, directions, keep, t_starts, t_ends)
     normals = None
     if with_normals:
         # One density gradient per ray, at its expected surface point (depth / opacity): the gradient costs a
@@ -227,5 +276,27 @@ def volume_render(field, origins: torch.Tensor, directions: torch.Tensor, keep: 
         if hit.any():
             surface = origins[hit] + directions[hit] * (depth.detach()[hit] / opacity.detach()[hit])
             normals[hit] = field.normals(surface)
-    return RayRender(rgb=accumulate_along_rays(weights, rgbs), opacity=opacity, depth=depth, normals=normals,
-                     samples=int(keep.sum()))
+    return RayRender(rgb=rgb, opacity=opacity, depth=depth, normals=normals, samples=int(keep.sum()))
+
+
+def _composite(field, origins: torch.Tensor, directions: torch.Tensor, keep: torch.Tensor, t_starts: torch.Tensor,
+               t_ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rays ``[R, 3]`` and their left-packed samples ``[R, S]`` → ``(rgb [R, 3], opacity [R, 1], depth [R, 1])``.
+
+    nerfacc's formula (``render_weight_from_density``: w = exp(-Σ_{j<i} σ_j δ_j) · (1 - exp(-σ_i δ_i))) on the M kept
+    samples, packed: only the optical depth is laid out ``[R, S]`` for its per-ray prefix sum. Written here because
+    nerfacc's packed scans need its compiled CUDA extension, and its batched ops would hold colours, weights and
+    their gradients for every ``[R, S]`` slot (~2.7 slots per kept sample in a training render).
+    """
+    rows, cols = keep.nonzero(as_tuple=True)                                   # [M]: ray-major, front to back
+    mid = 0.5 * (t_starts + t_ends)[rows, cols]                                # [M]
+    points = origins[rows] + directions[rows] * mid[:, None]                   # [M, 3]
+    sigma, rgb = field(points)
+    tau = sigma.float() * (t_ends - t_starts)[rows, cols]                      # [M] optical depth of each sample
+    optical = torch.zeros_like(t_starts).index_put((rows, cols), tau)          # [R, S]
+    before = (torch.cumsum(optical, dim=1) - optical)[rows, cols]              # [M] in front of each sample
+    weights = torch.exp(-before) * -torch.expm1(-tau)                          # [M] transmittance · alpha
+    n_rays = origins.shape[0]
+    accumulate = lambda values: values.new_zeros(n_rays, values.shape[1]).index_add(0, rows, values)  # noqa: E731
+    return (accumulate(weights[:, None] * rgb), accumulate(weights[:, None]),
+            accumulate((weights * mid)[:, None]))
