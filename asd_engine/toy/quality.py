@@ -11,8 +11,8 @@ shape's holes in those views (the pixels its filled silhouette adds: only the to
 truth, 0 = a disc).
 2D (``mode="2d"``): distill-2d runs judged by :class:`ToyJudge` (is the shape right, is the colour right).
 Results: ``quality.json`` (every run and the per-method summary with the spread across seeds), ``grid.png``
-(methods × prompts, first seed), ``pictures/`` (every run's final picture) and ``runs.jsonl`` (the journal that
-lets a stopped harness resume).
+(methods × prompts, first seed), ``pictures/`` (every run's final picture), ``checkpoints/`` (3D: every run's final
+checkpoint) and ``runs.jsonl`` (the journal that lets a stopped harness resume).
 """
 
 from __future__ import annotations
@@ -135,6 +135,11 @@ def _picture_path(out: Path, method: str, prompt: str, seed: int) -> Path:
     return out / "pictures" / f"{method}__{prompt.replace(' ', '_')}__seed{seed}.png"
 
 
+def _checkpoint_path(out: Path, method: str, prompt: str, seed: int) -> Path:
+    """3D runs keep their final checkpoint too (a few MB): a new 3D metric (the mesh, floaters) rescores from it."""
+    return out / "checkpoints" / f"{method}__{prompt.replace(' ', '_')}__seed{seed}"
+
+
 def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 log: Callable[[str], None] = print) -> dict:
     """Every method × prompt × seed, scored; ``out/runs.jsonl`` grows by one line per finished run, so a harness
@@ -201,6 +206,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 if settings.mode == "3d":
                     record.update(evaluate_nerf(run.nerf, shape, colour))
                     picture = run.preview()[0]
+                    run.save_checkpoint(_checkpoint_path(out, method, prompt, seed))
                 else:
                     picture = run.images()
                     judges = judges or {"": ToyJudge(), "_cropped": ToyJudge(scale_normalised=True)}
