@@ -28,6 +28,7 @@ import torch
 
 from ..errors import UserInputError
 from ..images import save_png
+from ..runs.configs import EXPORT_DEFAULTS
 from .data import COLOURS, SHAPES, best_rotation_iou, colour_error, enclosed_holes, truth_views
 
 EVAL_VIEWS, EVAL_SIZE = 8, 64
@@ -61,6 +62,65 @@ def evaluate_nerf(nerf, shape: str, colour: str) -> dict[str, float]:
     top_iou, _ = best_rotation_iou(top, top_truth_alpha)
     return {"iou": iou, "colour_error": colour_error(images, alpha, truth, truth_alpha), "rotation_views": shift,
             "area_ratio": area_ratio, "top_iou": top_iou, "hole_opening": hole_opening(top, top_truth_alpha)}
+
+
+GEOMETRY_RESOLUTION = EXPORT_DEFAULTS["toy-cpu"]["mesh_resolution"]  # the harness's runs are toy-cpu runs
+MESH_LEVEL = EXPORT_DEFAULTS["toy-cpu"]["mesh_threshold"]
+FLOATER_MARGIN = 0.1        # density further than this outside the true surface counts as floating
+AXIS_RADIUS = 0.04          # "the axis": within this distance of the z axis (the torus's hole has radius 0.17)
+
+
+@torch.no_grad()
+def evaluate_geometry(nerf, shape: str, level: float) -> dict[str, float]:
+    """What ``mesh.glb`` would hold, against the truth: the solid where the density exceeds the mesh's isosurface
+    ``level`` (the toy-cpu export's 5) on its 128³ grid over the scene cube.
+
+    - ``extent_xy`` / ``extent_z``: the largest connected part's reach from the up axis and its height ÷ the truth's;
+    - ``floaters``: the share of the field's opacity (alpha per marching step, summed over the grid) lying further than
+      ``FLOATER_MARGIN`` outside the true surface: 0 = nothing outside the shape's neighbourhood;
+    - tori only (NaN otherwise): ``mesh_hole_opening``, the share of the true hole's columns (seen from above) that
+      the solid leaves empty (truth: 1), and ``axis_filled``, the length of the solid along the z axis (within
+      ``AXIS_RADIUS``) ÷ the ring's height (truth: 0; a column running the ring's height: 1).
+    """
+    from scipy import ndimage
+
+    from .data import shape_sdf
+
+    n, radius = GEOMETRY_RESOLUTION, nerf.field_config.radius
+    axis = torch.linspace(-radius, radius, n)
+    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+    density = torch.cat([nerf.field.density(chunk.to(nerf.device)).float().cpu()
+                         for chunk in points.split(1 << 18)]).view(n, n, n)
+    sdf = shape_sdf(shape, points).view(n, n, n)
+    alpha = 1.0 - torch.exp(-density.clamp_min(0) * nerf.step_size)
+    result = {"floaters": float(alpha[sdf > FLOATER_MARGIN].sum() / alpha.sum().clamp_min(1e-12))}
+    solid, truth = (density > level).numpy(), (sdf < 0).numpy()
+    labels, count = ndimage.label(solid)
+    if count:
+        largest = labels == 1 + int(torch.tensor(ndimage.sum(solid, labels, range(1, count + 1))).argmax())
+    else:
+        largest = solid
+    radial = torch.sqrt(points[:, 0] ** 2 + points[:, 1] ** 2).view(n, n, n)[:, :, 0]   # [n, n] over (x, y)
+    # width as the farthest reach from the up axis: the same for any turn of the object about it
+    reach = lambda mask: float(radial[torch.from_numpy(mask.any(axis=2))].max()) if mask.any() else 0.0  # noqa: E731
+    height = lambda mask: int(mask.any(axis=(0, 1)).sum())  # noqa: E731
+    result["extent_xy"] = reach(largest) / max(reach(truth), 1e-6)
+    result["extent_z"] = height(largest) / max(height(truth), 1)
+    result["mesh_hole_opening"] = result["axis_filled"] = float("nan")
+    if shape == "torus":
+        covered = torch.from_numpy(solid.any(axis=2))
+        hole = (~torch.from_numpy(truth.any(axis=2))) & (radial < 0.3)      # the true hole's columns, from above
+        result["mesh_hole_opening"] = float((~covered[hole]).float().mean())
+        on_axis = torch.from_numpy(solid)[radial < AXIS_RADIUS].any(dim=0)   # [n] along z
+        result["axis_filled"] = float(on_axis.sum()) / max(height(truth), 1)
+    return result
+
+
+def _geometry_of_checkpoint(directory: Path, shape: str) -> dict[str, float]:
+    from ..runs.text_to_3d import load_nerf
+
+    nerf, _, _ = load_nerf(directory)
+    return evaluate_geometry(nerf, shape, MESH_LEVEL)
 
 
 def hole_opening(alpha: torch.Tensor, truth_alpha: torch.Tensor) -> float:
@@ -175,7 +235,13 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                                                  settings.guidance_scale)))
                 key, picture_path = _run_key(identity), _picture_path(out, method, prompt, seed)
                 if key in done and picture_path.is_file():
-                    runs.append(done[key])
+                    record = done[key]
+                    checkpoint = _checkpoint_path(out, method, prompt, seed)
+                    if settings.mode == "3d" and "floaters" not in record and checkpoint.is_dir():
+                        record = dict(record, **_geometry_of_checkpoint(checkpoint, shape))  # a journal from before
+                        with journal.open("a") as handle:                                # the geometry metrics
+                            handle.write(json.dumps(record) + "\n")
+                    runs.append(record)
                     if seed == 0:
                         row.append(read_png(picture_path)[0])
                     continue
@@ -205,6 +271,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                     record["phi_drift"] = statistics.fmean(drift[-max(1, len(drift) // 10):])
                 if settings.mode == "3d":
                     record.update(evaluate_nerf(run.nerf, shape, colour))
+                    record.update(evaluate_geometry(run.nerf, shape, MESH_LEVEL))
                     picture = run.preview()[0]
                     run.save_checkpoint(_checkpoint_path(out, method, prompt, seed))
                 else:
@@ -239,7 +306,8 @@ def summarise(runs: list[dict], mode: str) -> dict[str, dict[str, float]]:
     for method in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == method]
         seeds = sorted({r["seed"] for r in mine})
-        keys = ("iou", "colour_error", "area_ratio", "top_iou", "hole_opening") if mode == "3d" else (
+        keys = ("iou", "colour_error", "area_ratio", "top_iou", "hole_opening", "mesh_hole_opening", "axis_filled",
+                "floaters", "extent_xy", "extent_z") if mode == "3d" else (
             "shape_right", "colour_right", "shape_right_cropped", "colour_right_cropped")
         keys += ("phi_drift",)
         keys = tuple(k for k in keys if all(k in r for r in mine))  # journals from older versions lack some
@@ -259,12 +327,16 @@ def markdown_table(result: dict) -> str:
     mode = result["settings"]["mode"]
     if mode == "3d":
         lines = ["| method | silhouette IoU ↑ | ± over seeds | colour error ↓ | ± over seeds | area ratio (1 = right) "
-                 "| top IoU ↑ | hole opening ↑ | φ drift | s / run |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                 "| top IoU ↑ | hole opening ↑ | mesh: hole opening ↑ | mesh: axis filled ↓ | floaters ↓ "
+                 "| mesh: reach / height (1 = right) | φ drift | s / run |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for method, s in result["summary"].items():
             lines.append(f"| {method} | {s['iou']:.3f} | {s['iou_seed_std']:.3f} | {s['colour_error']:.3f} | "
                          f"{s['colour_error_seed_std']:.3f} | {_cell(s, 'area_ratio', '{:.2f}')} | "
                          f"{_cell(s, 'top_iou', '{:.3f}')} | {_cell(s, 'hole_opening', '{:.2f}')} | "
+                         f"{_cell(s, 'mesh_hole_opening', '{:.2f}')} | {_cell(s, 'axis_filled', '{:.2f}')} | "
+                         f"{_cell(s, 'floaters', '{:.4f}')} | "
+                         f"{_cell(s, 'extent_xy', '{:.2f}')} / {_cell(s, 'extent_z', '{:.2f}')} | "
                          f"{_cell(s, 'phi_drift', '{:.3f}')} | "
                          f"{s['seconds_per_run']:.0f} |")
     else:
