@@ -8,7 +8,9 @@ silhouette area ratio (predicted ÷ true: above 1 the object came out too large)
 ring whose hole is a thin line, so a disc scores as well as a torus there; the **top IoU** compares silhouettes from
 4 views at 75° elevation, and the **hole opening** is the mean transparency (1 − alpha) of the NeRF over the true
 shape's holes in those views (the pixels its filled silhouette adds: only the torus has one; 1 = as open as the
-truth, 0 = a disc).
+truth, 0 = a disc). The **geometry** (:func:`evaluate_geometry`) judges what ``mesh.glb`` holds: the solid inside the
+export's isosurface — the torus's hole seen from above and its axis —, the solid's reach and height, and the share of
+the field's opacity floating away from the true surface.
 2D (``mode="2d"``): distill-2d runs judged by :class:`ToyJudge` (is the shape right, is the colour right).
 Results: ``quality.json`` (every run and the per-method summary with the spread across seeds), ``grid.png``
 (methods × prompts, first seed), ``pictures/`` (every run's final picture), ``checkpoints/`` (3D: every run's final
