@@ -356,20 +356,22 @@ def test_geometry_metrics_on_the_truth_and_on_constructed_faults():
     from asd_engine.toy.quality import evaluate_geometry
 
     torus = evaluate_geometry(_AnalyticNeRF(_solid("torus")), "torus", 5.0)
-    assert torus["mesh_hole_opening"] == 1.0 and torus["axis_filled"] == 0.0 and torus["floaters"] == 0.0
+    assert torus["mesh_hole_opening"] == 1.0 and torus["axis_filled"] == 0.0
+    assert torus["floaters"] == 0.0 and torus["overgrowth"] == 0.0
     assert torus["extent_xy"] == pytest.approx(1.0, abs=0.02) and torus["extent_z"] == pytest.approx(1.0, abs=0.02)
     column = lambda p: (p[:, :2].norm(dim=-1) < 0.06) & (p[:, 2].abs() < 0.13)  # noqa: E731  the ring's height
     filled = evaluate_geometry(_AnalyticNeRF(_solid("torus", column)), "torus", 5.0)
     assert filled["axis_filled"] == pytest.approx(1.0, abs=0.1) and 0.7 < filled["mesh_hole_opening"] < 0.95
-    assert filled["extent_xy"] == torus["extent_xy"] and 0 < filled["floaters"] < 0.1  # the column is outside too
+    assert filled["extent_xy"] == torus["extent_xy"] and 0 < filled["floaters"] < 0.1  # a detached column floats
     blob = lambda p: (p - torch.tensor([0.7, 0.0, 0.6])).norm(dim=-1) < 0.15  # noqa: E731  away from the cone
     floating = evaluate_geometry(_AnalyticNeRF(_solid("cone", blob)), "cone", 5.0)
-    assert 0.05 < floating["floaters"] < 0.5
+    assert 0.05 < floating["floaters"] < 0.5 and floating["overgrowth"] == 0.0
     assert floating["extent_xy"] == pytest.approx(1.0, abs=0.02)  # the largest part only: the floater is apart
     assert math.isnan(floating["mesh_hole_opening"]) and math.isnan(floating["axis_filled"])
     large = evaluate_geometry(_AnalyticNeRF(_solid("torus", scale=1.3)), "torus", 5.0)
     assert large["extent_xy"] == pytest.approx(1.3, abs=0.03) and large["extent_z"] == pytest.approx(1.3, abs=0.1)
     assert large["mesh_hole_opening"] == 1.0 and large["axis_filled"] == 0.0
+    assert large["floaters"] == 0.0 and 0.0 < large["overgrowth"] < 0.3  # grown past the truth, not floating
     empty = evaluate_geometry(_AnalyticNeRF(lambda p: torch.zeros(p.shape[0])), "sphere", 5.0)
     assert empty["extent_xy"] == 0.0 and empty["floaters"] == 0.0
 
@@ -381,10 +383,10 @@ def test_a_3d_harness_keeps_checkpoints_and_rescores_an_older_journal_with_the_g
     settings = quality.QualitySettings(methods=["sds"], prompts=["a red torus"], seeds=1, steps=2, mode="3d")
     first = quality.run_quality(settings, tmp_path, device="cpu", log=lambda line: None)
     record = first["runs"][0]
-    assert {"floaters", "extent_xy", "extent_z", "mesh_hole_opening", "axis_filled"} <= set(record)
+    assert {"floaters", "overgrowth", "extent_xy", "extent_z", "mesh_hole_opening", "axis_filled"} <= set(record)
     assert (tmp_path / "checkpoints" / "sds__a_red_torus__seed0" / "state.safetensors").is_file()
-    older = {k: v for k, v in record.items() if k not in ("floaters", "extent_xy", "extent_z", "mesh_hole_opening",
-                                                          "axis_filled")}
+    older = {k: v for k, v in record.items() if k not in ("floaters", "overgrowth", "extent_xy", "extent_z",
+                                                          "mesh_hole_opening", "axis_filled")}
     (tmp_path / "runs.jsonl").write_text(json.dumps(older) + "\n")  # a journal from before the geometry metrics
 
     def must_not_run(*args, **kwargs):

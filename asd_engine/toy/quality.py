@@ -79,7 +79,8 @@ def evaluate_geometry(nerf, shape: str, level: float) -> dict[str, float]:
 
     - ``extent_xy`` / ``extent_z``: the largest connected part's reach from the up axis and its height ÷ the truth's;
     - ``floaters``: the share of the field's opacity (alpha per marching step, summed over the grid) lying further than
-      ``FLOATER_MARGIN`` outside the true surface: 0 = nothing outside the shape's neighbourhood;
+      ``FLOATER_MARGIN`` outside the true surface and not in the largest part (haze, detached bits): 0 = none;
+    - ``overgrowth``: the same share inside the largest part (the object grown past the truth, e.g. a pedestal);
     - tori only (NaN otherwise): ``mesh_hole_opening``, the share of the true hole's columns (seen from above) that
       the solid leaves empty (truth: 1), and ``axis_filled``, the length of the solid along the z axis (within
       ``AXIS_RADIUS``) ÷ the ring's height (truth: 0; a column running the ring's height: 1).
@@ -94,14 +95,17 @@ def evaluate_geometry(nerf, shape: str, level: float) -> dict[str, float]:
     density = torch.cat([nerf.field.density(chunk.to(nerf.device)).float().cpu()
                          for chunk in points.split(1 << 18)]).view(n, n, n)
     sdf = shape_sdf(shape, points).view(n, n, n)
-    alpha = 1.0 - torch.exp(-density.clamp_min(0) * nerf.step_size)
-    result = {"floaters": float(alpha[sdf > FLOATER_MARGIN].sum() / alpha.sum().clamp_min(1e-12))}
     solid, truth = (density > level).numpy(), (sdf < 0).numpy()
     labels, count = ndimage.label(solid)
     if count:
         largest = labels == 1 + int(torch.tensor(ndimage.sum(solid, labels, range(1, count + 1))).argmax())
     else:
         largest = solid
+    alpha = 1.0 - torch.exp(-density.clamp_min(0) * nerf.step_size)
+    outside, attached = sdf > FLOATER_MARGIN, torch.from_numpy(largest)
+    total = alpha.sum().clamp_min(1e-12)
+    result = {"floaters": float(alpha[outside & ~attached].sum() / total),
+              "overgrowth": float(alpha[outside & attached].sum() / total)}
     radial = torch.sqrt(points[:, 0] ** 2 + points[:, 1] ** 2).view(n, n, n)[:, :, 0]   # [n, n] over (x, y)
     # width as the farthest reach from the up axis: the same for any turn of the object about it
     reach = lambda mask: float(radial[torch.from_numpy(mask.any(axis=2))].max()) if mask.any() else 0.0  # noqa: E731
@@ -239,7 +243,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 if key in done and picture_path.is_file():
                     record = done[key]
                     checkpoint = _checkpoint_path(out, method, prompt, seed)
-                    if settings.mode == "3d" and "floaters" not in record and checkpoint.is_dir():
+                    if settings.mode == "3d" and "overgrowth" not in record and checkpoint.is_dir():
                         record = dict(record, **_geometry_of_checkpoint(checkpoint, shape))  # a journal from before
                         with journal.open("a") as handle:                                # the geometry metrics
                             handle.write(json.dumps(record) + "\n")
@@ -309,7 +313,7 @@ def summarise(runs: list[dict], mode: str) -> dict[str, dict[str, float]]:
         mine = [r for r in runs if r["method"] == method]
         seeds = sorted({r["seed"] for r in mine})
         keys = ("iou", "colour_error", "area_ratio", "top_iou", "hole_opening", "mesh_hole_opening", "axis_filled",
-                "floaters", "extent_xy", "extent_z") if mode == "3d" else (
+                "floaters", "overgrowth", "extent_xy", "extent_z") if mode == "3d" else (
             "shape_right", "colour_right", "shape_right_cropped", "colour_right_cropped")
         keys += ("phi_drift",)
         keys = tuple(k for k in keys if all(k in r for r in mine))  # journals from older versions lack some
@@ -329,15 +333,16 @@ def markdown_table(result: dict) -> str:
     mode = result["settings"]["mode"]
     if mode == "3d":
         lines = ["| method | silhouette IoU ↑ | ± over seeds | colour error ↓ | ± over seeds | area ratio (1 = right) "
-                 "| top IoU ↑ | hole opening ↑ | mesh: hole opening ↑ | mesh: axis filled ↓ | floaters ↓ "
+                 "| top IoU ↑ | hole opening ↑ | mesh: hole opening ↑ | mesh: axis filled ↓ | floaters ↓ | overgrowth ↓ "
                  "| mesh: reach / height (1 = right) | φ drift | s / run |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+                 "| ---: |"]
         for method, s in result["summary"].items():
             lines.append(f"| {method} | {s['iou']:.3f} | {s['iou_seed_std']:.3f} | {s['colour_error']:.3f} | "
                          f"{s['colour_error_seed_std']:.3f} | {_cell(s, 'area_ratio', '{:.2f}')} | "
                          f"{_cell(s, 'top_iou', '{:.3f}')} | {_cell(s, 'hole_opening', '{:.2f}')} | "
                          f"{_cell(s, 'mesh_hole_opening', '{:.2f}')} | {_cell(s, 'axis_filled', '{:.2f}')} | "
-                         f"{_cell(s, 'floaters', '{:.4f}')} | "
+                         f"{_cell(s, 'floaters', '{:.4f}')} | {_cell(s, 'overgrowth', '{:.3f}')} | "
                          f"{_cell(s, 'extent_xy', '{:.2f}')} / {_cell(s, 'extent_z', '{:.2f}')} | "
                          f"{_cell(s, 'phi_drift', '{:.3f}')} | "
                          f"{s['seconds_per_run']:.0f} |")
