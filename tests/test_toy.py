@@ -153,7 +153,7 @@ def test_quality_prompt_parsing_and_summary():
     with_area = summarise([r | {"area_ratio": a} for r, a in zip(runs, (2.0, 3.0))], "3d")["asd"]
     assert with_area["area_ratio"] == pytest.approx(2.5)
     table = markdown_table({"settings": {"mode": "3d"}, "summary": {"asd": with_area}})
-    assert "| asd | 0.600 | 0.100 | 0.100 | 0.000 | 2.50 | — | — | — | 1 |" in table  # no top view, hole, φ drift
+    assert "| asd | 0.600 | 0.100 | 0.100 | 0.000 | 2.50 | — | — | — | — | — | — | — / — | — | 1 |" in table  # no top view, hole, geometry, φ drift
 
 
 # ---------------------------------------------------------------------------------------------- the shipped prior
