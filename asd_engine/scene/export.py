@@ -144,7 +144,7 @@ def _counter(total: int, on_progress: OnProgress | None) -> Callable[[], None]:
 
 
 @torch.no_grad()
-def _density_grid(nerf: NeRFGenerator, lo: np.ndarray, hi: np.ndarray, resolution: int,
+def density_grid(nerf: NeRFGenerator, lo: np.ndarray, hi: np.ndarray, resolution: int,
                   tick: Callable[[], None] = lambda: None) -> np.ndarray:
     """Density on a ``resolution``³ grid spanning the box ``[lo, hi]`` → ``[R, R, R]`` (x, y, z); ``tick()`` after
     each chunk."""
@@ -171,7 +171,7 @@ def extract_mesh(nerf: NeRFGenerator, resolution: int = 256, threshold: float = 
     tick = _counter(_grid_chunks(coarse_resolution) + _grid_chunks(resolution) + 1, on_progress)
     radius = nerf.field_config.radius
     lo, hi = np.full(3, -radius), np.full(3, radius)
-    coarse = _density_grid(nerf, lo, hi, coarse_resolution, tick)
+    coarse = density_grid(nerf, lo, hi, coarse_resolution, tick)
     peak = float(coarse.max())
     if not np.isfinite(peak):
         raise UserInputError("checkpoint", f"the NeRF's density is not finite ({peak}): its training diverged",
@@ -192,7 +192,7 @@ def extract_mesh(nerf: NeRFGenerator, resolution: int = 256, threshold: float = 
     cell = (hi - lo) / (coarse_resolution - 1)
     lo_fine = np.maximum(lo, lo + (inside.min(0) - 1) * cell)
     hi_fine = np.minimum(hi, lo + (inside.max(0) + 1) * cell)
-    fine = _density_grid(nerf, lo_fine, hi_fine, resolution, tick)
+    fine = density_grid(nerf, lo_fine, hi_fine, resolution, tick)
     if fine.max() <= level:  # the coarse grid saw a peak the fine one missed: fall back to the coarse grid
         fine, lo_fine, hi_fine, resolution = coarse, lo, hi, coarse_resolution
     spacing = (hi_fine - lo_fine) / (resolution - 1)

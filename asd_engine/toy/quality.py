@@ -85,15 +85,16 @@ def evaluate_geometry(nerf, shape: str, level: float) -> dict[str, float]:
       the solid leaves empty (truth: 1), and ``axis_filled``, the length of the solid along the z axis (within
       ``AXIS_RADIUS``) ÷ the ring's height (truth: 0; a column running the ring's height: 1).
     """
+    import numpy as np
     from scipy import ndimage
 
+    from ..scene.export import density_grid
     from .data import shape_sdf
 
     n, radius = GEOMETRY_RESOLUTION, nerf.field_config.radius
-    axis = torch.linspace(-radius, radius, n)
+    density = torch.from_numpy(density_grid(nerf, np.full(3, -radius), np.full(3, radius), n))   # [n, n, n] x, y, z
+    axis = torch.linspace(-radius, radius, n)  # the grid density_grid sampled
     points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
-    density = torch.cat([nerf.field.density(chunk.to(nerf.device)).float().cpu()
-                         for chunk in points.split(1 << 18)]).view(n, n, n)
     sdf = shape_sdf(shape, points).view(n, n, n)
     solid, truth = (density > level).numpy(), (sdf < 0).numpy()
     labels, count = ndimage.label(solid)
@@ -196,14 +197,18 @@ def _run_key(record: dict) -> tuple:
     return tuple(record[name] for name in RUN_FIELDS)
 
 
+def _run_name(method: str, prompt: str, seed: int) -> str:
+    return f"{method}__{prompt.replace(' ', '_')}__seed{seed}"
+
+
 def _picture_path(out: Path, method: str, prompt: str, seed: int) -> Path:
     """Every run's final picture is kept, so a better judge or metric can rescore a harness without rerunning it."""
-    return out / "pictures" / f"{method}__{prompt.replace(' ', '_')}__seed{seed}.png"
+    return out / "pictures" / f"{_run_name(method, prompt, seed)}.png"
 
 
 def _checkpoint_path(out: Path, method: str, prompt: str, seed: int) -> Path:
     """3D runs keep their final checkpoint too (a few MB): a new 3D metric (the mesh, floaters) rescores from it."""
-    return out / "checkpoints" / f"{method}__{prompt.replace(' ', '_')}__seed{seed}"
+    return out / "checkpoints" / _run_name(method, prompt, seed)
 
 
 def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
