@@ -213,7 +213,9 @@ def test_the_quality_library_refuses_the_same(tmp_path):
 
     for settings, name in ((QualitySettings(methods=["asd"], prompts=["a red cube"], seeds=0), "seeds"),
                            (QualitySettings(methods=[], prompts=["a red cube"]), "methods"),
-                           (QualitySettings(methods=["asd"], prompts=[]), "prompts")):
+                           (QualitySettings(methods=["asd"], prompts=[]), "prompts"),
+                           (QualitySettings(methods=["asd"], prompts=["a red cube"], field_backend="cuda"),
+                            "nerf_field.backend")):
         with pytest.raises(UserInputError) as caught:
             run_quality(settings, tmp_path / "q", device="cpu", log=lambda line: None)
         assert caught.value.input_name == name

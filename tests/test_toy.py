@@ -217,6 +217,25 @@ def test_fine_tuning_a_toy_prior_keeps_its_tokenizer_and_records_its_lineage(tmp
 
 
 @shipped
+def test_the_training_cameras_reach_the_chosen_elevation(tmp_path, monkeypatch, capsys):
+    from asd_engine.cli import main
+    from asd_engine.toy import trainer
+
+    ranges = []
+    real = trainer.sample_batch
+    monkeypatch.setattr(trainer, "sample_batch", lambda *a, **k: ranges.append(a[3]) or real(*a, **k))
+    tokenizer = trainer._load_pipeline(default_prior_path())[0]
+    trainer._dataset(trainer.ToyPriorConfig(dataset_size=8, max_elevation=80.0), tokenizer, tmp_path, log=print)
+    assert ranges[0].elevation == (-10.0, 80.0)
+    # its own cache: a dataset from other cameras is never reused
+    assert (tmp_path / "dataset-seed0-n8-px32-overhead30-top80.safetensors").is_file()
+    for bad in ("0", "95"):
+        assert main(["train-toy-prior", "--work", str(tmp_path / "w"), "--max-elevation", bad]) != 0
+        assert "--max-elevation: " in capsys.readouterr().err
+    assert not (tmp_path / "w" / "checkpoint").exists()
+
+
+@shipped
 def test_demo_runs_and_writes_the_outputs(tmp_path):
     from asd_engine.cli import main
 
@@ -385,6 +404,7 @@ def test_a_3d_harness_keeps_checkpoints_and_rescores_an_older_journal_with_the_g
     record = first["runs"][0]
     assert {"floaters", "overgrowth", "extent_xy", "extent_z", "mesh_hole_opening", "axis_filled"} <= set(record)
     assert (tmp_path / "checkpoints" / "sds__a_red_torus__seed0" / "state.safetensors").is_file()
+    assert record["used"]["field_backend"] == "torch"  # "auto" on a CPU, recorded as the grid that ran
     older = {k: v for k, v in record.items() if k not in ("floaters", "overgrowth", "extent_xy", "extent_z",
                                                           "mesh_hole_opening", "axis_filled")}
     (tmp_path / "runs.jsonl").write_text(json.dumps(older) + "\n")  # a journal from before the geometry metrics

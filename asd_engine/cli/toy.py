@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..distill import PHI_NOISE
 from ..errors import UserInputError
+from ..runs.settings import BY_FIELD
 from .common import ensure_writable_dir, integer, quiet_libraries
 
 
@@ -29,6 +30,10 @@ def add_parsers(sub) -> None:
                    help="φ's noise (default: from the prior's recipe; shared for the toy prior)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: from the prior's recipe)")
     p.add_argument("--model", help="prior folder (default: the embedded toy prior)")
+    backend = BY_FIELD["nerf_field.backend"]  # the same flag, choices and help as text-to-3d's
+    p.add_argument(backend.flag, choices=list(backend.choices), default="auto",
+                   help=f"3d: {backend.help} (default %(default)s; the field backends give the same quality within "
+                        "seed noise, docs/benchmarks.md#field-backends-on-the-cpu)")
     p.add_argument("--out", required=True, help="output folder; a rerun with the same folder skips finished runs")
     p.set_defaults(handler=run_quality)
 
@@ -64,6 +69,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--ema-decay", type=float, help="EMA decay of the exported weights (default 0.999)")
     p.add_argument("--overhead-elevation", type=float,
                    help="captions say 'overhead view' above this camera elevation in degrees (default 30)")
+    p.add_argument("--max-elevation", type=float,
+                   help="the training cameras' highest elevation in degrees, up to 90 (default 45; the lowest is -10)")
     p.set_defaults(handler=run_train_toy_prior)
 
     p = sub.add_parser("tiny-pipeline", help="write a tiny random SD-architecture pipeline folder",
@@ -82,7 +89,8 @@ def run_quality(args: argparse.Namespace) -> int:
     prompts = [p.strip() for p in args.prompts.split(";") if p.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings = QualitySettings(methods=methods, prompts=prompts, seeds=args.seeds, steps=args.steps, mode=args.mode,
-                               model=args.model, phi_noise=args.phi_noise, guidance_scale=args.cfg)
+                               model=args.model, phi_noise=args.phi_noise, guidance_scale=args.cfg,
+                               field_backend=args.field_backend)
     check_quality_settings(settings)  # before the output folder is made: a refused harness leaves nothing behind
     out = ensure_writable_dir(args.out)
     quiet_libraries()
@@ -124,10 +132,14 @@ def run_train_toy_prior(args: argparse.Namespace) -> int:
     quiet_libraries()
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                     ("dataset_size", args.dataset_size), ("seed", args.seed), ("lr", args.lr),
-                                    ("overhead_elevation", args.overhead_elevation)) if v is not None}
+                                    ("overhead_elevation", args.overhead_elevation),
+                                    ("max_elevation", args.max_elevation)) if v is not None}
     for key, value in overrides.items():
         if value <= 0 and key != "seed":
             raise UserInputError(f"--{key.replace('_', '-')}", f"{value} is not positive", "use a number > 0")
+    if args.max_elevation is not None and not 0 < args.max_elevation <= 90:
+        raise UserInputError("--max-elevation", f"{args.max_elevation} is not in (0, 90]",
+                             "e.g. 45 (the default) or 80")
     if args.ema_decay is not None:
         if not 0.0 <= args.ema_decay < 1.0:
             raise UserInputError("--ema-decay", f"{args.ema_decay} is not in [0, 1)", "e.g. 0.999")

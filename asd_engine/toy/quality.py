@@ -149,6 +149,7 @@ class QualitySettings:
     model: str | None = None          # None: the embedded prior
     phi_noise: str | None = None      # None: the prior's recipe (toy prior: shared; Stable Diffusion: fresh)
     guidance_scale: float | None = None  # None: the prior's recipe (toy prior: 3; the paper's SD recipe: 7.5)
+    field_backend: str = "auto"       # 3D: the hash grid's implementation (scene.field.FIELD_BACKENDS)
 
 
 def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
@@ -157,6 +158,7 @@ def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
     import math
 
     from ..distill import METHODS, PHI_NOISE
+    from ..scene.field import FIELD_BACKENDS
 
     if settings.mode not in ("3d", "2d"):
         raise UserInputError("mode", f"unknown mode '{settings.mode}'", "use 3d or 2d")
@@ -179,6 +181,9 @@ def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
                                                     and settings.guidance_scale >= 0):
         raise UserInputError("distill.guidance_scale", f"{settings.guidance_scale} is not a guidance scale",
                              "use a finite number ≥ 0 (the toy prior's recipe: 3)")
+    if settings.field_backend not in FIELD_BACKENDS:
+        raise UserInputError("nerf_field.backend", f"unknown field backend '{settings.field_backend}'",
+                             f"use one of {', '.join(FIELD_BACKENDS)}")
     if settings.phi_noise is not None and settings.phi_noise not in PHI_NOISE:
         raise UserInputError("distill.phi_noise", f"unknown noise sharing '{settings.phi_noise}'",
                              f"use one of {', '.join(PHI_NOISE)}")
@@ -258,7 +263,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                     continue
                 started = time.perf_counter()
                 if settings.mode == "3d":
-                    spec = NeRFGeneratorSpec(preset="toy-cpu", seed=seed)
+                    spec = NeRFGeneratorSpec(preset="toy-cpu", seed=seed, field_backend=settings.field_backend)
                 else:
                     spec = ImageGeneratorSpec(size=None, seed=seed)
                 run = make_run(prior, spec, {"prompt": prompt, "steps": steps, "distill.method": method,
@@ -275,6 +280,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                             lora_targets=run.config.phi.lora_targets if run.phi is not None else None)
                 if settings.mode == "3d":
                     used["overhead_elevation"], used["blob_fade"] = run.config.overhead_elevation, run.config.blob_fade
+                    used["field_backend"] = run.nerf.field.backend
                 else:
                     used["lr_decay_to"], used["jitter"] = run.config.lr_decay_to, run.config.jitter
                 record = dict(identity, seconds=seconds, used=used)

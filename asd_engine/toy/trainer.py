@@ -57,6 +57,8 @@ class ToyPriorConfig:
     checkpoint_every: int = 250
     # captions say "overhead view" above it (degrees); why 30: docs/engine.md#recipe-overhead_elevation
     overhead_elevation: float = 30.0
+    # the training cameras' highest elevation (degrees; the lowest stays CameraRanges' -10): docs/toy_prior.md#training
+    max_elevation: float = 45.0
     init: str | None = None     # a toy-prior pipeline folder to fine-tune (its tokenizer and weights); None: scratch
 
 
@@ -157,15 +159,17 @@ def _dataset(config: ToyPriorConfig, tokenizer, work: Path, log: Callable[[str],
     """Render (or reload) the cached training set: uint8 images, token ids, shape/colour labels."""
     from safetensors.torch import load_file, save_file
 
+    top = "" if config.max_elevation == ToyPriorConfig.max_elevation else f"-top{config.max_elevation:g}"
     path = work / (f"dataset-seed{config.seed}-n{config.dataset_size}-px{config.size}"
-                   f"-overhead{config.overhead_elevation:g}.safetensors")
+                   f"-overhead{config.overhead_elevation:g}{top}.safetensors")
     if path.is_file():
         return load_file(str(path))
     g = torch.Generator().manual_seed(10_000 + config.seed)
+    ranges = CameraRanges(elevation=(CameraRanges.elevation[0], config.max_elevation))
     images, captions, shapes, colours = [], [], [], []
     started = time.time()
     for start in range(0, config.dataset_size, 256):
-        batch = sample_batch(min(256, config.dataset_size - start), config.size, g,
+        batch = sample_batch(min(256, config.dataset_size - start), config.size, g, ranges,
                              overhead_elevation=config.overhead_elevation)
         images.append((batch.images * 255 + 0.5).clamp(0, 255).to(torch.uint8))
         captions += batch.captions
