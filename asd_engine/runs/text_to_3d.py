@@ -76,7 +76,9 @@ class TextTo3D(DistillationRun):
         background = "learned" if self.config.background == "random" else self.config.background
         render = self.nerf.render(cameras, self.rng, training=True, background=background)
         images = render.rgb.permute(0, 3, 1, 2)                                  # [B, 3, H, W]
-        if images.shape[-1] != self.prior_resolution:
+        if images.shape[-1] > self.prior_resolution:  # box-filtered, as the toy prior's training renders were made
+            images = F.interpolate(images, size=(self.prior_resolution,) * 2, mode="area")
+        elif images.shape[-1] < self.prior_resolution:
             images = F.interpolate(images, size=(self.prior_resolution,) * 2, mode="bilinear", align_corners=False)
         return render, self.prior.encode_images(images, generator=self.rng)
 
