@@ -3,9 +3,9 @@
     .venv/bin/python docs/make_torus_pictures.py OUT.png LABEL=HARNESS_DIR [LABEL=HARNESS_DIR ...]
 
 One row per torus prompt (seed 0 of the first folder's tori; blank where a folder has no such run), per folder three
-panels: the NeRF from the evaluation
-orbit (15°), the NeRF from above (75°, where the hole shows) and the mesh's solid seen from above (black where the
-solid inside the toy export's isosurface covers a column: what ``mesh.glb`` holds); the truth first, the same way.
+panels: the NeRF from the evaluation orbit (15°), the NeRF from above (75°, where the hole shows) and the mesh's solid
+seen from above (black where the solid inside the toy export's isosurface covers a column: what ``mesh.glb`` holds);
+the truth first, the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from asd_engine.runs.text_to_3d import load_nerf  # noqa: E402
 from asd_engine.scene.export import density_grid, render_turntable  # noqa: E402
 from asd_engine.toy.data import shape_sdf, truth_views  # noqa: E402
-from asd_engine.toy.quality import GEOMETRY_RESOLUTION, MESH_LEVEL, TOP_ELEVATION  # noqa: E402
+from asd_engine.scene.field import FieldConfig  # noqa: E402
+from asd_engine.toy.quality import GEOMETRY_RESOLUTION, MESH_LEVEL, TOP_ELEVATION, grid_points  # noqa: E402
 
 SIZE = 96
 
@@ -57,10 +58,8 @@ def panels_of_nerf(nerf) -> list[Image.Image]:
 def panels_of_truth(shape: str, colour: str) -> list[Image.Image]:
     side, _ = truth_views(shape, colour, views=1, size=SIZE)
     top, _ = truth_views(shape, colour, views=1, size=SIZE, elevation=TOP_ELEVATION)
-    n = GEOMETRY_RESOLUTION
-    axis = torch.linspace(-1, 1, n)
-    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
-    solid = (shape_sdf(shape, points) < 0).view(n, n, n).numpy()
+    n = GEOMETRY_RESOLUTION  # the toy NeRF's own scene cube (toy-cpu keeps FieldConfig's radius)
+    solid = (shape_sdf(shape, grid_points(FieldConfig().radius, n)) < 0).view(n, n, n).numpy()
     return [_image(side[0]), _image(top[0]), _from_above(solid[_crop(n), _crop(n)])]
 
 

@@ -350,6 +350,11 @@ def _check_value(setting: Setting, value: Any) -> None:
                   f"use one of {', '.join(setting.choices)}")
 
 
+def check_setting(field: str, value: Any) -> None:
+    """Refuse ``value`` for the setting ``field`` as a run would (its kind, range and choices); None passes."""
+    _check_value(BY_FIELD[field], value)
+
+
 def _check_distill(distill: DistillConfig) -> None:
     t_min = distill.t_min if distill.t_min is not None else 0.0
     t_max = distill.t_max if distill.t_max is not None else 1.0

@@ -145,7 +145,7 @@ def _counter(total: int, on_progress: OnProgress | None) -> Callable[[], None]:
 
 @torch.no_grad()
 def density_grid(nerf: NeRFGenerator, lo: np.ndarray, hi: np.ndarray, resolution: int,
-                  tick: Callable[[], None] = lambda: None) -> np.ndarray:
+                 tick: Callable[[], None] = lambda: None) -> np.ndarray:
     """Density on a ``resolution``³ grid spanning the box ``[lo, hi]`` → ``[R, R, R]`` (x, y, z); ``tick()`` after
     each chunk."""
     axes = [torch.linspace(float(lo[i]), float(hi[i]), resolution) for i in range(3)]

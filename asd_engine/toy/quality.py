@@ -72,6 +72,13 @@ FLOATER_MARGIN = 0.1        # density further than this outside the true surface
 AXIS_RADIUS = 0.04          # "the axis": within this distance of the z axis (the torus's hole has radius 0.17)
 
 
+def grid_points(radius: float, n: int) -> torch.Tensor:
+    """The points of the ``n``³ grid over the scene cube ``[-radius, radius]³`` that ``export.density_grid`` samples,
+    ``[n³, 3]`` in its (x, y, z) order."""
+    axis = torch.linspace(-radius, radius, n)
+    return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
 @torch.no_grad()
 def evaluate_geometry(nerf, shape: str, level: float) -> dict[str, float]:
     """What ``mesh.glb`` would hold, against the truth: the solid where the density exceeds the mesh's isosurface
@@ -93,8 +100,7 @@ def evaluate_geometry(nerf, shape: str, level: float) -> dict[str, float]:
 
     n, radius = GEOMETRY_RESOLUTION, nerf.field_config.radius
     density = torch.from_numpy(density_grid(nerf, np.full(3, -radius), np.full(3, radius), n))   # [n, n, n] x, y, z
-    axis = torch.linspace(-radius, radius, n)  # the grid density_grid sampled
-    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+    points = grid_points(radius, n)
     sdf = shape_sdf(shape, points).view(n, n, n)
     solid, truth = (density > level).numpy(), (sdf < 0).numpy()
     labels, count = ndimage.label(solid)
@@ -157,8 +163,8 @@ def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
     prompt's ``(shape, colour)``."""
     import math
 
-    from ..distill import METHODS, PHI_NOISE
-    from ..scene.field import FIELD_BACKENDS
+    from ..distill import METHODS
+    from ..runs.settings import check_setting
 
     if settings.mode not in ("3d", "2d"):
         raise UserInputError("mode", f"unknown mode '{settings.mode}'", "use 3d or 2d")
@@ -181,12 +187,8 @@ def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
                                                     and settings.guidance_scale >= 0):
         raise UserInputError("distill.guidance_scale", f"{settings.guidance_scale} is not a guidance scale",
                              "use a finite number ≥ 0 (the toy prior's recipe: 3)")
-    if settings.field_backend not in FIELD_BACKENDS:
-        raise UserInputError("nerf_field.backend", f"unknown field backend '{settings.field_backend}'",
-                             f"use one of {', '.join(FIELD_BACKENDS)}")
-    if settings.phi_noise is not None and settings.phi_noise not in PHI_NOISE:
-        raise UserInputError("distill.phi_noise", f"unknown noise sharing '{settings.phi_noise}'",
-                             f"use one of {', '.join(PHI_NOISE)}")
+    check_setting("nerf_field.backend", settings.field_backend)  # the settings table's own check
+    check_setting("distill.phi_noise", settings.phi_noise)
     return [parse_toy_prompt(p) for p in settings.prompts]
 
 
