@@ -26,6 +26,7 @@ from asd_engine.runs.plan import ImageGeneratorSpec, NeRFGeneratorSpec, make_run
 from asd_engine.runs.text_to_3d import TextTo3D
 from asd_engine.runs.configs import preset_config
 from asd_engine.prior import default_prior_path
+from asd_engine.scene.cameras import sample_cameras
 
 TOY_RECIPE = read_recipe(default_prior_path())  # the toy prior's recipe lives only in its asd_recipe.json
 
@@ -52,7 +53,9 @@ def test_sd_folder_without_a_recipe_gets_the_official_one(tiny_eps_dir, preset):
     assert run.config.lambda_sparsity == 10.0 and run.phi.optimizer.param_groups[0]["lr"] == 1e-4
     assert run.config.overhead_elevation == 60.0 and run.prompts.overhead_elevation == 60.0  # DreamFusion's
     assert run.config.blob_fade is False and run.nerf.field.blob_seed == 1.0  # the permanent blob
-    assert set(run.config.from_recipe) == {*RECIPE_VALUES, "lambda_sparsity", "blob_fade", "overhead_elevation"}
+    assert run.config.cameras.max_elevation == 45.0  # the official training cameras' top
+    assert set(run.config.from_recipe) == {*RECIPE_VALUES, "lambda_sparsity", "blob_fade", "overhead_elevation",
+                                           "cameras.max_elevation"}
     run.phi.remove()
 
 
@@ -68,16 +71,18 @@ def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
     assert run.config.lambda_sparsity == TOY_RECIPE.lambda_sparsity
     assert run.config.overhead_elevation == TOY_RECIPE.overhead_elevation == 30.0
     assert run.prompts.overhead_elevation == 30.0
+    assert run.config.cameras.max_elevation == TOY_RECIPE.max_elevation == 80.0  # the views the prior was tuned on
     assert run.config.blob_fade is TOY_RECIPE.blob_fade is True
     run.phi.remove()
     vsd = make_run(prior, NeRFGeneratorSpec(), {"prompt": "a red cube", "steps": 1, "distill.method": "vsd"})
     assert vsd.config.distill.gamma == 0.0  # VSD is ASD with γ = 0, whatever the recipe's γ
     vsd.phi.remove()
-    run = make_run(prior, NeRFGeneratorSpec(), {"prompt": "a red cube", "steps": 1, "distill.guidance_scale": 5.0, "distill.t_max": 0.7, "background": "random", "distill.phi_noise": "fresh"})
+    run = make_run(prior, NeRFGeneratorSpec(), {"prompt": "a red cube", "steps": 1, "distill.guidance_scale": 5.0, "distill.t_max": 0.7, "background": "random", "distill.phi_noise": "fresh",
+                                                  "cameras.max_elevation": 50.0})
     assert (run.config.distill.guidance_scale, run.config.distill.t_max, run.config.background,
-            run.config.distill.phi_noise) == (5.0, 0.7, "random", "fresh")
-    assert {"distill.guidance_scale", "distill.t_max", "background",
-            "distill.phi_noise"}.isdisjoint(run.config.from_recipe)
+            run.config.distill.phi_noise, run.config.cameras.max_elevation) == (5.0, 0.7, "random", "fresh", 50.0)
+    assert {"distill.guidance_scale", "distill.t_max", "background", "distill.phi_noise",
+            "cameras.max_elevation"}.isdisjoint(run.config.from_recipe)
     assert "distill.t_min" in run.config.from_recipe
     run.phi.remove()
     run = TextTo3D(preset_config("toy-cpu", "a red cube", steps=1, overhead_elevation=60.0), prior=prior)
@@ -132,14 +137,53 @@ def test_a_recipe_field_missing_from_an_older_checkpoint_is_the_official_value()
 
     saved = dataclasses.asdict(preset_config("toy-cpu", "a red cube", steps=1))
     del saved["overhead_elevation"], saved["phi"]["lora_targets"], saved["blob_fade"]
+    del saved["cameras"]["max_elevation"]
     filled = official_where_absent(saved, type(preset_config("toy-cpu", "a red cube")))
     assert filled["overhead_elevation"] == 60.0 and filled["phi"]["lora_targets"] == "attention"
     assert filled["blob_fade"] is False  # the permanent blob
-    assert "overhead_elevation" not in saved  # the caller's dict is left as it was
-    assert {k: v for k, v in filled.items() if k not in ("overhead_elevation", "phi", "blob_fade")} == {
-        k: v for k, v in saved.items() if k != "phi"}
+    assert filled["cameras"]["max_elevation"] == 45.0
+    assert "overhead_elevation" not in saved and "max_elevation" not in saved["cameras"]  # the caller's dict stays
+    assert {k: v for k, v in filled.items() if k not in ("overhead_elevation", "phi", "blob_fade", "cameras")} == {
+        k: v for k, v in saved.items() if k not in ("phi", "cameras")}
     flat = dataclasses.asdict(Distill2DConfig(prompt="a cat"))
     assert official_where_absent(flat, Distill2DConfig) == flat  # nothing absent: nothing added (2D has no overhead)
+
+
+def test_a_checkpoint_from_before_the_camera_range_had_two_ends_resumes_with_its_range():
+    """Older versions stored the elevation range as one pair (``cameras.elevation``); it resumes as it was."""
+    import dataclasses
+
+    from asd_engine.runs.configs import TextTo3DConfig, config_from_dict
+
+    saved = dataclasses.asdict(preset_config("toy-cpu", "a red cube", steps=1))
+    del saved["cameras"]["min_elevation"], saved["cameras"]["max_elevation"]
+    saved["cameras"]["elevation"] = [-5.0, 40.0]
+    config = config_from_dict(TextTo3DConfig, official_where_absent(saved, TextTo3DConfig))
+    assert (config.cameras.min_elevation, config.cameras.max_elevation) == (-5.0, 40.0)
+
+
+def test_the_training_cameras_reach_the_recipes_top_elevation(tiny_eps_dir, tmp_path, monkeypatch):
+    """A prior's recipe says how high its training cameras go; a run draws its cameras up to there."""
+    from asd_engine.runs import text_to_3d
+
+    folder = shutil.copytree(tiny_eps_dir, tmp_path / "model")
+    write_recipe(folder, Recipe(name="x", max_elevation=20.0))
+    drawn = []
+    def spy(*args, **kwargs):
+        cameras = sample_cameras(*args, **kwargs)
+        drawn.append(cameras.elevation)
+        return cameras
+    monkeypatch.setattr(text_to_3d, "sample_cameras", spy)
+    prior = DiffusionPrior.from_pretrained(folder, device="cpu")
+    run = TextTo3D(preset_config("toy-cpu", "a cat", steps=4, batch_size=8, prior_resolution=32), prior=prior)
+    run.run()
+    run.phi.remove()
+    elevations = torch.cat(drawn)
+    assert run.config.cameras.max_elevation == 20.0 and "cameras.max_elevation" in run.config.from_recipe
+    assert elevations.max() <= 20.0 and elevations.max() > 10.0 and elevations.min() >= -10.0
+    write_recipe(folder, Recipe(name="x", max_elevation=95.0))
+    with pytest.raises(UserInputError, match="out-of-range"):
+        DiffusionPrior.from_pretrained(folder, device="cpu")
 
 
 def test_bad_recipe_files_are_named_errors(tiny_v_dir, tmp_path):

@@ -201,17 +201,18 @@ def test_fine_tuning_a_toy_prior_keeps_its_tokenizer_and_records_its_lineage(tmp
     out = tmp_path / "tuned"
     assert main(["train-toy-prior", "--work", str(tmp_path / "work"), "--export", str(out), "--steps", "1",
                  "--dataset-size", "64", "--init", str(default_prior_path()), "--ema-decay", "0.5",
-                 "--overhead-elevation", "35"]) == 0
+                 "--overhead-elevation", "35", "--max-elevation", "60"]) == 0
     info = json.loads((out / "toy_prior.json").read_text())
     base = json.loads((default_prior_path() / "toy_prior.json").read_text())
     assert info["steps"] == 1 and info["fine_tuned_from"]["steps"] == base["steps"]
     assert info["training"]["init"] == str(default_prior_path()) and info["training"]["ema_decay"] == 0.5
-    assert read_recipe(out).overhead_elevation == 35.0  # the recipe says what the captions said
+    # the recipe says what the captions said and how high the cameras went
+    assert (read_recipe(out).overhead_elevation, read_recipe(out).max_elevation) == (35.0, 60.0)
     tuned, shipped_prior = (DiffusionPrior.from_pretrained(f, device="cpu") for f in (out, default_prior_path()))
     assert tuned.tokenizer.get_vocab() == shipped_prior.tokenizer.get_vocab()
     moved = [not torch.equal(a, b) for a, b in zip(tuned.unet.parameters(), shipped_prior.unet.parameters())]
     assert any(moved)  # one step, EMA 0.5: the weights moved, from the shipped ones
-    assert (tmp_path / "work" / "dataset-seed0-n64-px32-overhead35.safetensors").is_file()
+    assert (tmp_path / "work" / "dataset-seed0-n64-px32-overhead35-top60.safetensors").is_file()
     assert main(["train-toy-prior", "--work", str(tmp_path / "w2"), "--steps", "1", "--init", str(tmp_path)]) != 0
     assert "--init: " in capsys.readouterr().err and not (tmp_path / "w2" / "checkpoint").exists()
 
@@ -226,7 +227,7 @@ def test_the_training_cameras_reach_the_chosen_elevation(tmp_path, monkeypatch, 
     monkeypatch.setattr(trainer, "sample_batch", lambda *a, **k: ranges.append(a[3]) or real(*a, **k))
     tokenizer = trainer._load_pipeline(default_prior_path())[0]
     trainer._dataset(trainer.ToyPriorConfig(dataset_size=8, max_elevation=80.0), tokenizer, tmp_path, log=print)
-    assert ranges[0].elevation == (-10.0, 80.0)
+    assert (ranges[0].min_elevation, ranges[0].max_elevation) == (-10.0, 80.0)
     # its own cache: a dataset from other cameras is never reused
     assert (tmp_path / "dataset-seed0-n8-px32-overhead30-top80.safetensors").is_file()
     for bad in ("0", "95"):

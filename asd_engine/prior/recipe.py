@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..distill import PHI_NOISE, WEIGHTINGS
 from ..errors import UserInputError
-from ..scene.cameras import OVERHEAD_DEGREES
+from ..scene.cameras import MAX_ELEVATION_DEGREES, OVERHEAD_DEGREES
 
 RECIPE_FILE = "asd_recipe.json"
 BACKGROUNDS = ("random", "white", "black")
@@ -54,6 +54,8 @@ class Recipe:
     blob_fade: bool = False               # 3D: fade the seed ball by the second phase; docs/engine.md#recipe-blob_fade
     # 3D: cameras above this elevation (degrees) get ", overhead view"; docs/engine.md#recipe-overhead_elevation
     overhead_elevation: float = OVERHEAD_DEGREES
+    # 3D: the training cameras' highest elevation (degrees); docs/engine.md#recipe-max_elevation
+    max_elevation: float = MAX_ELEVATION_DEGREES
     # whole words rewritten before tokenising; docs/engine.md#recipe-prompt_aliases
     prompt_aliases: dict[str, str] = field(default_factory=dict)
 
@@ -77,7 +79,8 @@ class Recipe:
         if (not 0.0 <= self.t_min < self.t_max <= 1.0 or self.guidance_scale <= 0 or self.lora_lr <= 0
                 or not isinstance(self.jitter_2d, int) or self.jitter_2d < 0 or not isinstance(self.blob_fade, bool)
                 or not -1.0 <= self.gamma <= 0.0
-                or self.lambda_sparsity < 0 or not 0.0 < self.overhead_elevation <= 90.0):
+                or self.lambda_sparsity < 0 or not 0.0 < self.overhead_elevation <= 90.0
+                or not 0.0 < self.max_elevation <= 90.0):
             raise UserInputError("model", f"{where}: out-of-range values in {self}", f"fix {RECIPE_FILE}")
 
 

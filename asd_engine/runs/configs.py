@@ -23,6 +23,7 @@ from ..scene.render import RenderConfig
 
 def config_from_dict(cls: type, data: dict[str, Any]):
     """Rebuild a (nested) config dataclass from ``dataclasses.asdict`` output; tuples come back as tuples."""
+    data = cls.upgrade(data) if hasattr(cls, "upgrade") else data  # a form stored by an older version
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -123,7 +124,8 @@ class TextTo3DConfig(RunConfig):
     blob_fade: bool | None = None
     lambda_opacity_entropy: float = 1000.0  # mean binary entropy of the opacity, from `opacity_entropy_from` on
     opacity_entropy_from: int = 10_000
-    cameras: CameraRanges = field(default_factory=CameraRanges)
+    # the training cameras; their highest elevation None: the prior's recipe (official 45°)
+    cameras: CameraRanges = field(default_factory=lambda: CameraRanges(max_elevation=None))
     nerf_field: FieldConfig = field(default_factory=FieldConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(t_anneal_step=5000))

@@ -150,6 +150,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("overhead_elevation", "--overhead-elevation", None, "cameras above this elevation (degrees) are prompted "
                                                           "', overhead view'", kind=float, low=0, high=90,
       low_open=True, recipe="overhead_elevation", modes=ONLY_3D),
+    S("cameras.max_elevation", "--max-elevation", None, "the training cameras' highest elevation (degrees; the "
+                                                         "lowest is -10)", kind=float, low=0, high=90, low_open=True,
+      recipe="max_elevation", modes=ONLY_3D),
     S("resolution_schedule", "--resolution-schedule", "resolution_schedule",
       "render sizes by step, e.g. '0:64, 5000:512'", kind=list, modes=ONLY_3D),
     S("nerf_field.backend", "--field-backend", "field_backend", "hash-grid implementation: auto (tiny-cuda-nn on CUDA "

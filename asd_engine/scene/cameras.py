@@ -14,16 +14,29 @@ import torch
 
 VIEWS = ("front", "side", "back", "overhead")
 OVERHEAD_DEGREES = 60.0  # DreamFusion's: above this elevation a view is "overhead" (a prior's recipe may differ)
+MAX_ELEVATION_DEGREES = 45.0  # the official recipe's highest training camera (a prior's recipe may differ)
 
 
 @dataclass
 class CameraRanges:
-    """Where training cameras are drawn from (official recipe: docs/engine.md#official-recipe). Angles in degrees."""
+    """Where training cameras are drawn from (official recipe: docs/engine.md#official-recipe). Angles in degrees.
+    A text-to-3D run leaves ``max_elevation`` open (``None``) for the prior's recipe to fill
+    (docs/engine.md#recipe-max_elevation)."""
 
-    elevation: tuple[float, float] = (-10.0, 45.0)
+    min_elevation: float = -10.0
+    max_elevation: float | None = MAX_ELEVATION_DEGREES
     azimuth: tuple[float, float] = (-180.0, 180.0)
     distance: tuple[float, float] = (1.0, 1.5)
     fovy: tuple[float, float] = (40.0, 70.0)
+
+    @staticmethod
+    def upgrade(saved: dict) -> dict:
+        """A stored (``asdict``) form from before the elevation range had its two ends as fields."""
+        if "elevation" not in saved:
+            return saved
+        saved = dict(saved)
+        saved["min_elevation"], saved["max_elevation"] = saved.pop("elevation")
+        return saved
 
 
 @dataclass
@@ -123,7 +136,10 @@ def sample_cameras(batch: int, ranges: CameraRanges, height: int, width: int,
         low, high = low_high
         return low + (high - low) * torch.rand(batch, generator=generator)
 
-    elevation, distance, fovy = uniform(ranges.elevation), uniform(ranges.distance), uniform(ranges.fovy)
+    if ranges.max_elevation is None:
+        raise ValueError("CameraRanges.max_elevation is open: resolve the run's settings first (runs.plan)")
+    elevation = uniform((ranges.min_elevation, ranges.max_elevation))
+    distance, fovy = uniform(ranges.distance), uniform(ranges.fovy)
     low, high = ranges.azimuth
     azimuth = low + (high - low) * (torch.rand(batch, generator=generator) + torch.arange(batch)) / batch
     return cameras_from_angles(elevation, azimuth, distance, fovy, height, width)

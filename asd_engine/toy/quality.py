@@ -282,6 +282,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                             lora_targets=run.config.phi.lora_targets if run.phi is not None else None)
                 if settings.mode == "3d":
                     used["overhead_elevation"], used["blob_fade"] = run.config.overhead_elevation, run.config.blob_fade
+                    used["max_elevation"] = run.config.cameras.max_elevation
                     used["field_backend"] = run.nerf.field.backend
                 else:
                     used["lr_decay_to"], used["jitter"] = run.config.lr_decay_to, run.config.jitter

@@ -31,7 +31,7 @@ from ..errors import UserInputError
 from ..prior import default_prior_path
 from ..prior.recipe import read_recipe, write_recipe
 from ..runs import checkpoint as ckpt
-from ..scene.cameras import VIEWS, CameraRanges, sample_cameras
+from ..scene.cameras import MAX_ELEVATION_DEGREES, VIEWS, CameraRanges, sample_cameras
 from .data import COLOURS, SHAPES, caption, enclosed_holes, foreground_masks, render_shapes, sample_batch
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -57,8 +57,9 @@ class ToyPriorConfig:
     checkpoint_every: int = 250
     # captions say "overhead view" above it (degrees); why 30: docs/engine.md#recipe-overhead_elevation
     overhead_elevation: float = 30.0
-    # the training cameras' highest elevation (degrees; the lowest stays CameraRanges' -10): docs/toy_prior.md#training
-    max_elevation: float = 45.0
+    # the training cameras' highest elevation (degrees; the lowest stays CameraRanges' -10); the exported recipe's
+    # max_elevation, so distillation draws the views the prior saw: docs/toy_prior.md#training
+    max_elevation: float = MAX_ELEVATION_DEGREES
     init: str | None = None     # a toy-prior pipeline folder to fine-tune (its tokenizer and weights); None: scratch
 
 
@@ -149,8 +150,9 @@ def save_pipeline(folder: Path, unet, text_encoder, tokenizer, scheduler, config
              "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    # the shipped recipe (asd_recipe.json), with the elevation these captions used
-    write_recipe(folder, replace(read_recipe(default_prior_path()), overhead_elevation=config.overhead_elevation))
+    # the shipped recipe (asd_recipe.json), with the elevations these captions and cameras used
+    write_recipe(folder, replace(read_recipe(default_prior_path()), overhead_elevation=config.overhead_elevation,
+                                 max_elevation=config.max_elevation))
     (folder / "toy_prior.json").write_text(json.dumps({"training": asdict(config), **(extra or {})}, indent=2))
     return folder
 
@@ -165,7 +167,7 @@ def _dataset(config: ToyPriorConfig, tokenizer, work: Path, log: Callable[[str],
     if path.is_file():
         return load_file(str(path))
     g = torch.Generator().manual_seed(10_000 + config.seed)
-    ranges = CameraRanges(elevation=(CameraRanges.elevation[0], config.max_elevation))
+    ranges = CameraRanges(max_elevation=config.max_elevation)
     images, captions, shapes, colours = [], [], [], []
     started = time.time()
     for start in range(0, config.dataset_size, 256):
@@ -356,8 +358,7 @@ def overhead_hole_rate(prior, per_colour: int = 24, steps: int = 30, guidance_sc
         holes = enclosed_holes(foreground_masks(images)).flatten(1).sum(1)
         per_class[colour] = float((holes >= HOLE_MIN_PIXELS).float().mean())
     size = int(prior.unet.config.sample_size) * prior.vae_scale_factor
-    ranges = CameraRanges()
-    overhead = CameraRanges(elevation=(prior.recipe.overhead_elevation, ranges.elevation[1]))
+    overhead = CameraRanges(min_elevation=prior.recipe.overhead_elevation, max_elevation=prior.recipe.max_elevation)
     cameras = sample_cameras(96, overhead, size, size, torch.Generator().manual_seed(seed))
     truth, _ = render_shapes(["torus"] * 96, [list(COLOURS)[i % len(COLOURS)] for i in range(96)], cameras)
     data = float((enclosed_holes(foreground_masks(truth)).flatten(1).sum(1) >= HOLE_MIN_PIXELS).float().mean())
