@@ -208,6 +208,10 @@ def test_bad_recipe_files_are_named_errors(tiny_v_dir, tmp_path):
         (folder / RECIPE_FILE).write_text(json.dumps({key: "reused"}))
         with pytest.raises(UserInputError, match=key):
             DiffusionPrior.from_pretrained(folder, device="cpu")
+    for key, value in (("max_elevation", "80"), ("guidance_scale", None), ("overhead_elevation", True)):
+        (folder / RECIPE_FILE).write_text(json.dumps({key: value}))  # typed as a string, null, a bool
+        with pytest.raises(UserInputError, match=f"{key} is .*, not a finite number"):
+            DiffusionPrior.from_pretrained(folder, device="cpu")
     (folder / RECIPE_FILE).write_text(json.dumps({"lora_targets": "convs"}))
     with pytest.raises(UserInputError, match="lora_targets"):
         DiffusionPrior.from_pretrained(folder, device="cpu")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -60,6 +61,11 @@ class Recipe:
     prompt_aliases: dict[str, str] = field(default_factory=dict)
 
     def validate(self, where: str = "recipe") -> None:
+        for key in NUMBERS:  # a JSON string, null or true would otherwise fail below as a TypeError, or pass as 1
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserInputError("model", f"{where}: {key} is {json.dumps(value)}, not a finite number",
+                                     f"fix {RECIPE_FILE}")
         if self.background not in BACKGROUNDS:
             raise UserInputError("model", f"{where}: background '{self.background}' is not one of "
                                           f"{', '.join(BACKGROUNDS)}", f"fix {RECIPE_FILE}")
@@ -84,6 +90,9 @@ class Recipe:
             raise UserInputError("model", f"{where}: out-of-range values in {self}", f"fix {RECIPE_FILE}")
 
 
+# the recipe's number fields (each checked for being a finite number before its range)
+NUMBERS = ("guidance_scale", "gamma", "t_min", "t_max", "lora_lr", "lambda_sparsity", "overhead_elevation",
+           "max_elevation")
 OFFICIAL = Recipe()
 
 def apply_aliases(prompt: str, aliases: dict[str, str]) -> str:
