@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserInputError
+from .configs import upgrade_stored
 
 if TYPE_CHECKING:
     from ..prior.diffusion import DiffusionPrior
@@ -252,6 +253,7 @@ def check_config(config_class: type, data: dict, directory: str | os.PathLike, i
                  prefix: str = "config") -> None:
     """Every stored setting has its field's type (nested settings too), so building the run cannot fail on a value
     of the wrong type; ranges are the settings' validation's job. Unknown names are left to ``config_from_dict``."""
+    data = upgrade_stored(config_class, data)
     hints = typing.get_type_hints(config_class)
     unknown = sorted(set(data) - {field.name for field in dataclasses.fields(config_class)})
     if unknown:

@@ -21,9 +21,15 @@ from ..scene.field import FieldConfig
 from ..scene.render import RenderConfig
 
 
+def upgrade_stored(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a stored ``asdict`` form of ``cls``) in today's field names: a class with an ``upgrade`` hook
+    rewrites what an older version stored (CameraRanges' elevation pair)."""
+    return cls.upgrade(data) if hasattr(cls, "upgrade") else data
+
+
 def config_from_dict(cls: type, data: dict[str, Any]):
     """Rebuild a (nested) config dataclass from ``dataclasses.asdict`` output; tuples come back as tuples."""
-    data = cls.upgrade(data) if hasattr(cls, "upgrade") else data  # a form stored by an older version
+    data = upgrade_stored(cls, data)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
