@@ -153,13 +153,12 @@ def test_a_checkpoint_from_before_the_camera_range_had_two_ends_resumes_with_its
     """Older versions stored the elevation range as one pair (``cameras.elevation``); it resumes as it was."""
     import dataclasses
 
+    from asd_engine.runs.checkpoint import check_config
     from asd_engine.runs.configs import TextTo3DConfig, config_from_dict
 
     saved = dataclasses.asdict(preset_config("toy-cpu", "a red cube", steps=1))
     del saved["cameras"]["min_elevation"], saved["cameras"]["max_elevation"]
     saved["cameras"]["elevation"] = [-5.0, 40.0]
-    from asd_engine.runs.checkpoint import check_config
-
     check_config(TextTo3DConfig, saved, "ckpt")  # what loading a checkpoint checks first: no unknown setting
     config = config_from_dict(TextTo3DConfig, official_where_absent(saved, TextTo3DConfig))
     assert (config.cameras.min_elevation, config.cameras.max_elevation) == (-5.0, 40.0)

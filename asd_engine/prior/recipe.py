@@ -90,9 +90,8 @@ class Recipe:
             raise UserInputError("model", f"{where}: out-of-range values in {self}", f"fix {RECIPE_FILE}")
 
 
-# the recipe's number fields (each checked for being a finite number before its range)
-NUMBERS = ("guidance_scale", "gamma", "t_min", "t_max", "lora_lr", "lambda_sparsity", "overhead_elevation",
-           "max_elevation")
+# the recipe's number fields, from its annotations (each checked for being a finite number before its range)
+NUMBERS = tuple(f.name for f in dataclasses.fields(Recipe) if f.type == "float")
 OFFICIAL = Recipe()
 
 def apply_aliases(prompt: str, aliases: dict[str, str]) -> str:
