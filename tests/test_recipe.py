@@ -26,7 +26,7 @@ from asd_engine.runs.plan import ImageGeneratorSpec, NeRFGeneratorSpec, make_run
 from asd_engine.runs.text_to_3d import TextTo3D
 from asd_engine.runs.configs import preset_config
 from asd_engine.prior import default_prior_path
-from asd_engine.scene.cameras import sample_cameras
+from asd_engine.scene.cameras import ELEVATION_SAMPLINGS, CameraRanges, sample_cameras
 
 TOY_RECIPE = read_recipe(default_prior_path())  # the toy prior's recipe lives only in its asd_recipe.json
 
@@ -54,8 +54,9 @@ def test_sd_folder_without_a_recipe_gets_the_official_one(tiny_eps_dir, preset):
     assert run.config.overhead_elevation == 60.0 and run.prompts.overhead_elevation == 60.0  # DreamFusion's
     assert run.config.blob_fade is False and run.nerf.field.blob_seed == 1.0  # the permanent blob
     assert run.config.cameras.max_elevation == 45.0  # the official training cameras' top
+    assert run.config.cameras.elevation_sampling == "mixed"  # the official code's camera sampler
     assert set(run.config.from_recipe) == {*RECIPE_VALUES, "lambda_sparsity", "blob_fade", "overhead_elevation",
-                                           "cameras.max_elevation"}
+                                           "cameras.max_elevation", "cameras.elevation_sampling"}
     run.phi.remove()
 
 
@@ -72,17 +73,20 @@ def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
     assert run.config.overhead_elevation == TOY_RECIPE.overhead_elevation == 30.0
     assert run.prompts.overhead_elevation == 30.0
     assert run.config.cameras.max_elevation == TOY_RECIPE.max_elevation == 80.0  # the views the prior was tuned on
+    assert run.config.cameras.elevation_sampling == TOY_RECIPE.elevation_sampling
     assert run.config.blob_fade is TOY_RECIPE.blob_fade is True
     run.phi.remove()
     vsd = make_run(prior, NeRFGeneratorSpec(), {"prompt": "a red cube", "steps": 1, "distill.method": "vsd"})
     assert vsd.config.distill.gamma == 0.0  # VSD is ASD with γ = 0, whatever the recipe's γ
     vsd.phi.remove()
     run = make_run(prior, NeRFGeneratorSpec(), {"prompt": "a red cube", "steps": 1, "distill.guidance_scale": 5.0, "distill.t_max": 0.7, "background": "random", "distill.phi_noise": "fresh",
-                                                  "cameras.max_elevation": 50.0})
+                                                  "cameras.max_elevation": 50.0,
+                                                  "cameras.elevation_sampling": "degrees"})
     assert (run.config.distill.guidance_scale, run.config.distill.t_max, run.config.background,
-            run.config.distill.phi_noise, run.config.cameras.max_elevation) == (5.0, 0.7, "random", "fresh", 50.0)
+            run.config.distill.phi_noise, run.config.cameras.max_elevation,
+            run.config.cameras.elevation_sampling) == (5.0, 0.7, "random", "fresh", 50.0, "degrees")
     assert {"distill.guidance_scale", "distill.t_max", "background", "distill.phi_noise",
-            "cameras.max_elevation"}.isdisjoint(run.config.from_recipe)
+            "cameras.max_elevation", "cameras.elevation_sampling"}.isdisjoint(run.config.from_recipe)
     assert "distill.t_min" in run.config.from_recipe
     run.phi.remove()
     run = TextTo3D(preset_config("toy-cpu", "a red cube", steps=1, overhead_elevation=60.0), prior=prior)
@@ -137,11 +141,13 @@ def test_a_recipe_field_missing_from_an_older_checkpoint_is_the_official_value()
 
     saved = dataclasses.asdict(preset_config("toy-cpu", "a red cube", steps=1))
     del saved["overhead_elevation"], saved["phi"]["lora_targets"], saved["blob_fade"]
-    del saved["cameras"]["max_elevation"]
+    del saved["cameras"]["max_elevation"], saved["cameras"]["elevation_sampling"]
     filled = official_where_absent(saved, type(preset_config("toy-cpu", "a red cube")))
     assert filled["overhead_elevation"] == 60.0 and filled["phi"]["lora_targets"] == "attention"
     assert filled["blob_fade"] is False  # the permanent blob
     assert filled["cameras"]["max_elevation"] == 45.0
+    # not the official "mixed": the engine drew uniform in degrees until the official sampler was read again
+    assert filled["cameras"]["elevation_sampling"] == "degrees"
     assert "overhead_elevation" not in saved and "max_elevation" not in saved["cameras"]  # the caller's dict stays
     assert {k: v for k, v in filled.items() if k not in ("overhead_elevation", "phi", "blob_fade", "cameras")} == {
         k: v for k, v in saved.items() if k not in ("phi", "cameras")}
@@ -157,11 +163,12 @@ def test_a_checkpoint_from_before_the_camera_range_had_two_ends_resumes_with_its
     from asd_engine.runs.configs import TextTo3DConfig, config_from_dict
 
     saved = dataclasses.asdict(preset_config("toy-cpu", "a red cube", steps=1))
-    del saved["cameras"]["min_elevation"], saved["cameras"]["max_elevation"]
+    del saved["cameras"]["min_elevation"], saved["cameras"]["max_elevation"], saved["cameras"]["elevation_sampling"]
     saved["cameras"]["elevation"] = [-5.0, 40.0]
     check_config(TextTo3DConfig, saved, "ckpt")  # what loading a checkpoint checks first: no unknown setting
     config = config_from_dict(TextTo3DConfig, official_where_absent(saved, TextTo3DConfig))
     assert (config.cameras.min_elevation, config.cameras.max_elevation) == (-5.0, 40.0)
+    assert config.cameras.elevation_sampling == "degrees"  # what that version drew
 
 
 def test_the_training_cameras_reach_the_recipes_top_elevation(tiny_eps_dir, tmp_path, monkeypatch):
@@ -188,10 +195,40 @@ def test_the_training_cameras_reach_the_recipes_top_elevation(tiny_eps_dir, tmp_
         DiffusionPrior.from_pretrained(folder, device="cpu")
 
 
+def test_elevation_sampling_draws_what_it_names():
+    """degrees: uniform in the angle (the stream of draws as before the choice existed); sphere: uniform in sin e
+    (equal area on the sphere); mixed: one of the two per batch (the official code's sampler)."""
+    import math
+
+    def elevations(sampling: str, batches: int = 400, batch: int = 25) -> torch.Tensor:
+        ranges = CameraRanges(min_elevation=-10.0, max_elevation=80.0, elevation_sampling=sampling)
+        g = torch.Generator().manual_seed(0)
+        return torch.cat([sample_cameras(batch, ranges, 8, 8, g).elevation for _ in range(batches)])
+
+    reference = torch.Generator().manual_seed(0)
+    assert torch.allclose(sample_cameras(25, CameraRanges(-10.0, 80.0, "degrees"), 8, 8,
+                                         torch.Generator().manual_seed(0)).elevation,
+                          -10.0 + 90.0 * torch.rand(25, generator=reference))
+    sin_45 = (math.sin(math.radians(80)) - math.sin(math.radians(45))) / (math.sin(math.radians(80)) + math.sin(
+        math.radians(10)))  # 0.24 of equal-area views lie above 45°; 35/90 = 0.39 of angle-uniform ones
+    share = {s: float((elevations(s) > 45.0).float().mean()) for s in ("degrees", "sphere", "mixed")}
+    assert abs(share["degrees"] - 35 / 90) < 0.015 and abs(share["sphere"] - sin_45) < 0.015
+    assert abs(share["mixed"] - (35 / 90 + sin_45) / 2) < 0.03
+    for s in ("degrees", "sphere", "mixed"):
+        e = elevations(s, batches=40)
+        assert e.min() >= -10.0 and e.max() <= 80.0
+    per_batch = elevations("mixed", batches=200, batch=200).view(200, 200)  # one coin per batch: the two kinds
+    above = (per_batch > 45.0).float().mean(1)  # of batch are told apart by their share above 45°
+    assert ((above - 35 / 90).abs() < 0.09).any() and ((above - sin_45).abs() < 0.09).any()
+    with pytest.raises(ValueError, match="resolve"):
+        sample_cameras(1, CameraRanges(elevation_sampling=None), 8, 8, torch.Generator())
+
+
 def test_bad_recipe_files_are_named_errors(tiny_v_dir, tmp_path):
     assert tuple(LORA_TARGETS) == LORA_TARGET_CHOICES  # the recipe validates the names φ knows
     assert settings.BY_FIELD["phi.lora_targets"].choices == LORA_TARGET_CHOICES  # and the settings offer
     assert settings.BY_FIELD["distill.weighting"].choices == WEIGHTINGS  # the table's values are the engine's
+    assert settings.BY_FIELD["cameras.elevation_sampling"].choices == ELEVATION_SAMPLINGS
     folder = shutil.copytree(tiny_v_dir, tmp_path / "model")
     (folder / RECIPE_FILE).write_text(json.dumps({"guidance": 3}))
     with pytest.raises(UserInputError, match="unknown keys"):
@@ -214,6 +251,9 @@ def test_bad_recipe_files_are_named_errors(tiny_v_dir, tmp_path):
         (folder / RECIPE_FILE).write_text(json.dumps({key: value}))  # typed as a string, null, a bool
         with pytest.raises(UserInputError, match=f"{key} is .*, not a finite number"):
             DiffusionPrior.from_pretrained(folder, device="cpu")
+    (folder / RECIPE_FILE).write_text(json.dumps({"elevation_sampling": "cosine"}))
+    with pytest.raises(UserInputError, match="elevation_sampling 'cosine' is not one of mixed, degrees, sphere"):
+        DiffusionPrior.from_pretrained(folder, device="cpu")
     (folder / RECIPE_FILE).write_text(json.dumps({"lora_targets": "convs"}))
     with pytest.raises(UserInputError, match="lora_targets"):
         DiffusionPrior.from_pretrained(folder, device="cpu")

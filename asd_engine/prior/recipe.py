@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..distill import PHI_NOISE, WEIGHTINGS
 from ..errors import UserInputError
-from ..scene.cameras import MAX_ELEVATION_DEGREES, OVERHEAD_DEGREES
+from ..scene.cameras import ELEVATION_SAMPLING, ELEVATION_SAMPLINGS, MAX_ELEVATION_DEGREES, OVERHEAD_DEGREES
 
 RECIPE_FILE = "asd_recipe.json"
 BACKGROUNDS = ("random", "white", "black")
@@ -57,6 +57,8 @@ class Recipe:
     overhead_elevation: float = OVERHEAD_DEGREES
     # 3D: the training cameras' highest elevation (degrees); docs/engine.md#recipe-max_elevation
     max_elevation: float = MAX_ELEVATION_DEGREES
+    # 3D: how training elevations are drawn up to it; docs/engine.md#recipe-elevation_sampling
+    elevation_sampling: str = ELEVATION_SAMPLING
     # whole words rewritten before tokenising; docs/engine.md#recipe-prompt_aliases
     prompt_aliases: dict[str, str] = field(default_factory=dict)
 
@@ -79,6 +81,9 @@ class Recipe:
             if value not in PHI_NOISE and not (key == "phi_noise_2d" and value is None):
                 raise UserInputError("model", f"{where}: {key} '{value}' is not one of {', '.join(PHI_NOISE)}",
                                      f"fix {RECIPE_FILE}")
+        if self.elevation_sampling not in ELEVATION_SAMPLINGS:
+            raise UserInputError("model", f"{where}: elevation_sampling '{self.elevation_sampling}' is not one of "
+                                          f"{', '.join(ELEVATION_SAMPLINGS)}", f"fix {RECIPE_FILE}")
         if self.lora_targets not in LORA_TARGET_CHOICES:
             raise UserInputError("model", f"{where}: lora_targets '{self.lora_targets}' is not one of "
                                         f"{', '.join(LORA_TARGET_CHOICES)}", f"fix {RECIPE_FILE}")

@@ -26,8 +26,9 @@ from ..errors import UserInputError
 from ..prior.discriminator import LORA_TARGETS, PHI_KINDS
 from ..prior.recipe import BACKGROUNDS, OFFICIAL, Recipe
 from ..prior.single_file import PREDICTION_CHOICES
+from ..scene.cameras import ELEVATION_SAMPLINGS
 from ..scene.field import FIELD_BACKENDS
-from .configs import PRESETS, Distill2DConfig, RunConfig, preset_config
+from .configs import PRESETS, Distill2DConfig, RunConfig, preset_config, upgrade_stored
 from .image_generator import PARAMETERIZATIONS
 
 BOTH, ONLY_2D, ONLY_3D = ("2d", "3d"), ("2d",), ("3d",)
@@ -153,6 +154,10 @@ SETTINGS: tuple[Setting, ...] = (
     S("cameras.max_elevation", "--max-elevation", None, "the training cameras' highest elevation (degrees; the "
                                                          "lowest is -10)", kind=float, low=0, high=90, low_open=True,
       recipe="max_elevation", modes=ONLY_3D),
+    S("cameras.elevation_sampling", "--elevation-sampling", None, "how training elevations are drawn: degrees "
+      "(uniform in the angle), sphere (uniform over the sphere: fewer views from near the top), mixed (one of the "
+      "two per batch, the official code's)", choices=ELEVATION_SAMPLINGS, recipe="elevation_sampling",
+      modes=ONLY_3D),
     S("resolution_schedule", "--resolution-schedule", "resolution_schedule",
       "render sizes by step, e.g. '0:64, 5000:512'", kind=list, modes=ONLY_3D),
     S("nerf_field.backend", "--field-backend", "field_backend", "hash-grid implementation: auto (tiny-cuda-nn on CUDA "
@@ -417,7 +422,9 @@ def unused_with(method: str, given: dict[str, Any]) -> None:
 def official_where_absent(saved: dict[str, Any], config_class: type) -> dict[str, Any]:
     """A run config saved by an older version (``dataclasses.asdict`` form), with every recipe-backed field that
     the config class has but ``saved`` lacks set to its :data:`OFFICIAL` value: before a recipe field existed the
-    engine always used the official value, so a resumed run keeps what it started with."""
+    engine always used the official value, so a resumed run keeps what it started with. Where a config class's
+    ``upgrade`` hook says what an older form meant, that wins (``elevation_sampling``: runs stored before it drew
+    uniform in degrees, not the official "mixed")."""
     saved = copy.deepcopy(saved)
     for setting in settings_for(config_class.mode):
         if setting.recipe is None:
@@ -429,6 +436,9 @@ def official_where_absent(saved: dict[str, Any], config_class: type) -> dict[str
             if not isinstance(owner, dict) or not dataclasses.is_dataclass(cls):
                 break
         else:
+            upgraded = dict(upgrade_stored(cls, owner))  # a class may know what its older forms meant
+            owner.clear()
+            owner.update(upgraded)
             if leaf in {f.name for f in dataclasses.fields(cls)} and leaf not in owner:
                 owner[leaf] = getattr(OFFICIAL, setting.recipe)
     return saved

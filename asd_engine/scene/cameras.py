@@ -8,6 +8,7 @@ Camera-to-world matrices are OpenGL-style: columns (right, up, back, position), 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,27 +16,34 @@ import torch
 VIEWS = ("front", "side", "back", "overhead")
 OVERHEAD_DEGREES = 60.0  # DreamFusion's: above this elevation a view is "overhead" (a prior's recipe may differ)
 MAX_ELEVATION_DEGREES = 45.0  # the official recipe's highest training camera (a prior's recipe may differ)
+# How training elevations are drawn between the two limits: "degrees" uniform in the angle, "sphere" uniform over the
+# sphere's area (uniform in sin e: fewer views near the top), "mixed" one of the two per batch with probability ½
+# (the official ASD code's camera sampler, which is threestudio's). docs/engine.md#recipe-elevation_sampling
+ELEVATION_SAMPLINGS = ("mixed", "degrees", "sphere")
+ELEVATION_SAMPLING = "mixed"  # the official recipe's (a prior's recipe may differ)
 
 
 @dataclass
 class CameraRanges:
     """Where training cameras are drawn from (official recipe: docs/engine.md#official-recipe). Angles in degrees.
-    A text-to-3D run leaves ``max_elevation`` open (``None``) for the prior's recipe to fill
-    (docs/engine.md#recipe-max_elevation)."""
+    A text-to-3D run leaves ``max_elevation`` and ``elevation_sampling`` open (``None``) for the prior's recipe to
+    fill (docs/engine.md#recipe-max_elevation)."""
 
     min_elevation: float = -10.0
     max_elevation: float | None = MAX_ELEVATION_DEGREES
+    elevation_sampling: str | None = ELEVATION_SAMPLING
     azimuth: tuple[float, float] = (-180.0, 180.0)
     distance: tuple[float, float] = (1.0, 1.5)
     fovy: tuple[float, float] = (40.0, 70.0)
 
     @staticmethod
     def upgrade(saved: dict) -> dict:
-        """A stored (``asdict``) form from before the elevation range had its two ends as fields."""
-        if "elevation" not in saved:
-            return saved
+        """A stored (``asdict``) form in today's fields: the elevation range once was one pair, and every run
+        stored before ``elevation_sampling`` existed drew its elevations uniform in degrees."""
         saved = dict(saved)
-        saved["min_elevation"], saved["max_elevation"] = saved.pop("elevation")
+        if "elevation" in saved:
+            saved["min_elevation"], saved["max_elevation"] = saved.pop("elevation")
+        saved.setdefault("elevation_sampling", "degrees")
         return saved
 
 
@@ -130,19 +138,36 @@ def cameras_from_angles(elevation: torch.Tensor, azimuth: torch.Tensor, distance
 
 def sample_cameras(batch: int, ranges: CameraRanges, height: int, width: int,
                    generator: torch.Generator) -> Cameras:
-    """Random training cameras: elevation, distance and fov uniform; azimuth stratified over the batch (each camera
-    in its own 1/B slice of the range), all drawn from ``generator``."""
+    """Random training cameras: elevation between its limits as ``ranges.elevation_sampling`` says, distance and fov
+    uniform, azimuth stratified over the batch (each camera in its own 1/B slice of the range), all drawn from
+    ``generator``."""
     def uniform(low_high: tuple[float, float]) -> torch.Tensor:
         low, high = low_high
         return low + (high - low) * torch.rand(batch, generator=generator)
 
-    if ranges.max_elevation is None:
-        raise ValueError("CameraRanges.max_elevation is open: resolve the run's settings first (runs.plan)")
-    elevation = uniform((ranges.min_elevation, ranges.max_elevation))
+    if ranges.max_elevation is None or ranges.elevation_sampling is None:
+        raise ValueError("CameraRanges is open: resolve the run's settings first (runs.plan)")
+    elevation = sample_elevations(torch.rand(batch, generator=generator), ranges, generator)
     distance, fovy = uniform(ranges.distance), uniform(ranges.fovy)
     low, high = ranges.azimuth
     azimuth = low + (high - low) * (torch.rand(batch, generator=generator) + torch.arange(batch)) / batch
     return cameras_from_angles(elevation, azimuth, distance, fovy, height, width)
+
+
+def sample_elevations(u: torch.Tensor, ranges: CameraRanges, generator: torch.Generator) -> torch.Tensor:
+    """Elevations in degrees ``[B]`` from uniform draws ``u [B]`` in [0, 1): uniform in the angle, or by inverse
+    transform uniform in sin e (equal area on the sphere), or per batch one of the two ("mixed", a coin drawn from
+    ``generator``)."""
+    low, high = ranges.min_elevation, ranges.max_elevation
+    sampling = ranges.elevation_sampling
+    if sampling == "mixed":
+        sampling = "degrees" if torch.rand(1, generator=generator).item() < 0.5 else "sphere"
+    if sampling == "degrees":
+        return low + (high - low) * u
+    if sampling == "sphere":
+        sin_low, sin_high = math.sin(math.radians(low)), math.sin(math.radians(high))
+        return torch.rad2deg(torch.asin(sin_low + (sin_high - sin_low) * u))
+    raise ValueError(f"elevation_sampling '{ranges.elevation_sampling}' is not one of {ELEVATION_SAMPLINGS}")
 
 
 def orbit_cameras(count: int, elevation: float = 15.0, distance: float = 1.5, fovy: float = 70.0,

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..prior.prompts import VIEW_SUFFIX
-from ..scene.cameras import OVERHEAD_DEGREES, VIEWS, CameraRanges, Cameras, orbit_cameras, sample_cameras
+from ..scene.cameras import (MAX_ELEVATION_DEGREES, OVERHEAD_DEGREES, VIEWS, CameraRanges, Cameras,
+                             orbit_cameras, sample_cameras)
 from ..scene.render import ray_box
 
 SHAPES = ("sphere", "cube", "cylinder", "cone", "torus")
@@ -113,11 +114,17 @@ class ToyBatch:
     cameras: Cameras
 
 
+def data_cameras(max_elevation: float = MAX_ELEVATION_DEGREES, min_elevation: float = -10.0) -> CameraRanges:
+    """The cameras the toy data are drawn from (the prior's training renders, the judge's bank): the official
+    distance, fov and azimuth ranges, elevations uniform in degrees, as every toy dataset so far was made."""
+    return CameraRanges(min_elevation=min_elevation, max_elevation=max_elevation, elevation_sampling="degrees")
+
+
 def sample_batch(batch: int, size: int, generator: torch.Generator, ranges: CameraRanges | None = None,
                  plain_caption_prob: float = 0.2, overhead_elevation: float = OVERHEAD_DEGREES) -> ToyBatch:
     """Random shapes, colours and trainer cameras; a caption without a view word with ``plain_caption_prob``, else
     the camera's view word ("overhead" above ``overhead_elevation`` degrees)."""
-    cameras = sample_cameras(batch, ranges or CameraRanges(), size, size, generator)
+    cameras = sample_cameras(batch, ranges or data_cameras(), size, size, generator)
     shapes = torch.randint(len(SHAPES), (batch,), generator=generator).tolist()
     colours = torch.randint(len(COLOURS), (batch,), generator=generator).tolist()
     plain = (torch.rand(batch, generator=generator) < plain_caption_prob).tolist()
@@ -188,7 +195,7 @@ class ToyJudge:
         counts = torch.zeros(len(COLOURS))
         names = list(COLOURS)
         for s, shape in enumerate(SHAPES):
-            cams = sample_cameras(bank_per_shape, CameraRanges(), size, size, g)
+            cams = sample_cameras(bank_per_shape, data_cameras(), size, size, g)
             cols = torch.randint(len(COLOURS), (bank_per_shape,), generator=g).tolist()
             images, alpha = render_shapes([shape] * bank_per_shape, [names[c] for c in cols], cams)
             masks.append(self._normalise(alpha[:, 0] > 0.5, size))

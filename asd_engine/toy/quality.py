@@ -283,6 +283,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 if settings.mode == "3d":
                     used["overhead_elevation"], used["blob_fade"] = run.config.overhead_elevation, run.config.blob_fade
                     used["max_elevation"] = run.config.cameras.max_elevation
+                    used["elevation_sampling"] = run.config.cameras.elevation_sampling
                     used["field_backend"] = run.nerf.field.backend
                 else:
                     used["lr_decay_to"], used["jitter"] = run.config.lr_decay_to, run.config.jitter

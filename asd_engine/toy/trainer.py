@@ -31,8 +31,9 @@ from ..errors import UserInputError
 from ..prior import default_prior_path
 from ..prior.recipe import read_recipe, write_recipe
 from ..runs import checkpoint as ckpt
-from ..scene.cameras import MAX_ELEVATION_DEGREES, VIEWS, CameraRanges, sample_cameras
-from .data import COLOURS, SHAPES, caption, enclosed_holes, foreground_masks, render_shapes, sample_batch
+from ..scene.cameras import MAX_ELEVATION_DEGREES, VIEWS, sample_cameras
+from .data import (COLOURS, SHAPES, caption, data_cameras, enclosed_holes, foreground_masks, render_shapes,
+                   sample_batch)
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -167,7 +168,7 @@ def _dataset(config: ToyPriorConfig, tokenizer, work: Path, log: Callable[[str],
     if path.is_file():
         return load_file(str(path))
     g = torch.Generator().manual_seed(10_000 + config.seed)
-    ranges = CameraRanges(max_elevation=config.max_elevation)
+    ranges = data_cameras(config.max_elevation)
     images, captions, shapes, colours = [], [], [], []
     started = time.time()
     for start in range(0, config.dataset_size, 256):
@@ -358,7 +359,7 @@ def overhead_hole_rate(prior, per_colour: int = 24, steps: int = 30, guidance_sc
         holes = enclosed_holes(foreground_masks(images)).flatten(1).sum(1)
         per_class[colour] = float((holes >= HOLE_MIN_PIXELS).float().mean())
     size = int(prior.unet.config.sample_size) * prior.vae_scale_factor
-    overhead = CameraRanges(min_elevation=prior.recipe.overhead_elevation, max_elevation=prior.recipe.max_elevation)
+    overhead = data_cameras(prior.recipe.max_elevation, min_elevation=prior.recipe.overhead_elevation)
     cameras = sample_cameras(96, overhead, size, size, torch.Generator().manual_seed(seed))
     truth, _ = render_shapes(["torus"] * 96, [list(COLOURS)[i % len(COLOURS)] for i in range(96)], cameras)
     data = float((enclosed_holes(foreground_masks(truth)).flatten(1).sum(1) >= HOLE_MIN_PIXELS).float().mean())
