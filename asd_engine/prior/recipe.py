@@ -68,25 +68,11 @@ class Recipe:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise UserInputError("model", f"{where}: {key} is {json.dumps(value)}, not a finite number",
                                      f"fix {RECIPE_FILE}")
-        if self.background not in BACKGROUNDS:
-            raise UserInputError("model", f"{where}: background '{self.background}' is not one of "
-                                          f"{', '.join(BACKGROUNDS)}", f"fix {RECIPE_FILE}")
-        for key in ("weighting", "weighting_2d"):
+        for key, choices in CHOICES.items():
             value = getattr(self, key)
-            if value not in WEIGHTINGS and not (key == "weighting_2d" and value is None):
-                raise UserInputError("model", f"{where}: {key} '{value}' is not one of {', '.join(WEIGHTINGS)}",
+            if value not in choices and not (value is None and key in ("weighting_2d", "phi_noise_2d")):  # None: as 3D
+                raise UserInputError("model", f"{where}: {key} '{value}' is not one of {', '.join(choices)}",
                                      f"fix {RECIPE_FILE}")
-        for key in ("phi_noise", "phi_noise_2d"):
-            value = getattr(self, key)
-            if value not in PHI_NOISE and not (key == "phi_noise_2d" and value is None):
-                raise UserInputError("model", f"{where}: {key} '{value}' is not one of {', '.join(PHI_NOISE)}",
-                                     f"fix {RECIPE_FILE}")
-        if self.elevation_sampling not in ELEVATION_SAMPLINGS:
-            raise UserInputError("model", f"{where}: elevation_sampling '{self.elevation_sampling}' is not one of "
-                                          f"{', '.join(ELEVATION_SAMPLINGS)}", f"fix {RECIPE_FILE}")
-        if self.lora_targets not in LORA_TARGET_CHOICES:
-            raise UserInputError("model", f"{where}: lora_targets '{self.lora_targets}' is not one of "
-                                        f"{', '.join(LORA_TARGET_CHOICES)}", f"fix {RECIPE_FILE}")
         if (not 0.0 <= self.t_min < self.t_max <= 1.0 or self.guidance_scale <= 0 or self.lora_lr <= 0
                 or not isinstance(self.jitter_2d, int) or self.jitter_2d < 0 or not isinstance(self.blob_fade, bool)
                 or not -1.0 <= self.gamma <= 0.0
@@ -97,6 +83,9 @@ class Recipe:
 
 # the recipe's number fields, from its annotations (each checked for being a finite number before its range)
 NUMBERS = tuple(f.name for f in dataclasses.fields(Recipe) if f.type == "float")
+# the recipe's named-choice fields and the names each may hold, checked in this order
+CHOICES = {"background": BACKGROUNDS, "weighting": WEIGHTINGS, "weighting_2d": WEIGHTINGS, "phi_noise": PHI_NOISE,
+           "phi_noise_2d": PHI_NOISE, "elevation_sampling": ELEVATION_SAMPLINGS, "lora_targets": LORA_TARGET_CHOICES}
 OFFICIAL = Recipe()
 
 def apply_aliases(prompt: str, aliases: dict[str, str]) -> str:

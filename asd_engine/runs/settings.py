@@ -432,13 +432,12 @@ def official_where_absent(saved: dict[str, Any], config_class: type) -> dict[str
         *parents, leaf = setting.field.split(".")
         owner, cls = saved, config_class
         for name in parents:
-            owner, cls = owner.get(name), typing.get_type_hints(cls).get(name)
-            if not isinstance(owner, dict) or not dataclasses.is_dataclass(cls):
+            child, cls = owner.get(name), typing.get_type_hints(cls).get(name)
+            if not isinstance(child, dict) or not dataclasses.is_dataclass(cls):
                 break
+            owner[name] = upgrade_stored(cls, child)  # a class may know what its older forms meant
+            owner = owner[name]
         else:
-            upgraded = dict(upgrade_stored(cls, owner))  # a class may know what its older forms meant
-            owner.clear()
-            owner.update(upgraded)
             if leaf in {f.name for f in dataclasses.fields(cls)} and leaf not in owner:
                 owner[leaf] = getattr(OFFICIAL, setting.recipe)
     return saved

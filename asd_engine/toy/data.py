@@ -114,7 +114,8 @@ class ToyBatch:
     cameras: Cameras
 
 
-def data_cameras(max_elevation: float = MAX_ELEVATION_DEGREES, min_elevation: float = -10.0) -> CameraRanges:
+def data_cameras(max_elevation: float = MAX_ELEVATION_DEGREES,
+                 min_elevation: float = CameraRanges.min_elevation) -> CameraRanges:
     """The cameras the toy data are drawn from (the prior's training renders, the judge's bank): the official
     distance, fov and azimuth ranges, elevations uniform in degrees, as every toy dataset so far was made."""
     return CameraRanges(min_elevation=min_elevation, max_elevation=max_elevation, elevation_sampling="degrees")
