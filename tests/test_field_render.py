@@ -12,7 +12,7 @@ from asd_engine.scene.cameras import CameraRanges, VIEWS, cameras_from_angles, o
 from asd_engine.scene.field import FieldConfig, HashGrid, NeRFField
 from asd_engine.scene.nerf import NeRFGenerator
 from asd_engine.scene.render import OccupancyGrid, RenderConfig, left_pack, march, ray_box, volume_render
-from asd_engine.runs.text_to_3d import blob_seed
+from asd_engine.runs.text_to_3d import blob_seed, haze_loss
 
 
 # ---------------------------------------------------------------------------------------------- hash grid
@@ -230,6 +230,40 @@ def test_the_blob_seed_fades_its_positive_part_only_and_is_saved():
     # the schedule: 1 → 0 by the second phase's start (or the last step without one), then 0
     assert [blob_seed(s, 4, 100) for s in (0, 1, 2, 4, 9)] == [1.0, 0.75, 0.5, 0.0, 0.0]
     assert blob_seed(5, None, 10) == 0.5 and blob_seed(0, 0, 10) == 0.0
+
+
+def test_haze_loss_counts_only_density_too_faint_to_draw_and_training_on_it_clears_that_haze():
+    torch.manual_seed(0)
+    nerf = NeRFGenerator(FieldConfig(n_levels=4, log2_hashmap_size=12, hidden_dim=16), RenderConfig())
+    faint_limit = nerf.render_config.alpha_threshold
+    # the same random points the loss draws, from a generator in the same state
+    x = (torch.rand(512, 3, generator=torch.Generator().manual_seed(3)) * 2 - 1) * nerf.field_config.radius
+    with torch.no_grad():
+        sigma = nerf.field.density(x)
+    alpha = 1 - torch.exp(-sigma * nerf.step_size)
+    faint = alpha < faint_limit
+    assert faint.any() and (~faint).any()  # the seed ball is drawn, the corners are haze
+    assert torch.isclose(haze_loss(nerf, torch.Generator().manual_seed(3), points=512), alpha[faint].sum() / 512)
+    # its gradient reaches the faint points' density only: what the renderer draws is left to the other terms
+    density = nerf.field.density
+    leaf = sigma.clone().requires_grad_()
+    nerf.field.density = lambda points: leaf
+    haze_loss(nerf, torch.Generator().manual_seed(3), points=512).backward()
+    nerf.field.density = density
+    assert (leaf.grad[faint] > 0).all() and (leaf.grad[~faint] == 0).all()
+    # trained on alone, the haze goes
+    optimizer = torch.optim.Adam(nerf.field.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(30):
+        optimizer.zero_grad()
+        haze_loss(nerf, generator, points=512).backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = 1 - torch.exp(-nerf.field.density(x) * nerf.step_size)
+    assert after[faint].sum() < 0.5 * alpha[faint].sum()
+    # a field with nothing faint has no haze
+    nerf.field.density = lambda points: torch.full(points.shape[:1], 100.0)
+    assert haze_loss(nerf, torch.Generator().manual_seed(3), points=512) == 0
 
 
 # ---------------------------------------------------------------------------------------------- cameras

@@ -2,7 +2,7 @@
 
 One step (Alg. 1): sample cameras → render (jittered marching, random solid backgrounds) → resize to the prior's
 resolution → encode (VAE posterior sample, gradients through the encoder) → :func:`distill.distill_step` with the
-view-dependent prompt (φ gets the camera) → + regularisers (sparsity, opacity entropy) → backward → Adam.
+view-dependent prompt (φ gets the camera) → + regularisers (sparsity, opacity entropy, haze) → backward → Adam.
 
 Presets: ``quality`` is the official ASD recipe (GPU, frozen models in fp16), ``low-vram`` keeps its 64 → 512 px
 schedule and adds VAE-encoder checkpointing, a smaller table, chunked marching and chunk-checkpointed renders;
@@ -32,6 +32,23 @@ from .configs import TextTo3DConfig, config_from_dict
 def sparsity_loss(opacity: torch.Tensor) -> torch.Tensor:
     """Mean √(opacity² + 0.01) of ``opacity [B, H, W, 1]``: a smooth L1 pull towards empty space."""
     return (opacity.square() + 0.01).sqrt().mean()
+
+
+# random points of the scene cube per step for the haze term (a few % of a toy-cpu step's samples)
+HAZE_POINTS = 4096
+
+
+def haze_loss(nerf: NeRFGenerator, generator: torch.Generator, points: int = HAZE_POINTS) -> torch.Tensor:
+    """Mean alpha (1 − e^(−σ·step)) of the density too faint to be drawn, at ``points`` uniform random points of
+    the scene cube: points at or above the renderer's alpha threshold count 0.
+
+    The marcher drops samples below that threshold, so no rendering loss reaches them: the sparsity term pushes haze
+    just under it and leaves it there, unseen in renders but kept in the field (docs/engine.md#recipe-lambda_haze).
+    """
+    x = (torch.rand(points, 3, generator=generator) * 2.0 - 1.0) * nerf.field_config.radius   # [points, 3]
+    alpha = 1.0 - torch.exp(-nerf.field.density(x.to(nerf.device)) * nerf.step_size)      # [points]
+    faint = alpha.detach() < nerf.render_config.alpha_threshold
+    return (alpha * faint).sum() / points
 
 
 def opacity_entropy(opacity: torch.Tensor) -> torch.Tensor:
@@ -108,6 +125,10 @@ class TextTo3D(DistillationRun):
             entropy = opacity_entropy(render.opacity)
             loss = loss + config.lambda_opacity_entropy * entropy
             extras["opacity_entropy"] = entropy.item()
+        if config.lambda_haze > 0:  # no draw from the run's generator without it: older runs keep their stream
+            haze = haze_loss(self.nerf, self.rng)
+            loss = loss + config.lambda_haze * haze
+            extras["haze"] = haze.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

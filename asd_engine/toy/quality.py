@@ -284,6 +284,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                     used["overhead_elevation"], used["blob_fade"] = run.config.overhead_elevation, run.config.blob_fade
                     used["max_elevation"] = run.config.cameras.max_elevation
                     used["elevation_sampling"] = run.config.cameras.elevation_sampling
+                    used["lambda_sparsity"], used["lambda_haze"] = run.config.lambda_sparsity, run.config.lambda_haze
                     used["field_backend"] = run.nerf.field.backend
                 else:
                     used["lr_decay_to"], used["jitter"] = run.config.lr_decay_to, run.config.jitter
