@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..distill import PHI_NOISE
 from ..errors import UserInputError
+from ..runs.configs import TOY_CPU_STEPS
 from ..runs.settings import BY_FIELD
 from .common import ensure_writable_dir, integer, quiet_libraries
 
@@ -24,7 +25,8 @@ def add_parsers(sub) -> None:
                    help="semicolon-separated toy prompts (default %(default)s)")
     p.add_argument("--seeds", type=integer, default=3, help="seeds per prompt (default 3)")
     p.add_argument("--steps", type=integer,
-                   help="steps per run (default: the toy-cpu preset's 900 in 3d, the Train Loop node's 300 in 2d)")
+                   help=f"steps per run (default: the toy-cpu preset's {TOY_CPU_STEPS} in 3d, the Train Loop node's 300 "
+                        "in 2d)")
     p.add_argument("--mode", choices=["3d", "2d"], default="3d")
     p.add_argument("--phi-noise", choices=list(PHI_NOISE),
                    help="φ's noise (default: from the prior's recipe; shared for the toy prior)")
