@@ -51,13 +51,11 @@ def test_sd_folder_without_a_recipe_gets_the_official_one(tiny_eps_dir, preset):
                                    "distill.t_min": 0.02, "distill.t_max": 0.98, "distill.weighting": "sds",
                                    "distill.phi_noise": "fresh", "phi.lr": 1e-4, "phi.lora_targets": "attention"}
     assert run.config.lambda_sparsity == 10.0 and run.phi.optimizer.param_groups[0]["lr"] == 1e-4
-    assert run.config.lambda_haze == 0.0  # the official code has no haze term
     assert run.config.overhead_elevation == 60.0 and run.prompts.overhead_elevation == 60.0  # DreamFusion's
     assert run.config.blob_fade is False and run.nerf.field.blob_seed == 1.0  # the permanent blob
     assert run.config.cameras.max_elevation == 45.0  # the official training cameras' top
     assert run.config.cameras.elevation_sampling == "mixed"  # the official code's camera sampler
-    assert set(run.config.from_recipe) == {*RECIPE_VALUES, "lambda_sparsity", "lambda_haze", "blob_fade",
-                                           "overhead_elevation",
+    assert set(run.config.from_recipe) == {*RECIPE_VALUES, "lambda_sparsity", "blob_fade", "overhead_elevation",
                                            "cameras.max_elevation", "cameras.elevation_sampling"}
     run.phi.remove()
 
@@ -72,7 +70,6 @@ def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
                                    "distill.phi_noise": "shared", "phi.lr": TOY_RECIPE.lora_lr,
                                    "phi.lora_targets": TOY_RECIPE.lora_targets}
     assert run.config.lambda_sparsity == TOY_RECIPE.lambda_sparsity
-    assert run.config.lambda_haze == TOY_RECIPE.lambda_haze > 0
     assert run.config.overhead_elevation == TOY_RECIPE.overhead_elevation == 30.0
     assert run.prompts.overhead_elevation == 30.0
     assert run.config.cameras.max_elevation == TOY_RECIPE.max_elevation == 80.0  # the views the prior was tuned on

@@ -193,8 +193,9 @@ def test_text_to_3d_resume_equals_a_straight_run_and_render_reproduces_the_views
     if backend == "warp":
         pytest.importorskip("warp", reason="warp-lang is not installed: pip install -r tests/requirements.txt")
     cpu = ["--device", "cpu"]
+    # the haze term draws its points from the run's generator: a resumed run must draw the same ones
     common = ["--model", tiny_v_dir, "--prompt", "a red cube", "--seed", 3, "--blob-fade", "on", "--t-anneal-step", 4,
-              "--field-backend", backend, *FAST, *cpu]
+              "--lambda-haze", 30, "--field-backend", backend, *FAST, *cpu]
     assert run_cli("text-to-3d", *common, "--steps", 6, "--out", tmp_path / "straight") == 0
     assert run_cli("text-to-3d", *common, "--steps", 3, "--out", tmp_path / "first") == 0
     assert run_cli("text-to-3d", "--resume", tmp_path / "first" / "checkpoint", "--steps", 6,
@@ -248,7 +249,8 @@ def test_an_extended_run_without_a_second_phase_does_not_grow_the_blob_back(tiny
 
 @pytest.mark.parametrize("args,flag", [
     (["--preset", "huge"], "--preset"), (["--method", "gan"], "--method"), (["--steps", "0"], "--steps"),
-    (["--model", "/nonexistent/model"], "--model"), (["--perp-neg", "maybe"], "--perp-neg")])
+    (["--model", "/nonexistent/model"], "--model"), (["--perp-neg", "maybe"], "--perp-neg"),
+    (["--lambda-haze", "-1"], "--lambda-haze")])
 def test_text_to_3d_bad_inputs_are_one_line_errors(tiny_v_dir, tmp_path, capsys, args, flag):
     base = {"--model": str(tiny_v_dir), "--prompt": "a cube", "--out": str(tmp_path / "o"), "--steps": "2"}
     for i in range(0, len(args), 2):

@@ -52,8 +52,6 @@ class Recipe:
     phi_noise_2d: str | None = None       # the same for 2D runs (None: `phi_noise`); docs/engine.md#recipe-phi_noise_2d
     # 3D: weight of the sparsity term mean √(opacity² + 0.01); docs/engine.md#recipe-lambda_sparsity
     lambda_sparsity: float = 10.0
-    # 3D: weight of the haze term (density too faint to render; official: none); docs/engine.md#recipe-lambda_haze
-    lambda_haze: float = 0.0
     blob_fade: bool = False               # 3D: fade the seed ball by the second phase; docs/engine.md#recipe-blob_fade
     # 3D: cameras above this elevation (degrees) get ", overhead view"; docs/engine.md#recipe-overhead_elevation
     overhead_elevation: float = OVERHEAD_DEGREES
@@ -78,7 +76,7 @@ class Recipe:
         if (not 0.0 <= self.t_min < self.t_max <= 1.0 or self.guidance_scale <= 0 or self.lora_lr <= 0
                 or not isinstance(self.jitter_2d, int) or self.jitter_2d < 0 or not isinstance(self.blob_fade, bool)
                 or not -1.0 <= self.gamma <= 0.0
-                or self.lambda_sparsity < 0 or self.lambda_haze < 0 or not 0.0 < self.overhead_elevation <= 90.0
+                or self.lambda_sparsity < 0 or not 0.0 < self.overhead_elevation <= 90.0
                 or not 0.0 < self.max_elevation <= 90.0):
             raise UserInputError("model", f"{where}: out-of-range values in {self}", f"fix {RECIPE_FILE}")
 

@@ -124,9 +124,9 @@ class TextTo3DConfig(RunConfig):
     lr_mlp: float = 1e-3
     lr_background: float = 1e-3
     lambda_sparsity: float | None = None  # mean √(opacity² + 0.01); None: the prior's recipe (official 10)
-    # mean alpha of the density too faint to render, at random points (text_to_3d.haze_loss); None: the prior's recipe
-    # (official: no such term, 0)
-    lambda_haze: float | None = None
+    # mean alpha of the density too faint to render, at random points (text_to_3d.haze_loss); off by default: it
+    # clears floaters but cost shape on the toy prior (docs/text_to_3d.md#lambda-haze)
+    lambda_haze: float = 0.0
     overhead_elevation: float | None = None  # "overhead view" above it (degrees); None: the prior's recipe (60)
     # fade the blob's seed ball (field.NeRFField) linearly to nothing by the second phase (`distill.t_anneal_step`);
     # None: the prior's recipe (official: the permanent blob)

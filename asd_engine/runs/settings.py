@@ -147,8 +147,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("lambda_sparsity", "--lambda-sparsity", None, "weight of the sparsity regulariser", kind=float, low=0,
       recipe="lambda_sparsity", modes=ONLY_3D),
     S("lambda_haze", "--lambda-haze", None, "weight of the haze regulariser: density too faint for the renderer to "
-                                            "draw, at random points", kind=float, low=0, recipe="lambda_haze",
-      modes=ONLY_3D),
+                                            "draw, at random points (0: off)", kind=float, low=0, modes=ONLY_3D),
     S("blob_fade", "--blob-fade", None, "fade the NeRF's initial ball of density to nothing by the second phase",
       kind=bool, recipe="blob_fade", modes=ONLY_3D),
     S("overhead_elevation", "--overhead-elevation", None, "cameras above this elevation (degrees) are prompted "

@@ -43,7 +43,7 @@ def haze_loss(nerf: NeRFGenerator, generator: torch.Generator, points: int = HAZ
     the scene cube: points at or above the renderer's alpha threshold count 0.
 
     The marcher drops samples below that threshold, so no rendering loss reaches them: the sparsity term pushes haze
-    just under it and leaves it there, unseen in renders but kept in the field (docs/engine.md#recipe-lambda_haze).
+    just under it and leaves it there, unseen in renders but kept in the field (docs/text_to_3d.md#lambda-haze).
     """
     x = (torch.rand(points, 3, generator=generator) * 2.0 - 1.0) * nerf.field_config.radius   # [points, 3]
     alpha = 1.0 - torch.exp(-nerf.field.density(x.to(nerf.device)) * nerf.step_size)      # [points]
