@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -406,6 +407,7 @@ def test_a_3d_harness_keeps_checkpoints_and_rescores_an_older_journal_with_the_g
     assert {"floaters", "overgrowth", "extent_xy", "extent_z", "mesh_hole_opening", "axis_filled"} <= set(record)
     assert (tmp_path / "checkpoints" / "sds__a_red_torus__seed0" / "state.safetensors").is_file()
     assert record["used"]["field_backend"] == "torch"  # "auto" on a CPU, recorded as the grid that ran
+    assert record["lambda_haze"] == record["used"]["lambda_haze"] == 0.0  # the haze term is off unless asked for
     older = {k: v for k, v in record.items() if k not in ("floaters", "overgrowth", "extent_xy", "extent_z",
                                                           "mesh_hole_opening", "axis_filled")}
     (tmp_path / "runs.jsonl").write_text(json.dumps(older) + "\n")  # a journal from before the geometry metrics
@@ -417,3 +419,11 @@ def test_a_3d_harness_keeps_checkpoints_and_rescores_an_older_journal_with_the_g
     again = quality.run_quality(settings, tmp_path, device="cpu", log=lambda line: None)
     assert again["runs"][0] == record  # the same numbers, from the kept checkpoint
     assert "mesh: axis filled" in quality.markdown_table(again)
+    # a journal line from before the haze term ran without it
+    assert quality._run_key({k: v for k, v in record.items() if k != "lambda_haze"}) == quality._run_key(record)
+    with pytest.raises(AssertionError, match="started again"):  # another haze weight is another run
+        quality.run_quality(dataclasses.replace(settings, lambda_haze=30.0), tmp_path, device="cpu",
+                            log=lambda line: None)
+    for bad, mode in ((-1.0, "3d"), (float("nan"), "3d"), (30.0, "2d")):
+        with pytest.raises(UserInputError, match="lambda_haze"):
+            quality.check_quality_settings(dataclasses.replace(settings, lambda_haze=bad, mode=mode))

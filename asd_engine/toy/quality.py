@@ -156,6 +156,7 @@ class QualitySettings:
     phi_noise: str | None = None      # None: the prior's recipe (toy prior: shared; Stable Diffusion: fresh)
     guidance_scale: float | None = None  # None: the prior's recipe (toy prior: 3; the paper's SD recipe: 7.5)
     field_backend: str = "auto"       # 3D: the hash grid's implementation (scene.field.FIELD_BACKENDS)
+    lambda_haze: float = 0.0          # 3D: the haze term's weight (TextTo3DConfig.lambda_haze; 0: off, the default)
 
 
 def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
@@ -189,6 +190,9 @@ def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
                              "use a finite number ≥ 0 (the toy prior's recipe: 3)")
     check_setting("nerf_field.backend", settings.field_backend)  # the settings table's own check
     check_setting("distill.phi_noise", settings.phi_noise)
+    check_setting("lambda_haze", settings.lambda_haze)
+    if settings.lambda_haze and settings.mode != "3d":
+        raise UserInputError("lambda_haze", "the haze term is a 3D regulariser", "leave it out with --mode 2d")
     return [parse_toy_prompt(p) for p in settings.prompts]
 
 
@@ -197,11 +201,12 @@ def _grid(rows: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.cat([torch.cat(row, dim=2) for row in rows], dim=1)
 
 
-RUN_FIELDS = ("mode", "method", "prompt", "seed", "steps", "phi_noise", "guidance_scale")  # what makes a run
+RUN_FIELDS = ("mode", "method", "prompt", "seed", "steps", "phi_noise", "guidance_scale", "lambda_haze")  # a run
+RUN_FIELD_DEFAULTS = {"lambda_haze": 0.0}  # what a journal line written before the field existed ran with
 
 
 def _run_key(record: dict) -> tuple:
-    return tuple(record[name] for name in RUN_FIELDS)
+    return tuple(record[name] if name in record else RUN_FIELD_DEFAULTS[name] for name in RUN_FIELDS)
 
 
 def _run_name(method: str, prompt: str, seed: int) -> str:
@@ -250,7 +255,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
             phi_noise = settings.phi_noise or run_settings.recipe_value(noise_row, prior.recipe, settings.mode, method)
             for seed in range(settings.seeds):
                 identity = dict(zip(RUN_FIELDS, (settings.mode, method, prompt, seed, steps, phi_noise,
-                                                 settings.guidance_scale)))
+                                                 settings.guidance_scale, settings.lambda_haze)))
                 key, picture_path = _run_key(identity), _picture_path(out, method, prompt, seed)
                 if key in done and picture_path.is_file():
                     record = done[key]
@@ -268,9 +273,11 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                     spec = NeRFGeneratorSpec(preset="toy-cpu", seed=seed, field_backend=settings.field_backend)
                 else:
                     spec = ImageGeneratorSpec(size=None, seed=seed)
-                run = make_run(prior, spec, {"prompt": prompt, "steps": steps, "distill.method": method,
-                                             "distill.phi_noise": phi_noise,
-                                             "distill.guidance_scale": settings.guidance_scale})
+                values = {"prompt": prompt, "steps": steps, "distill.method": method, "distill.phi_noise": phi_noise,
+                          "distill.guidance_scale": settings.guidance_scale}
+                if settings.mode == "3d":
+                    values["lambda_haze"] = settings.lambda_haze
+                run = make_run(prior, spec, values)
                 drift: list[float] = []
                 with torch.enable_grad():
                     run.run(on_step=lambda info: drift.append(info.phi_drift))
