@@ -192,7 +192,7 @@ def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
     check_setting("distill.phi_noise", settings.phi_noise)
     check_setting("lambda_haze", settings.lambda_haze)
     if settings.lambda_haze and settings.mode != "3d":
-        raise UserInputError("lambda_haze", "the haze term is a 3D regulariser", "leave it out with --mode 2d")
+        raise UserInputError("lambda_haze", "the haze term is a 3D regulariser", "leave it at 0 when mode is 2d")
     return [parse_toy_prompt(p) for p in settings.prompts]
 
 
