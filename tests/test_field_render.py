@@ -247,22 +247,27 @@ def test_haze_loss_counts_only_density_too_faint_to_draw_and_training_on_it_clea
     # its gradient reaches the faint points' density only: what the renderer draws is left to the other terms
     density = nerf.field.density
     leaf = sigma.clone().requires_grad_()
-    nerf.field.density = lambda points: leaf
+    nerf.field.density = lambda points, head_grad=True: leaf
     haze_loss(nerf, torch.Generator().manual_seed(3), points=512).backward()
     nerf.field.density = density
     assert (leaf.grad[faint] > 0).all() and (leaf.grad[~faint] == 0).all()
-    # trained on alone, the haze goes
-    optimizer = torch.optim.Adam(nerf.field.parameters(), lr=1e-2)
+    # and through the field it moves the hash entries only, never the density MLP that every point shares
+    haze_loss(nerf, torch.Generator().manual_seed(3), points=512).backward()
+    assert nerf.field.encoding.params.grad.abs().sum() > 0
+    assert all(p.grad is None for p in nerf.field.density_head.parameters())
+    nerf.field.zero_grad(set_to_none=True)
+    # trained on alone, the haze fades (through the hash entries only, so slowly: 0.61 of it is left here)
+    optimizer = torch.optim.Adam(nerf.field.parameters(), lr=5e-2)
     generator = torch.Generator().manual_seed(4)
-    for _ in range(30):
+    for _ in range(60):
         optimizer.zero_grad()
         haze_loss(nerf, generator, points=512).backward()
         optimizer.step()
     with torch.no_grad():
         after = 1 - torch.exp(-nerf.field.density(x) * nerf.step_size)
-    assert after[faint].sum() < 0.5 * alpha[faint].sum()
+    assert after[faint].sum() < 0.75 * alpha[faint].sum()
     # a field with nothing faint has no haze
-    nerf.field.density = lambda points: torch.full(points.shape[:1], 100.0)
+    nerf.field.density = lambda points, head_grad=True: torch.full(points.shape[:1], 100.0)
     assert haze_loss(nerf, torch.Generator().manual_seed(3), points=512) == 0
 
 

@@ -125,7 +125,7 @@ class TextTo3DConfig(RunConfig):
     lr_background: float = 1e-3
     lambda_sparsity: float | None = None  # mean √(opacity² + 0.01); None: the prior's recipe (official 10)
     # mean alpha of the density too faint to render, at random points (text_to_3d.haze_loss); off by default: it
-    # clears floaters but cost shape on the toy prior (docs/text_to_3d.md#lambda-haze)
+    # clears floaters but made the toy prior's objects larger (docs/text_to_3d.md#lambda-haze)
     lambda_haze: float = 0.0
     overhead_elevation: float | None = None  # "overhead view" above it (degrees); None: the prior's recipe (60)
     # fade the blob's seed ball (field.NeRFField) linearly to nothing by the second phase (`distill.t_anneal_step`);

@@ -232,13 +232,20 @@ class NeRFField(nn.Module):
         unit = ((points / self.config.radius) * 0.5 + 0.5).clamp(0.0, 1.0)  # scene cube → [0, 1]³
         return self.encoding(unit)
 
-    def _density_from(self, features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    def _density_from(self, features: torch.Tensor, points: torch.Tensor, head_grad: bool = True) -> torch.Tensor:
         ramp = 1.0 - points.norm(dim=-1) / self.config.density_blob_std
         blob = self.config.density_blob_scale * (ramp.clamp_max(0.0) + self.blob_seed * ramp.clamp_min(0.0))
-        return F.softplus(self.density_head(features).squeeze(-1) + blob)
+        if head_grad:
+            logit = self.density_head(features)
+        else:  # the head's weights as constants: a loss on these points moves only their own hash entries
+            frozen = {name: p.detach() for name, p in self.density_head.named_parameters()}
+            logit = torch.func.functional_call(self.density_head, frozen, (features,))
+        return F.softplus(logit.squeeze(-1) + blob)
 
-    def density(self, points: torch.Tensor) -> torch.Tensor:
-        return self._density_from(self._features(points), points)
+    def density(self, points: torch.Tensor, head_grad: bool = True) -> torch.Tensor:
+        """``points [N, 3]`` → density ``[N]``; ``head_grad=False`` keeps gradients out of the density MLP, which
+        every point shares (a local term, like the haze term, then cannot reshape the rest of the field)."""
+        return self._density_from(self._features(points), points, head_grad)
 
     def forward(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self._features(points)
