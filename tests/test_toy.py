@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from asd_engine.scene.cameras import cameras_from_angles
+from asd_engine.scene.nerf import NeRFGenerator
 from asd_engine.errors import UserInputError
 from asd_engine.toy.quality import TOP_ELEVATION, hole_opening, markdown_table, parse_toy_prompt, summarise
 from asd_engine.toy.data import (COLOURS, SHAPES, ToyJudge, best_rotation_iou, colour_error, crop_to_box,
@@ -358,6 +359,8 @@ def test_read_png_keeps_a_wide_picture_as_it_is(tmp_path):
 
 class _AnalyticNeRF:
     """Stands in for a NeRFGenerator in the geometry metrics: density from a function of the points."""
+
+    step_alpha = NeRFGenerator.step_alpha  # the real alpha of a marching step (it reads only ``step_size``)
 
     def __init__(self, density_fn, radius: float = 1.0, step_size: float = 2 * math.sqrt(3) / 96) -> None:
         from types import SimpleNamespace

@@ -48,7 +48,7 @@ def haze_loss(nerf: NeRFGenerator, generator: torch.Generator, points: int = HAZ
     x = (torch.rand(points, 3, generator=generator) * 2.0 - 1.0) * nerf.field_config.radius   # [points, 3]
     # the density MLP, shared by every point, is held still: through it the term reshaped the object
     # (docs/text_to_3d.md#lambda-haze)
-    alpha = 1.0 - torch.exp(-nerf.field.density(x.to(nerf.device), head_grad=False) * nerf.step_size)  # [points]
+    alpha = nerf.step_alpha(nerf.field.density(x.to(nerf.device), head_grad=False))                   # [points]
     faint = alpha.detach() < nerf.render_config.alpha_threshold
     return (alpha * faint).sum() / points
 

@@ -178,7 +178,7 @@ def extract_mesh(nerf: NeRFGenerator, resolution: int = 256, threshold: float = 
                              "resume from an earlier checkpoint of the run, or train again with another {=seed}")
     # the renderer skips samples whose alpha is below its threshold: a field that never reaches it renders as
     # background only, and a mesh of it would be a surface of noise nobody can see
-    drawn = 1.0 - float(np.exp(-peak * nerf.step_size))
+    drawn = float(nerf.step_alpha(torch.tensor(peak, dtype=torch.float64)))
     if peak <= 0.0 or drawn < nerf.render_config.alpha_threshold:
         raise EmptyField("checkpoint", f"the NeRF is empty: its highest density ({peak:.3g}) is below what the "
                          "renderer draws, so its views show only the background and there is no surface to mesh",

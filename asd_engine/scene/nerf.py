@@ -46,6 +46,11 @@ class NeRFGenerator(nn.Module):
     def device(self) -> torch.device:
         return self.grid.occupancy.device
 
+    def step_alpha(self, density: torch.Tensor) -> torch.Tensor:
+        """Alpha ``1 − e^(−σ·step)`` of one marching step through ``density [...]`` (same shape): what the
+        renderer compares with ``render_config.alpha_threshold`` to draw a sample or skip it."""
+        return 1.0 - torch.exp(-density * self.step_size)
+
     def parameter_groups(self, lr_grid: float, lr_mlp: float, lr_background: float) -> list[dict]:
         """Optimiser groups with the recipe's learning rates (hash grid, MLP heads, background)."""
         return [{"params": list(self.field.encoding.parameters()), "lr": lr_grid, "name": "grid"},

@@ -108,7 +108,7 @@ def evaluate_geometry(nerf, shape: str, level: float) -> dict[str, float]:
         largest = labels == 1 + int(torch.tensor(ndimage.sum(solid, labels, range(1, count + 1))).argmax())
     else:
         largest = solid
-    alpha = 1.0 - torch.exp(-density.clamp_min(0) * nerf.step_size)
+    alpha = nerf.step_alpha(density.clamp_min(0))
     outside, attached = sdf > FLOATER_MARGIN, torch.from_numpy(largest)
     total = alpha.sum().clamp_min(1e-12)
     result = {"floaters": float(alpha[outside & ~attached].sum() / total),
