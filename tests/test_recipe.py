@@ -304,6 +304,10 @@ def test_harness_and_2d_spec_use_the_recipe():
     assert float(run.images().mean()) > 0.9  # the 2D image starts white, as the toy prior's training images are
     # the toy prior's 2D runs have their own w(t); its 3D runs (test above) the general one
     assert run.config.distill.weighting == TOY_RECIPE.weighting_2d == "uniform" != TOY_RECIPE.weighting
+    # one widget serves both modes (the Train Loop node): its default text names both of the toy prior's values
+    text = settings.default_text(settings.BY_FIELD["distill.weighting"], "3d")
+    assert f"toy prior {TOY_RECIPE.weighting} in 3D, {TOY_RECIPE.weighting_2d} in 2D" in text
+    assert "in 2D" not in settings.default_text(settings.BY_FIELD["distill.weighting"], "2d")
     assert "distill.weighting" in run.config.from_recipe
     assert run.config.jitter == run.image.jitter == TOY_RECIPE.jitter_2d == 1 and "jitter" in run.config.from_recipe
     # and their own φ noise: shared in 3D, fresh in 2D (where the 2D recipe was measured)

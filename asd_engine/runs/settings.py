@@ -269,8 +269,12 @@ def default_text(setting: Setting, mode: str) -> str:
         from ..prior.recipe import read_recipe
 
         official = recipe_value(setting, OFFICIAL, mode, "asd")
-        toy = recipe_value(setting, read_recipe(default_prior_path()), mode, "asd")
-        return f"default: from the prior's recipe (Stable Diffusion {show_value(official)}, toy prior {show_value(toy)})"
+        toy_recipe = read_recipe(default_prior_path())
+        toy = show_value(recipe_value(setting, toy_recipe, mode, "asd"))
+        toy_2d = show_value(recipe_value(setting, toy_recipe, "2d", "asd"))
+        if mode == "3d" and "2d" in setting.modes and toy_2d != toy:  # one widget for both (the Train Loop node)
+            toy = f"{toy} in 3D, {toy_2d} in 2D"
+        return f"default: from the prior's recipe (Stable Diffusion {show_value(official)}, toy prior {toy})"
     if mode == "3d":
         values = {p: get_field(preset_config(p, ""), setting.field) for p in PRESETS}
         if len(set(map(repr, values.values()))) > 1:
