@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from asd_engine.prior import default_prior_path  # noqa: E402
 from asd_engine.prior.diffusion import DiffusionPrior  # noqa: E402
 from asd_engine.scene.cameras import sample_cameras  # noqa: E402
-from asd_engine.toy.data import data_cameras, foreground_masks, render_shapes  # noqa: E402
+from asd_engine.toy.data import data_cameras, foreground_masks, mask_box, render_shapes  # noqa: E402
 from asd_engine.toy.trainer import sample_images  # noqa: E402
 
 
@@ -33,9 +33,10 @@ def mask_sizes(images: torch.Tensor) -> list[tuple[int, int, int]]:
     images with no foreground are left out."""
     sizes = []
     for mask in foreground_masks(images):
-        rows, cols = mask.any(1).nonzero().squeeze(-1), mask.any(0).nonzero().squeeze(-1)
-        if len(rows):
-            sizes.append((int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1), int(mask.sum())))
+        box = mask_box(mask)
+        if box is not None:
+            r0, r1, c0, c1 = box
+            sizes.append((r1 - r0, c1 - c0, int(mask.sum())))
     return sizes
 
 

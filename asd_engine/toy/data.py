@@ -141,16 +141,24 @@ def _chromaticity(rgb: torch.Tensor) -> torch.Tensor:
     return rgb / rgb.sum(-1, keepdim=True).clamp_min(1e-6)
 
 
+def mask_box(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """Bounding box ``(row0, row1, col0, col1)`` (ends exclusive) of one mask ``[H, W]`` (bool); ``None`` if empty."""
+    rows, cols = mask.any(1).nonzero().squeeze(-1), mask.any(0).nonzero().squeeze(-1)
+    if len(rows) == 0:
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
 def crop_to_box(masks: torch.Tensor, size: int) -> torch.Tensor:
     """Scale-normalise silhouettes: each mask ``[B, H, W]`` (bool) cropped to the square around its bounding box
     (the longer side, centred, so aspect ratios survive: a tall cylinder stays tall) and resized to ``size``².
     Returns ``[B, size, size]`` bool; an empty mask stays empty."""
     out = torch.zeros(masks.shape[0], size, size, dtype=torch.bool)
     for i, mask in enumerate(masks):
-        rows, cols = mask.any(1).nonzero().squeeze(-1), mask.any(0).nonzero().squeeze(-1)
-        if len(rows) == 0:
+        box = mask_box(mask)
+        if box is None:
             continue
-        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        r0, r1, c0, c1 = box
         side = max(r1 - r0, c1 - c0)
         square = torch.zeros(side, side)
         dr, dc = (side - (r1 - r0)) // 2, (side - (c1 - c0)) // 2
