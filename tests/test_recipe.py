@@ -53,10 +53,11 @@ def test_sd_folder_without_a_recipe_gets_the_official_one(tiny_eps_dir, preset):
     assert run.config.lambda_sparsity == 10.0 and run.phi.optimizer.param_groups[0]["lr"] == 1e-4
     assert run.config.overhead_elevation == 60.0 and run.prompts.overhead_elevation == 60.0  # DreamFusion's
     assert run.config.blob_fade is False and run.nerf.field.blob_seed == 1.0  # the permanent blob
-    assert run.config.cameras.max_elevation == 45.0  # the official training cameras' top
+    assert (run.config.cameras.min_elevation, run.config.cameras.max_elevation) == (-10.0, 45.0)  # official range
     assert run.config.cameras.elevation_sampling == "mixed"  # the official code's camera sampler
     assert set(run.config.from_recipe) == {*RECIPE_VALUES, "lambda_sparsity", "blob_fade", "overhead_elevation",
-                                           "cameras.max_elevation", "cameras.elevation_sampling"}
+                                           "cameras.min_elevation", "cameras.max_elevation",
+                                           "cameras.elevation_sampling"}
     run.phi.remove()
 
 
@@ -73,6 +74,7 @@ def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
     assert run.config.overhead_elevation == TOY_RECIPE.overhead_elevation == 30.0
     assert run.prompts.overhead_elevation == 30.0
     assert run.config.cameras.max_elevation == TOY_RECIPE.max_elevation == 80.0  # the views the prior was tuned on
+    assert run.config.cameras.min_elevation == TOY_RECIPE.min_elevation
     assert run.config.cameras.elevation_sampling == TOY_RECIPE.elevation_sampling
     assert run.config.blob_fade is TOY_RECIPE.blob_fade is True
     run.phi.remove()
@@ -80,12 +82,12 @@ def test_toy_prior_carries_its_own_recipe_and_an_explicit_value_wins():
     assert vsd.config.distill.gamma == 0.0  # VSD is ASD with γ = 0, whatever the recipe's γ
     vsd.phi.remove()
     run = make_run(prior, NeRFGeneratorSpec(), {"prompt": "a red cube", "steps": 1, "distill.guidance_scale": 5.0, "distill.t_max": 0.7, "background": "random", "distill.phi_noise": "fresh",
-                                                  "cameras.max_elevation": 50.0,
+                                                  "cameras.min_elevation": -20.0, "cameras.max_elevation": 50.0,
                                                   "cameras.elevation_sampling": "degrees"})
     assert (run.config.distill.guidance_scale, run.config.distill.t_max, run.config.background,
-            run.config.distill.phi_noise, run.config.cameras.max_elevation,
-            run.config.cameras.elevation_sampling) == (5.0, 0.7, "random", "fresh", 50.0, "degrees")
-    assert {"distill.guidance_scale", "distill.t_max", "background", "distill.phi_noise",
+            run.config.distill.phi_noise, run.config.cameras.min_elevation, run.config.cameras.max_elevation,
+            run.config.cameras.elevation_sampling) == (5.0, 0.7, "random", "fresh", -20.0, 50.0, "degrees")
+    assert {"distill.guidance_scale", "distill.t_max", "background", "distill.phi_noise", "cameras.min_elevation",
             "cameras.max_elevation", "cameras.elevation_sampling"}.isdisjoint(run.config.from_recipe)
     assert "distill.t_min" in run.config.from_recipe
     run.phi.remove()
@@ -176,7 +178,7 @@ def test_the_training_cameras_reach_the_recipes_top_elevation(tiny_eps_dir, tmp_
     from asd_engine.runs import text_to_3d
 
     folder = shutil.copytree(tiny_eps_dir, tmp_path / "model")
-    write_recipe(folder, Recipe(name="x", max_elevation=20.0))
+    write_recipe(folder, Recipe(name="x", min_elevation=-40.0, max_elevation=20.0))
     drawn = []
     def spy(*args, **kwargs):
         cameras = sample_cameras(*args, **kwargs)
@@ -189,10 +191,25 @@ def test_the_training_cameras_reach_the_recipes_top_elevation(tiny_eps_dir, tmp_
     run.phi.remove()
     elevations = torch.cat(drawn)
     assert run.config.cameras.max_elevation == 20.0 and "cameras.max_elevation" in run.config.from_recipe
-    assert elevations.max() <= 20.0 and elevations.max() > 10.0 and elevations.min() >= -10.0
-    write_recipe(folder, Recipe(name="x", max_elevation=95.0))
-    with pytest.raises(UserInputError, match="out-of-range"):
-        DiffusionPrior.from_pretrained(folder, device="cpu")
+    assert run.config.cameras.min_elevation == -40.0 and "cameras.min_elevation" in run.config.from_recipe
+    assert elevations.max() <= 20.0 and elevations.max() > 10.0
+    assert elevations.min() >= -40.0 and elevations.min() < -30.0
+    for bad in (dict(max_elevation=95.0), dict(min_elevation=-91.0), dict(min_elevation=20.0, max_elevation=20.0)):
+        write_recipe(folder, Recipe(name="x", **bad))
+        with pytest.raises(UserInputError, match="out-of-range"):
+            DiffusionPrior.from_pretrained(folder, device="cpu")
+
+
+def test_the_lowest_camera_must_be_below_the_highest(tiny_eps_dir):
+    """A range the user set upside down is refused before training, naming the flag and the fix."""
+    prior = DiffusionPrior.from_pretrained(tiny_eps_dir, device="cpu")
+    for values, problem in (({"cameras.min_elevation": 50.0}, "(50°) is not below the highest (45°)"),  # recipe's
+                            ({"cameras.min_elevation": 10.0, "cameras.max_elevation": 10.0}, "(10°) is not below"),
+                            ({"cameras.min_elevation": -95.0}, "-95")):
+        with pytest.raises(UserInputError) as caught:
+            make_run(prior, NeRFGeneratorSpec(), {"prompt": "a cat", "steps": 1, **values})
+        assert caught.value.input_name == "cameras.min_elevation" and problem in caught.value.problem
+        assert caught.value.render(settings.flag_of).startswith("--min-elevation: ")
 
 
 def test_elevation_sampling_draws_what_it_names():

@@ -411,6 +411,7 @@ def test_a_3d_harness_keeps_checkpoints_and_rescores_an_older_journal_with_the_g
     assert (tmp_path / "checkpoints" / "sds__a_red_torus__seed0" / "state.safetensors").is_file()
     assert record["used"]["field_backend"] == "torch"  # "auto" on a CPU, recorded as the grid that ran
     assert record["lambda_haze"] == record["used"]["lambda_haze"] == 0.0  # the haze term is off unless asked for
+    assert record["min_elevation"] == record["used"]["min_elevation"] == TOY_RECIPE.min_elevation  # the value used
     older = {k: v for k, v in record.items() if k not in ("floaters", "overgrowth", "extent_xy", "extent_z",
                                                           "mesh_hole_opening", "axis_filled")}
     (tmp_path / "runs.jsonl").write_text(json.dumps(older) + "\n")  # a journal from before the geometry metrics
@@ -430,3 +431,13 @@ def test_a_3d_harness_keeps_checkpoints_and_rescores_an_older_journal_with_the_g
     for bad, mode in ((-1.0, "3d"), (float("nan"), "3d"), (30.0, "2d")):
         with pytest.raises(UserInputError, match="lambda_haze"):
             quality.check_quality_settings(dataclasses.replace(settings, lambda_haze=bad, mode=mode))
+    # a journal line from before the lowest camera was journalled ran from the official -10°
+    assert quality._run_key({k: v for k, v in record.items() if k != "min_elevation"})[-1] == -10.0
+    assert quality._run_key({"mode": "2d", **{k: v for k, v in record.items() if k not in ("mode", "min_elevation")}}
+                            )[-1] is None  # 2D runs have no cameras
+    with pytest.raises(AssertionError, match="started again"):  # another lowest camera is another run
+        quality.run_quality(dataclasses.replace(settings, min_elevation=TOY_RECIPE.min_elevation - 5), tmp_path,
+                            device="cpu", log=lambda line: None)
+    for bad, mode in ((-95.0, "3d"), (90.0, "3d"), (-30.0, "2d")):
+        with pytest.raises(UserInputError, match="min_elevation"):
+            quality.check_quality_settings(dataclasses.replace(settings, min_elevation=bad, mode=mode))

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ..distill import PHI_NOISE, WEIGHTINGS
 from ..errors import UserInputError
-from ..scene.cameras import ELEVATION_SAMPLING, ELEVATION_SAMPLINGS, MAX_ELEVATION_DEGREES, OVERHEAD_DEGREES
+from ..scene.cameras import (ELEVATION_SAMPLING, ELEVATION_SAMPLINGS, MAX_ELEVATION_DEGREES, MIN_ELEVATION_DEGREES,
+                             OVERHEAD_DEGREES)
 
 RECIPE_FILE = "asd_recipe.json"
 BACKGROUNDS = ("random", "white", "black")
@@ -55,6 +56,8 @@ class Recipe:
     blob_fade: bool = False               # 3D: fade the seed ball by the second phase; docs/engine.md#recipe-blob_fade
     # 3D: cameras above this elevation (degrees) get ", overhead view"; docs/engine.md#recipe-overhead_elevation
     overhead_elevation: float = OVERHEAD_DEGREES
+    # 3D: the training cameras' lowest elevation (degrees); docs/engine.md#recipe-min_elevation
+    min_elevation: float = MIN_ELEVATION_DEGREES
     # 3D: the training cameras' highest elevation (degrees); docs/engine.md#recipe-max_elevation
     max_elevation: float = MAX_ELEVATION_DEGREES
     # 3D: how training elevations are drawn up to it; docs/engine.md#recipe-elevation_sampling
@@ -77,7 +80,7 @@ class Recipe:
                 or not isinstance(self.jitter_2d, int) or self.jitter_2d < 0 or not isinstance(self.blob_fade, bool)
                 or not -1.0 <= self.gamma <= 0.0
                 or self.lambda_sparsity < 0 or not 0.0 < self.overhead_elevation <= 90.0
-                or not 0.0 < self.max_elevation <= 90.0):
+                or not 0.0 < self.max_elevation <= 90.0 or not -90.0 <= self.min_elevation < self.max_elevation):
             raise UserInputError("model", f"{where}: out-of-range values in {self}", f"fix {RECIPE_FILE}")
 
 

@@ -133,9 +133,10 @@ class TextTo3DConfig(RunConfig):
     blob_fade: bool | None = None
     lambda_opacity_entropy: float = 1000.0  # mean binary entropy of the opacity, from `opacity_entropy_from` on
     opacity_entropy_from: int = 10_000
-    # the training cameras; their highest elevation and how elevations are drawn None: the prior's recipe (official
-    # 45°, "mixed")
-    cameras: CameraRanges = field(default_factory=lambda: CameraRanges(max_elevation=None, elevation_sampling=None))
+    # the training cameras; their elevation limits and how elevations are drawn between them, None: the prior's
+    # recipe (official −10° to 45°, "mixed")
+    cameras: CameraRanges = field(default_factory=lambda: CameraRanges(min_elevation=None, max_elevation=None,
+                                                                       elevation_sampling=None))
     nerf_field: FieldConfig = field(default_factory=FieldConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(t_anneal_step=5000))

@@ -153,9 +153,11 @@ SETTINGS: tuple[Setting, ...] = (
     S("overhead_elevation", "--overhead-elevation", None, "cameras above this elevation (degrees) are prompted "
                                                           "', overhead view'", kind=float, low=0, high=90,
       low_open=True, recipe="overhead_elevation", modes=ONLY_3D),
-    S("cameras.max_elevation", "--max-elevation", None, "the training cameras' highest elevation (degrees; the "
-                                                         "lowest is -10)", kind=float, low=0, high=90, low_open=True,
-      recipe="max_elevation", modes=ONLY_3D),
+    S("cameras.min_elevation", "--min-elevation", None, "the training cameras' lowest elevation (degrees; below 0 "
+      "looks up at the object's underside)", kind=float, low=-90, high=90, high_open=True, recipe="min_elevation",
+      modes=ONLY_3D),
+    S("cameras.max_elevation", "--max-elevation", None, "the training cameras' highest elevation (degrees)",
+      kind=float, low=0, high=90, low_open=True, recipe="max_elevation", modes=ONLY_3D),
     S("cameras.elevation_sampling", "--elevation-sampling", None, "how training elevations are drawn: degrees "
       "(uniform in the angle), sphere (uniform over the sphere: fewer views from near the top), mixed (one of the "
       "two per batch, the official code's)", choices=ELEVATION_SAMPLINGS, recipe="elevation_sampling",
@@ -403,6 +405,10 @@ def validate(config: RunConfig) -> None:
                 _fail("references", f"{path!r} is not a file path", "give image files")
     if mode == "3d":
         check_schedule(config.resolution_schedule)
+        low, high = config.cameras.min_elevation, config.cameras.max_elevation
+        if low is not None and high is not None and low >= high:
+            _fail("cameras.min_elevation", f"the lowest camera ({low:g}°) is not below the highest ({high:g}°)", "set {=cameras.min_elevation} below "
+                  "{=cameras.max_elevation}")
 
 
 def check_schedule(schedule: list[tuple[int, int]]) -> None:

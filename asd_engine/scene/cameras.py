@@ -15,6 +15,7 @@ import torch
 
 VIEWS = ("front", "side", "back", "overhead")
 OVERHEAD_DEGREES = 60.0  # DreamFusion's: above this elevation a view is "overhead" (a prior's recipe may differ)
+MIN_ELEVATION_DEGREES = -10.0  # the official recipe's lowest training camera (a prior's recipe may differ)
 MAX_ELEVATION_DEGREES = 45.0  # the official recipe's highest training camera (a prior's recipe may differ)
 # How training elevations are drawn between the two limits: "degrees" uniform in the angle, "sphere" uniform over the
 # sphere's area (uniform in sin e: fewer views near the top), "mixed" one of the two per batch with probability ½
@@ -26,10 +27,10 @@ ELEVATION_SAMPLING = "mixed"  # the official recipe's (a prior's recipe may diff
 @dataclass
 class CameraRanges:
     """Where training cameras are drawn from (official recipe: docs/engine.md#official-recipe). Angles in degrees.
-    A text-to-3D run leaves ``max_elevation`` and ``elevation_sampling`` open (``None``) for the prior's recipe to
-    fill (docs/engine.md#recipe-max_elevation)."""
+    A text-to-3D run leaves the elevation limits and ``elevation_sampling`` open (``None``) for the prior's recipe to
+    fill (docs/engine.md#recipe-min_elevation)."""
 
-    min_elevation: float = -10.0
+    min_elevation: float | None = MIN_ELEVATION_DEGREES
     max_elevation: float | None = MAX_ELEVATION_DEGREES
     elevation_sampling: str | None = ELEVATION_SAMPLING
     azimuth: tuple[float, float] = (-180.0, 180.0)
@@ -145,7 +146,7 @@ def sample_cameras(batch: int, ranges: CameraRanges, height: int, width: int,
         low, high = low_high
         return low + (high - low) * torch.rand(batch, generator=generator)
 
-    if ranges.max_elevation is None or ranges.elevation_sampling is None:
+    if ranges.min_elevation is None or ranges.max_elevation is None or ranges.elevation_sampling is None:
         raise ValueError("CameraRanges is open: resolve the run's settings first (runs.plan)")
     elevation = sample_elevations(torch.rand(batch, generator=generator), ranges, generator)
     distance, fovy = uniform(ranges.distance), uniform(ranges.fovy)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..prior.prompts import VIEW_SUFFIX
-from ..scene.cameras import (MAX_ELEVATION_DEGREES, OVERHEAD_DEGREES, VIEWS, CameraRanges, Cameras,
-                             orbit_cameras, sample_cameras)
+from ..scene.cameras import (MAX_ELEVATION_DEGREES, MIN_ELEVATION_DEGREES, OVERHEAD_DEGREES, VIEWS, CameraRanges,
+                             Cameras, orbit_cameras, sample_cameras)
 from ..scene.render import ray_box
 
 SHAPES = ("sphere", "cube", "cylinder", "cone", "torus")
@@ -115,7 +115,7 @@ class ToyBatch:
 
 
 def data_cameras(max_elevation: float = MAX_ELEVATION_DEGREES,
-                 min_elevation: float = CameraRanges.min_elevation) -> CameraRanges:
+                 min_elevation: float = MIN_ELEVATION_DEGREES) -> CameraRanges:
     """The cameras the toy data are drawn from (the prior's training renders, the judge's bank): the official
     distance, fov and azimuth ranges, elevations uniform in degrees, as every toy dataset so far was made."""
     return CameraRanges(min_elevation=min_elevation, max_elevation=max_elevation, elevation_sampling="degrees")

@@ -31,6 +31,7 @@ import torch
 from ..errors import UserInputError
 from ..images import save_png
 from ..runs.configs import EXPORT_DEFAULTS
+from ..scene.cameras import MIN_ELEVATION_DEGREES
 from .data import COLOURS, SHAPES, best_rotation_iou, colour_error, enclosed_holes, truth_views
 
 EVAL_VIEWS, EVAL_SIZE = 8, 64
@@ -157,6 +158,7 @@ class QualitySettings:
     guidance_scale: float | None = None  # None: the prior's recipe (toy prior: 3; the paper's SD recipe: 7.5)
     field_backend: str = "auto"       # 3D: the hash grid's implementation (scene.field.FIELD_BACKENDS)
     lambda_haze: float = 0.0          # 3D: the haze term's weight (TextTo3DConfig.lambda_haze; 0: off, the default)
+    min_elevation: float | None = None  # 3D: the training cameras' lowest elevation; None: the prior's recipe
 
 
 def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
@@ -191,8 +193,11 @@ def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
     check_setting("nerf_field.backend", settings.field_backend)  # the settings table's own check
     check_setting("distill.phi_noise", settings.phi_noise)
     check_setting("lambda_haze", settings.lambda_haze)
+    check_setting("cameras.min_elevation", settings.min_elevation)
     if settings.lambda_haze and settings.mode != "3d":
         raise UserInputError("lambda_haze", "the haze term is a 3D regulariser", "leave it at 0 when mode is 2d")
+    if settings.min_elevation is not None and settings.mode != "3d":
+        raise UserInputError("cameras.min_elevation", "2D runs have no cameras", "leave it out when mode is 2d")
     return [parse_toy_prompt(p) for p in settings.prompts]
 
 
@@ -201,12 +206,16 @@ def _grid(rows: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.cat([torch.cat(row, dim=2) for row in rows], dim=1)
 
 
-RUN_FIELDS = ("mode", "method", "prompt", "seed", "steps", "phi_noise", "guidance_scale", "lambda_haze")  # a run
+# a run's identity in the journal; min_elevation is the value used (3D; None in 2D), not "from the recipe"
+RUN_FIELDS = ("mode", "method", "prompt", "seed", "steps", "phi_noise", "guidance_scale", "lambda_haze",
+              "min_elevation")
 RUN_FIELD_DEFAULTS = {"lambda_haze": 0.0}  # what a journal line written before the field existed ran with
 
 
 def _run_key(record: dict) -> tuple:
-    return tuple(record[name] if name in record else RUN_FIELD_DEFAULTS[name] for name in RUN_FIELDS)
+    # before min_elevation was journalled, every 3D run's cameras started at the official -10°
+    defaults = dict(RUN_FIELD_DEFAULTS, min_elevation=MIN_ELEVATION_DEGREES if record["mode"] == "3d" else None)
+    return tuple(record[name] if name in record else defaults[name] for name in RUN_FIELDS)
 
 
 def _run_name(method: str, prompt: str, seed: int) -> str:
@@ -246,16 +255,20 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 record = json.loads(line)
                 done[_run_key(record)] = record
     prior = DiffusionPrior.from_pretrained(settings.model or default_prior_path(), device=device)
-    noise_row = run_settings.BY_FIELD["distill.phi_noise"]  # journals name the value used, not "from the recipe"
+    # journals name the values used, not "from the recipe"
+    noise_row, elevation_row = run_settings.BY_FIELD["distill.phi_noise"], run_settings.BY_FIELD["cameras.min_elevation"]
     judges = None  # built on the first 2D run that needs them (rendering their mask banks takes a while)
     runs, grid_rows = [], []
     for method in settings.methods:
         row = []
         for prompt, (shape, colour) in zip(settings.prompts, targets):
             phi_noise = settings.phi_noise or run_settings.recipe_value(noise_row, prior.recipe, settings.mode, method)
+            min_elevation = None if settings.mode != "3d" else (
+                settings.min_elevation if settings.min_elevation is not None
+                else run_settings.recipe_value(elevation_row, prior.recipe, settings.mode, method))
             for seed in range(settings.seeds):
                 identity = dict(zip(RUN_FIELDS, (settings.mode, method, prompt, seed, steps, phi_noise,
-                                                 settings.guidance_scale, settings.lambda_haze)))
+                                                 settings.guidance_scale, settings.lambda_haze, min_elevation)))
                 key, picture_path = _run_key(identity), _picture_path(out, method, prompt, seed)
                 if key in done and picture_path.is_file():
                     record = done[key]
@@ -276,7 +289,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 values = {"prompt": prompt, "steps": steps, "distill.method": method, "distill.phi_noise": phi_noise,
                           "distill.guidance_scale": settings.guidance_scale}
                 if settings.mode == "3d":
-                    values["lambda_haze"] = settings.lambda_haze
+                    values["lambda_haze"], values["cameras.min_elevation"] = settings.lambda_haze, min_elevation
                 run = make_run(prior, spec, values)
                 drift: list[float] = []
                 with torch.enable_grad():
@@ -289,7 +302,8 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                             lora_targets=run.config.phi.lora_targets if run.phi is not None else None)
                 if settings.mode == "3d":
                     used["overhead_elevation"], used["blob_fade"] = run.config.overhead_elevation, run.config.blob_fade
-                    used["max_elevation"] = run.config.cameras.max_elevation
+                    used["min_elevation"], used["max_elevation"] = (run.config.cameras.min_elevation,
+                                                                    run.config.cameras.max_elevation)
                     used["elevation_sampling"] = run.config.cameras.elevation_sampling
                     used["lambda_sparsity"], used["lambda_haze"] = run.config.lambda_sparsity, run.config.lambda_haze
                     used["field_backend"] = run.nerf.field.backend
