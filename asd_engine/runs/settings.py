@@ -407,8 +407,8 @@ def validate(config: RunConfig) -> None:
         check_schedule(config.resolution_schedule)
         low, high = config.cameras.min_elevation, config.cameras.max_elevation
         if low is not None and high is not None and low >= high:
-            _fail("cameras.min_elevation", f"the lowest camera ({low:g}°) is not below the highest ({high:g}°)", "set {=cameras.min_elevation} below "
-                  "{=cameras.max_elevation}")
+            _fail("cameras.min_elevation", f"the lowest camera ({low:g}°) is not below the highest ({high:g}°)",
+                  "set {=cameras.min_elevation} below {=cameras.max_elevation}")
 
 
 def check_schedule(schedule: list[tuple[int, int]]) -> None:

@@ -256,7 +256,8 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 done[_run_key(record)] = record
     prior = DiffusionPrior.from_pretrained(settings.model or default_prior_path(), device=device)
     # journals name the values used, not "from the recipe"
-    noise_row, elevation_row = run_settings.BY_FIELD["distill.phi_noise"], run_settings.BY_FIELD["cameras.min_elevation"]
+    noise_row = run_settings.BY_FIELD["distill.phi_noise"]
+    elevation_row = run_settings.BY_FIELD["cameras.min_elevation"]
     judges = None  # built on the first 2D run that needs them (rendering their mask banks takes a while)
     runs, grid_rows = [], []
     for method in settings.methods:
