@@ -1,7 +1,7 @@
 """How large the toy prior draws its objects at each CFG scale, against the truth (docs/quality.md#cfg).
 
 For each plain caption ("a blue cube"), ``--samples`` prior samples (the prior's own DDIM, 30 steps, seeds 0…N−1)
-against as many exact renders from the prior's own training cameras (``data_cameras(--max-elevation)``, seed 1):
+against as many exact renders from the prior's own training cameras (``data_cameras``, its recipe's top, seed 1):
 the judge's foreground masks (`foreground_masks`), their mean area (samples ÷ truth: 1 = the truth's size) and the
 mean height ÷ width of their bounding boxes. A distillation that draws samples of the prior's CFG-guided
 distribution (ASD, VSD) inherits that distribution's size, so this says which CFG the prior draws true sizes at.
@@ -46,18 +46,19 @@ def main() -> None:
     parser.add_argument("--shapes", default="cube,torus,cylinder")
     parser.add_argument("--colours", default="red,blue,green")
     parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--max-elevation", type=float, default=80.0,
-                        help="the training cameras' top, as the shipped prior's last fine-tune drew them")
+    parser.add_argument("--max-elevation", type=float,
+                        help="the training cameras' top (default: the prior's recipe, the views it was fine-tuned on)")
     args = parser.parse_args()
     scales = [float(c) for c in args.cfg.split(",")]
     prior = DiffusionPrior.from_pretrained(default_prior_path(), device="cpu")
     n = args.samples
+    top = prior.recipe.max_elevation if args.max_elevation is None else args.max_elevation
+    cameras = sample_cameras(n, data_cameras(top), 32, 32, torch.Generator().manual_seed(1))
     print("| caption | " + " | ".join(f"area, CFG {s:g}" for s in scales) + " | height/width, truth | "
           + " | ".join(f"height/width, CFG {s:g}" for s in scales) + " |")
     print("|---|" + "---:|" * (2 * len(scales) + 1))
     for shape in args.shapes.split(","):
         for colour in args.colours.split(","):
-            cameras = sample_cameras(n, data_cameras(args.max_elevation), 32, 32, torch.Generator().manual_seed(1))
             truth, _ = render_shapes([shape] * n, [colour] * n, cameras)
             true_sizes = mask_sizes(truth)
             true_area = statistics.fmean(s[2] for s in true_sizes)

@@ -257,16 +257,15 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
     prior = DiffusionPrior.from_pretrained(settings.model or default_prior_path(), device=device)
     # journals name the values used, not "from the recipe"
     noise_row = run_settings.BY_FIELD["distill.phi_noise"]
-    elevation_row = run_settings.BY_FIELD["cameras.min_elevation"]
+    min_elevation = None if settings.mode != "3d" else (  # the same for every method and prompt
+        settings.min_elevation if settings.min_elevation is not None
+        else run_settings.recipe_value(run_settings.BY_FIELD["cameras.min_elevation"], prior.recipe, "3d", "asd"))
     judges = None  # built on the first 2D run that needs them (rendering their mask banks takes a while)
     runs, grid_rows = [], []
     for method in settings.methods:
         row = []
         for prompt, (shape, colour) in zip(settings.prompts, targets):
             phi_noise = settings.phi_noise or run_settings.recipe_value(noise_row, prior.recipe, settings.mode, method)
-            min_elevation = None if settings.mode != "3d" else (
-                settings.min_elevation if settings.min_elevation is not None
-                else run_settings.recipe_value(elevation_row, prior.recipe, settings.mode, method))
             for seed in range(settings.seeds):
                 identity = dict(zip(RUN_FIELDS, (settings.mode, method, prompt, seed, steps, phi_noise,
                                                  settings.guidance_scale, settings.lambda_haze, min_elevation)))
