@@ -441,3 +441,16 @@ def test_a_3d_harness_keeps_checkpoints_and_rescores_an_older_journal_with_the_g
     for bad, mode in ((-95.0, "3d"), (90.0, "3d"), (-30.0, "2d")):
         with pytest.raises(UserInputError, match="min_elevation"):
             quality.check_quality_settings(dataclasses.replace(settings, min_elevation=bad, mode=mode))
+
+
+def test_a_harness_whose_lowest_camera_is_above_the_priors_top_is_refused_before_it_makes_a_folder(tmp_path):
+    from asd_engine.toy import quality
+
+    out = tmp_path / "harness"
+    settings = quality.QualitySettings(methods=["asd"], prompts=["a red torus"], seeds=1, steps=1, mode="3d",
+                                       min_elevation=TOY_RECIPE.max_elevation + 5)
+    with pytest.raises(UserInputError, match="min_elevation") as refused:
+        quality.run_quality(settings, out, device="cpu", log=lambda line: None)
+    assert f"below {TOY_RECIPE.max_elevation:g}" in str(refused.value)  # the fix names the harness's own flag
+    assert "--max-elevation" not in str(refused.value)                 # not a flag only text-to-3d has
+    assert not out.exists()

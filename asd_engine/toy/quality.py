@@ -167,6 +167,8 @@ def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
     import math
 
     from ..distill import METHODS
+    from ..prior import default_prior_path
+    from ..prior.recipe import read_recipe
     from ..runs.settings import check_setting
 
     if settings.mode not in ("3d", "2d"):
@@ -198,6 +200,12 @@ def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
         raise UserInputError("lambda_haze", "the haze term is a 3D regulariser", "leave it at 0 when mode is 2d")
     if settings.min_elevation is not None and settings.mode != "3d":
         raise UserInputError("cameras.min_elevation", "2D runs have no cameras", "leave it out when mode is 2d")
+    prior_folder = Path(settings.model or default_prior_path())
+    if settings.min_elevation is not None and prior_folder.is_dir():  # the harness has no --max-elevation: the
+        top = read_recipe(prior_folder).max_elevation                  # prior's recipe sets the cameras' top
+        if settings.min_elevation >= top:
+            raise UserInputError("cameras.min_elevation", f"the lowest camera ({settings.min_elevation:g}°) is not "
+                                 f"below the prior's highest ({top:g}°)", f"use --min-elevation below {top:g}")
     return [parse_toy_prompt(p) for p in settings.prompts]
 
 
