@@ -39,6 +39,7 @@ class DistillConfig:
     t_max: float | None = None    # 0.02 and 0.98; None: the prior's recipe)
     t_max_annealed: float = 0.5   # t_max from step `t_anneal_step` on (official 3D recipe: 980 → 500 at step 5000)
     t_anneal_step: int | None = None  # absolute step, so a resumed or extended run keeps the same schedule
+    guidance_scale_annealed: float | None = None  # CFG from `t_anneal_step` on; None once resolved: the CFG holds
     phi_noise: str | None = None  # "fresh": φ draws its own t', eps' (official); "shared": reuses t, eps; None: recipe
 
     @property
@@ -52,6 +53,16 @@ def time_schedule(step: int, config: DistillConfig, num_train_timesteps: int) ->
     t_max = config.t_max_annealed if annealed else config.t_max
     top = num_train_timesteps - 1
     return int(config.t_min * num_train_timesteps), min(int(t_max * num_train_timesteps), top)
+
+
+def guidance_schedule(step: int, config: DistillConfig) -> float:
+    """The CFG scale at ``step`` (0-based): ``guidance_scale_annealed`` from ``t_anneal_step`` on, when it is set.
+    Guidance sets the size of what the prior draws, and a run grows towards it in the second phase
+    (docs/quality.md#cfg-annealed)."""
+    annealed = config.t_anneal_step is not None and step >= config.t_anneal_step
+    if annealed and config.guidance_scale_annealed is not None:
+        return config.guidance_scale_annealed
+    return config.guidance_scale
 
 
 def loss_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -130,7 +141,8 @@ def distill_step(x0: torch.Tensor, prior, phi, conditioning: Conditioning, confi
     x_t = prior.add_noise(x0_detached, eps, t)
     gamma = config.gamma  # 0 unless ASD: settings.resolve applies the method rules
     with torch.no_grad():
-        eps_cfg, prior_cond = prior.guided(x_t, t, conditioning.cond, conditioning.uncond, config.guidance_scale,
+        eps_cfg, prior_cond = prior.guided(x_t, t, conditioning.cond, conditioning.uncond,
+                                           guidance_schedule(step, config),
                                            conditioning.negatives, conditioning.negative_weights)
     camera = conditioning.camera
     phi_loss = None

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from asd_engine.prior.discriminator import PhiConfig, build_discriminator
 from asd_engine.distill import (Conditioning, DistillConfig, discriminator_loss, distill_step, generator_gradient,
-                                loss_weight, sample_timesteps_and_noise, surrogate_loss, time_schedule)
+                                guidance_schedule, loss_weight, sample_timesteps_and_noise, surrogate_loss,
+                                time_schedule)
 from asd_engine.errors import UserInputError
 from asd_engine.prior.diffusion import DiffusionPrior
 from asd_engine.runs.settings import with_recipe
@@ -68,6 +69,31 @@ def test_time_schedule_anneals_at_the_given_step():
     assert time_schedule(10, cfg, 1000) == (20, 500)
     assert time_schedule(10_000, official_config(), 1000) == (20, 980)  # no annealing unless asked
     assert time_schedule(0, official_config(t_min=0.0, t_max=1.0), 1000) == (0, 999)
+
+
+def test_guidance_schedule_changes_the_cfg_at_the_anneal_step():
+    cfg = official_config(guidance_scale=3.0, guidance_scale_annealed=2.0, t_anneal_step=10)
+    assert [guidance_schedule(step, cfg) for step in (0, 9, 10, 5000)] == [3.0, 3.0, 2.0, 2.0]
+    assert guidance_schedule(5000, official_config(t_anneal_step=10)) == 7.5  # the official recipe: the CFG holds
+    held = official_config(guidance_scale=3.0, guidance_scale_annealed=2.0)  # no second phase: nothing changes
+    assert guidance_schedule(10_000, held) == 3.0
+
+
+def test_distill_step_guides_with_the_scheduled_cfg(prior, monkeypatch):
+    """The prior is asked for the second phase's CFG from the anneal step on."""
+    scales = []
+    guided = prior.guided
+
+    def spy(x_t, t, cond, uncond, scale, *rest):
+        scales.append(scale)
+        return guided(x_t, t, cond, uncond, scale, *rest)
+
+    monkeypatch.setattr(prior, "guided", spy)
+    config = official_config(method="sds", guidance_scale=3.0, guidance_scale_annealed=2.0, t_anneal_step=1)
+    x0, cond = _setup(prior)
+    for step in (0, 1):
+        distill_step(x0, prior, None, cond, config, step, torch.Generator().manual_seed(0))
+    assert scales == [3.0, 2.0]
 
 
 def test_discriminator_loss_closed_form():

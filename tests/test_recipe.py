@@ -55,9 +55,10 @@ def test_sd_folder_without_a_recipe_gets_the_official_one(tiny_eps_dir, preset):
     assert run.config.blob_fade is False and run.nerf.field.blob_seed == 1.0  # the permanent blob
     assert (run.config.cameras.min_elevation, run.config.cameras.max_elevation) == (-10.0, 45.0)  # official range
     assert run.config.cameras.elevation_sampling == "mixed"  # the official code's camera sampler
+    assert run.config.distill.guidance_scale_annealed is None  # one CFG all run
     assert set(run.config.from_recipe) == {*RECIPE_VALUES, "lambda_sparsity", "blob_fade", "overhead_elevation",
                                            "cameras.min_elevation", "cameras.max_elevation",
-                                           "cameras.elevation_sampling"}
+                                           "cameras.elevation_sampling", "distill.guidance_scale_annealed"}
     run.phi.remove()
 
 
@@ -389,3 +390,43 @@ def test_2d_jitter_rolls_the_image_the_prior_sees_and_trains_every_pixel(tiny_v_
     assert still(rng) is still.param and torch.equal(rng.get_state(), state)  # jitter 0 draws nothing
     with pytest.raises(UserInputError, match="^jitter"):
         Distill2D(Distill2DConfig(prompt="a cat", steps=1, size=32, jitter=-1), prior=prior)
+
+
+def test_the_second_phase_cfg_comes_from_the_recipe_unless_the_user_chose_a_cfg(tiny_eps_dir, tmp_path):
+    """The recipe's second-phase CFG fills a 3D run; a --cfg given alone holds all run; both given: both used."""
+    folder = shutil.copytree(tiny_eps_dir, tmp_path / "model")
+    write_recipe(folder, Recipe(name="x", guidance_scale=3.0, guidance_scale_annealed=2.0))
+    prior = DiffusionPrior.from_pretrained(folder, device="cpu")
+    cases = (({}, (3.0, 2.0)), ({"distill.guidance_scale": 5.0}, (5.0, None)),
+             ({"distill.guidance_scale": 5.0, "distill.guidance_scale_annealed": 4.0}, (5.0, 4.0)),
+             ({"distill.guidance_scale_annealed": 2.5}, (3.0, 2.5)))
+    for values, expected in cases:
+        run = make_run(prior, NeRFGeneratorSpec(), {"prompt": "a cat", "steps": 1, **values})
+        assert (run.config.distill.guidance_scale, run.config.distill.guidance_scale_annealed) == expected, values
+        assert ("distill.guidance_scale_annealed" in run.config.from_recipe) == (not values)
+        run.phi.remove()
+    image_run = make_run(prior, ImageGeneratorSpec(size=None), {"prompt": "a cat", "steps": 1})
+    assert image_run.config.distill.guidance_scale_annealed is None  # 2D runs have no second phase
+    official = make_run(DiffusionPrior.from_pretrained(tiny_eps_dir, device="cpu"), NeRFGeneratorSpec(),
+                        {"prompt": "a cat", "steps": 1})
+    assert official.config.distill.guidance_scale_annealed is None  # the official recipe: the CFG holds
+    official.phi.remove()
+    with pytest.raises(UserInputError) as caught:
+        make_run(prior, NeRFGeneratorSpec(), {"prompt": "a cat", "steps": 1, "distill.guidance_scale_annealed": -1.0})
+    assert caught.value.render(settings.flag_of).startswith("--cfg-annealed: -1 is out of range")
+    for bad in (0, -2.0, "2", True):
+        (folder / RECIPE_FILE).write_text(json.dumps({"guidance_scale_annealed": bad}))
+        with pytest.raises(UserInputError, match="guidance_scale_annealed is .*, not a guidance scale above 0"):
+            DiffusionPrior.from_pretrained(folder, device="cpu")
+    (folder / RECIPE_FILE).write_text(json.dumps({"guidance_scale_annealed": None}))  # null: the CFG holds
+    assert DiffusionPrior.from_pretrained(folder, device="cpu").recipe.guidance_scale_annealed is None
+
+
+def test_a_checkpoint_from_before_the_second_phase_cfg_resumes_with_one_cfg():
+    import dataclasses
+
+    from asd_engine.runs.configs import TextTo3DConfig
+
+    saved = dataclasses.asdict(preset_config("toy-cpu", "a red cube", steps=1))
+    del saved["distill"]["guidance_scale_annealed"]
+    assert official_where_absent(saved, TextTo3DConfig)["distill"]["guidance_scale_annealed"] is None

@@ -432,15 +432,28 @@ def test_a_3d_harness_keeps_checkpoints_and_rescores_an_older_journal_with_the_g
         with pytest.raises(UserInputError, match="lambda_haze"):
             quality.check_quality_settings(dataclasses.replace(settings, lambda_haze=bad, mode=mode))
     # a journal line from before the lowest camera was journalled ran from the official -10°
-    assert quality._run_key({k: v for k, v in record.items() if k != "min_elevation"})[-1] == -10.0
+    lowest = quality.RUN_FIELDS.index("min_elevation")
+    assert quality._run_key({k: v for k, v in record.items() if k != "min_elevation"})[lowest] == -10.0
     assert quality._run_key({"mode": "2d", **{k: v for k, v in record.items() if k not in ("mode", "min_elevation")}}
-                            )[-1] is None  # 2D runs have no cameras
+                            )[lowest] is None  # 2D runs have no cameras
     with pytest.raises(AssertionError, match="started again"):  # another lowest camera is another run
         quality.run_quality(dataclasses.replace(settings, min_elevation=TOY_RECIPE.min_elevation - 5), tmp_path,
                             device="cpu", log=lambda line: None)
     for bad, mode in ((-95.0, "3d"), (90.0, "3d"), (-30.0, "2d")):
         with pytest.raises(UserInputError, match="min_elevation"):
             quality.check_quality_settings(dataclasses.replace(settings, min_elevation=bad, mode=mode))
+    # the second phase's CFG is journalled as used, and as None when the CFG held all run
+    late = TOY_RECIPE.guidance_scale_annealed
+    assert record["used"]["cfg_annealed"] == late
+    assert record["guidance_scale_annealed"] == (None if late in (None, TOY_RECIPE.guidance_scale) else late)
+    older = {k: v for k, v in record.items() if k != "guidance_scale_annealed"}  # a line from before the setting
+    assert quality._run_key(older)[quality.RUN_FIELDS.index("guidance_scale_annealed")] is None  # one CFG all run
+    with pytest.raises(AssertionError, match="started again"):  # another second-phase CFG is another run
+        quality.run_quality(dataclasses.replace(settings, guidance_scale_annealed=1.5), tmp_path, device="cpu",
+                            log=lambda line: None)
+    for bad, mode in ((-1.0, "3d"), (float("inf"), "3d"), (2.0, "2d")):
+        with pytest.raises(UserInputError, match="guidance_scale_annealed"):
+            quality.check_quality_settings(dataclasses.replace(settings, guidance_scale_annealed=bad, mode=mode))
 
 
 def test_a_harness_whose_lowest_camera_is_above_the_priors_top_is_refused_before_it_makes_a_folder(tmp_path):

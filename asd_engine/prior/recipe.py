@@ -39,6 +39,9 @@ class Recipe:
     # 3D training backdrop and 2D pixels' start: "random", "white" or "black"; docs/engine.md#recipe-background
     background: str = "random"
     guidance_scale: float = 7.5           # CFG of the generator's ε; docs/engine.md#recipe-guidance_scale
+    # 3D: the CFG from the second phase (`t_anneal_step`) on; None: the CFG holds all run;
+    # docs/engine.md#recipe-guidance_scale_annealed
+    guidance_scale_annealed: float | None = None
     gamma: float = -0.75                  # ASD's γ (VSD, SDS: always 0); docs/engine.md#recipe-gamma
     t_min: float = 0.02                   # generator timesteps, fraction of T; docs/engine.md#recipe-t_min
     t_max: float = 0.98                   # docs/engine.md#recipe-t_max
@@ -82,6 +85,11 @@ class Recipe:
                 or self.lambda_sparsity < 0 or not 0.0 < self.overhead_elevation <= 90.0
                 or not 0.0 < self.max_elevation <= 90.0 or not -90.0 <= self.min_elevation < self.max_elevation):
             raise UserInputError("model", f"{where}: out-of-range values in {self}", f"fix {RECIPE_FILE}")
+        late = self.guidance_scale_annealed  # optional, so not among NUMBERS
+        if late is not None and (isinstance(late, bool) or not isinstance(late, (int, float))
+                                 or not math.isfinite(late) or late <= 0):
+            raise UserInputError("model", f"{where}: guidance_scale_annealed is {json.dumps(late)}, not a guidance "
+                                 "scale above 0", f"fix {RECIPE_FILE}, or use null for the CFG all run")
 
 
 # the recipe's number fields, from its annotations (each checked for being a finite number before its range)

@@ -104,6 +104,9 @@ SETTINGS: tuple[Setting, ...] = (
       low=0),
     S("distill.t_max_annealed", "--t-max-annealed", None, "t_max after annealing", kind=float, low=0, high=1,
       low_open=True),
+    S("distill.guidance_scale_annealed", "--cfg-annealed", None, "classifier-free guidance scale of the second "
+      "phase, from the anneal step on (none: the CFG holds all run, as a CFG given without this one does)",
+      kind=float, low=0, recipe="guidance_scale_annealed", modes=ONLY_3D),
     S("distill.phi_noise", "--phi-noise", "noise_sharing", "φ's step with its own t', ε' (fresh; official) or the "
                                                          "generator's (shared: two UNet calls fewer)",
       choices=PHI_NOISE, recipe="phi_noise", phi_only=True),
@@ -270,13 +273,16 @@ def default_text(setting: Setting, mode: str) -> str:
         from ..prior import default_prior_path
         from ..prior.recipe import read_recipe
 
+        def shown(value: Any) -> str:  # an optional recipe value (guidance_scale_annealed) may be left out: none
+            return "none" if value is None else show_value(value)
+
         official = recipe_value(setting, OFFICIAL, mode, "asd")
         toy_recipe = read_recipe(default_prior_path())
-        toy = show_value(recipe_value(setting, toy_recipe, mode, "asd"))
-        toy_2d = show_value(recipe_value(setting, toy_recipe, "2d", "asd"))
+        toy = shown(recipe_value(setting, toy_recipe, mode, "asd"))
+        toy_2d = shown(recipe_value(setting, toy_recipe, "2d", "asd"))
         if mode == "3d" and "2d" in setting.modes and toy_2d != toy:  # one widget for both (the Train Loop node)
             toy = f"{toy} in 3D, {toy_2d} in 2D"
-        return f"default: from the prior's recipe (Stable Diffusion {show_value(official)}, toy prior {toy})"
+        return f"default: from the prior's recipe (Stable Diffusion {shown(official)}, toy prior {toy})"
     if mode == "3d":
         values = {p: get_field(preset_config(p, ""), setting.field) for p in PRESETS}
         if len(set(map(repr, values.values()))) > 1:
@@ -316,6 +322,8 @@ def resolve(config: RunConfig, recipe: Recipe, native_size: int | None = None, v
             continue
         if setting.field in ("phi.lr", "phi.lora_targets") and config.phi.kind != "lora":
             continue  # textual inversion has its own lr and no LoRA
+        if setting.field == "distill.guidance_scale_annealed" and "distill.guidance_scale" in values:
+            continue  # a CFG the user chose holds all run unless they chose the second phase's too
         if get_field(config, setting.field) is None:
             set_field(config, setting.field, recipe_value(setting, recipe, mode, method))
             filled.append(setting.field)
@@ -326,8 +334,11 @@ def resolve(config: RunConfig, recipe: Recipe, native_size: int | None = None, v
 
 def with_recipe(distill: DistillConfig, recipe: Recipe = OFFICIAL, mode: str = "3d") -> DistillConfig:
     """A copy of ``distill`` resolved against ``recipe`` (for calling ``distill_step`` outside a run)."""
+    chosen_cfg = distill.guidance_scale is not None  # holds all run unless the second phase's CFG is chosen too
     distill = dataclasses.replace(distill)
     for setting in SETTINGS:
+        if not setting.applies_to(mode) or (setting.field == "distill.guidance_scale_annealed" and chosen_cfg):
+            continue
         if setting.field.startswith("distill.") and setting.recipe and getattr(distill, setting.field[8:]) is None:
             setattr(distill, setting.field[8:], recipe_value(setting, recipe, mode, distill.method))
     _check_distill(distill)

@@ -159,6 +159,8 @@ class QualitySettings:
     field_backend: str = "auto"       # 3D: the hash grid's implementation (scene.field.FIELD_BACKENDS)
     lambda_haze: float = 0.0          # 3D: the haze term's weight (TextTo3DConfig.lambda_haze; 0: off, the default)
     min_elevation: float | None = None  # 3D: the training cameras' lowest elevation; None: the prior's recipe
+    guidance_scale_annealed: float | None = None  # 3D: the second phase's CFG; None: the prior's recipe (the CFG
+    #                                               holds when `guidance_scale` is given alone)
 
 
 def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
@@ -196,16 +198,21 @@ def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
     check_setting("distill.phi_noise", settings.phi_noise)
     check_setting("lambda_haze", settings.lambda_haze)
     check_setting("cameras.min_elevation", settings.min_elevation)
+    check_setting("distill.guidance_scale_annealed", settings.guidance_scale_annealed)
     if settings.lambda_haze and settings.mode != "3d":
         raise UserInputError("lambda_haze", "the haze term is a 3D regulariser", "leave it at 0 when mode is 2d")
     if settings.min_elevation is not None and settings.mode != "3d":
         raise UserInputError("cameras.min_elevation", "2D runs have no cameras", "leave it out when mode is 2d")
+    if settings.guidance_scale_annealed is not None and settings.mode != "3d":
+        raise UserInputError("distill.guidance_scale_annealed", "2D runs have no second phase",
+                             "leave it out when mode is 2d")
     prior_folder = Path(settings.model or default_prior_path())
     if settings.min_elevation is not None and prior_folder.is_dir():  # the harness has no --max-elevation: the
         top = read_recipe(prior_folder).max_elevation                  # prior's recipe sets the cameras' top
         if settings.min_elevation >= top:
             raise UserInputError("cameras.min_elevation", f"the lowest camera ({settings.min_elevation:g}°) is not "
-                                 f"below the prior's highest ({top:g}°)", f"use --min-elevation below {top:g}")
+                                 f"below the prior's highest ({top:g}°)",
+                                 f"use {{=cameras.min_elevation}} below {top:g}")
     return [parse_toy_prompt(p) for p in settings.prompts]
 
 
@@ -214,10 +221,12 @@ def _grid(rows: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.cat([torch.cat(row, dim=2) for row in rows], dim=1)
 
 
-# a run's identity in the journal; min_elevation is the value used (3D; None in 2D), not "from the recipe"
+# a run's identity in the journal; min_elevation and guidance_scale_annealed are the values used (3D; None in 2D),
+# not "from the recipe"; guidance_scale_annealed is None when the CFG held all run
 RUN_FIELDS = ("mode", "method", "prompt", "seed", "steps", "phi_noise", "guidance_scale", "lambda_haze",
-              "min_elevation")
-RUN_FIELD_DEFAULTS = {"lambda_haze": 0.0}  # what a journal line written before the field existed ran with
+              "min_elevation", "guidance_scale_annealed")
+# what a journal line written before the field existed ran with
+RUN_FIELD_DEFAULTS = {"lambda_haze": 0.0, "guidance_scale_annealed": None}
 
 
 def _run_key(record: dict) -> tuple:
@@ -244,6 +253,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 log: Callable[[str], None] = print) -> dict:
     """Every method × prompt × seed, scored; ``out/runs.jsonl`` grows by one line per finished run, so a harness
     that is stopped (Ctrl-C, a lost machine) and started again with the same ``out`` skips what it already did."""
+    from ..distill import DistillConfig
     from ..images import read_png
     from ..prior import default_prior_path
     from ..prior.diffusion import DiffusionPrior
@@ -268,6 +278,11 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
     min_elevation = None if settings.mode != "3d" else (  # the same for every method and prompt
         settings.min_elevation if settings.min_elevation is not None
         else run_settings.recipe_value(run_settings.BY_FIELD["cameras.min_elevation"], prior.recipe, "3d", "asd"))
+    # the second phase's CFG as the resolver sets it; journalled as None when it equals the CFG (it held all run)
+    cfg = run_settings.with_recipe(DistillConfig(guidance_scale=settings.guidance_scale,
+                                                 guidance_scale_annealed=settings.guidance_scale_annealed),
+                                   prior.recipe, settings.mode)
+    late_cfg = None if cfg.guidance_scale_annealed in (None, cfg.guidance_scale) else cfg.guidance_scale_annealed
     judges = None  # built on the first 2D run that needs them (rendering their mask banks takes a while)
     runs, grid_rows = [], []
     for method in settings.methods:
@@ -276,7 +291,8 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
             phi_noise = settings.phi_noise or run_settings.recipe_value(noise_row, prior.recipe, settings.mode, method)
             for seed in range(settings.seeds):
                 identity = dict(zip(RUN_FIELDS, (settings.mode, method, prompt, seed, steps, phi_noise,
-                                                 settings.guidance_scale, settings.lambda_haze, min_elevation)))
+                                                 settings.guidance_scale, settings.lambda_haze, min_elevation,
+                                                 late_cfg)))
                 key, picture_path = _run_key(identity), _picture_path(out, method, prompt, seed)
                 if key in done and picture_path.is_file():
                     record = done[key]
@@ -298,6 +314,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                           "distill.guidance_scale": settings.guidance_scale}
                 if settings.mode == "3d":
                     values["lambda_haze"], values["cameras.min_elevation"] = settings.lambda_haze, min_elevation
+                    values["distill.guidance_scale_annealed"] = settings.guidance_scale_annealed
                 run = make_run(prior, spec, values)
                 drift: list[float] = []
                 with torch.enable_grad():
@@ -312,6 +329,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                     used["overhead_elevation"], used["blob_fade"] = run.config.overhead_elevation, run.config.blob_fade
                     used["min_elevation"], used["max_elevation"] = (run.config.cameras.min_elevation,
                                                                     run.config.cameras.max_elevation)
+                    used["cfg_annealed"] = run.config.distill.guidance_scale_annealed
                     used["elevation_sampling"] = run.config.cameras.elevation_sampling
                     used["lambda_sparsity"], used["lambda_haze"] = run.config.lambda_sparsity, run.config.lambda_haze
                     used["field_backend"] = run.nerf.field.backend
