@@ -159,8 +159,8 @@ class QualitySettings:
     field_backend: str = "auto"       # 3D: the hash grid's implementation (scene.field.FIELD_BACKENDS)
     lambda_haze: float = 0.0          # 3D: the haze term's weight (TextTo3DConfig.lambda_haze; 0: off, the default)
     min_elevation: float | None = None  # 3D: the training cameras' lowest elevation; None: the prior's recipe
-    guidance_scale_annealed: float | None = None  # 3D: the second phase's CFG; None: the prior's recipe (the CFG
-    #                                               holds when `guidance_scale` is given alone)
+    # 3D: the second phase's CFG; None: the prior's recipe, or one CFG all run when `guidance_scale` is given alone
+    guidance_scale_annealed: float | None = None
 
 
 def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
