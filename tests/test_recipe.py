@@ -405,6 +405,12 @@ def test_the_second_phase_cfg_comes_from_the_recipe_unless_the_user_chose_a_cfg(
         assert (run.config.distill.guidance_scale, run.config.distill.guidance_scale_annealed) == expected, values
         assert ("distill.guidance_scale_annealed" in run.config.from_recipe) == (not values)
         run.phi.remove()
+    library = preset_config("toy-cpu", "a cat", steps=1, prior_resolution=32)
+    library.distill.guidance_scale = 5.0  # a library caller's own CFG holds all run, as a front door's does
+    library_run = TextTo3D(library, prior=prior)
+    chosen = library_run.config.distill
+    assert (chosen.guidance_scale, chosen.guidance_scale_annealed) == (5.0, None)
+    library_run.phi.remove()
     image_run = make_run(prior, ImageGeneratorSpec(size=None), {"prompt": "a cat", "steps": 1})
     assert image_run.config.distill.guidance_scale_annealed is None  # 2D runs have no second phase
     official = make_run(DiffusionPrior.from_pretrained(tiny_eps_dir, device="cpu"), NeRFGeneratorSpec(),

@@ -299,6 +299,12 @@ def show_value(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _cfg_holds(setting: Setting, cfg_chosen: bool) -> bool:
+    """True for the second phase's CFG when the caller chose the CFG: a chosen CFG holds all run unless the second
+    phase's is chosen too, so the recipe does not fill it."""
+    return cfg_chosen and setting.field == "distill.guidance_scale_annealed"
+
+
 def resolve(config: RunConfig, recipe: Recipe, native_size: int | None = None, values: dict[str, Any] | None = None,
             explicit: bool = False) -> list[str]:
     """The one resolver. Sets ``values`` (field → value; ``None``: open) on ``config``, checks that values a user
@@ -313,6 +319,7 @@ def resolve(config: RunConfig, recipe: Recipe, native_size: int | None = None, v
     if explicit:
         unused_with(config.distill.method, values)
     mode, method = type(config).mode, config.distill.method
+    cfg_chosen = config.distill.guidance_scale is not None  # by a front door's values or a library caller's config
     filled = []
     if mode == "2d" and config.size is None and native_size is not None:
         config.size = native_size
@@ -322,8 +329,8 @@ def resolve(config: RunConfig, recipe: Recipe, native_size: int | None = None, v
             continue
         if setting.field in ("phi.lr", "phi.lora_targets") and config.phi.kind != "lora":
             continue  # textual inversion has its own lr and no LoRA
-        if setting.field == "distill.guidance_scale_annealed" and "distill.guidance_scale" in values:
-            continue  # a CFG the user chose holds all run unless they chose the second phase's too
+        if _cfg_holds(setting, cfg_chosen):
+            continue
         if get_field(config, setting.field) is None:
             set_field(config, setting.field, recipe_value(setting, recipe, mode, method))
             filled.append(setting.field)
@@ -334,10 +341,10 @@ def resolve(config: RunConfig, recipe: Recipe, native_size: int | None = None, v
 
 def with_recipe(distill: DistillConfig, recipe: Recipe = OFFICIAL, mode: str = "3d") -> DistillConfig:
     """A copy of ``distill`` resolved against ``recipe`` (for calling ``distill_step`` outside a run)."""
-    chosen_cfg = distill.guidance_scale is not None  # holds all run unless the second phase's CFG is chosen too
+    cfg_chosen = distill.guidance_scale is not None
     distill = dataclasses.replace(distill)
     for setting in SETTINGS:
-        if not setting.applies_to(mode) or (setting.field == "distill.guidance_scale_annealed" and chosen_cfg):
+        if not setting.applies_to(mode) or _cfg_holds(setting, cfg_chosen):
             continue
         if setting.field.startswith("distill.") and setting.recipe and getattr(distill, setting.field[8:]) is None:
             setattr(distill, setting.field[8:], recipe_value(setting, recipe, mode, distill.method))
