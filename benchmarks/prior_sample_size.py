@@ -7,7 +7,10 @@ mean height ÷ width of their bounding boxes. A distillation that draws samples 
 distribution (ASD, VSD) inherits that distribution's size, so this says which CFG the prior draws true sizes at.
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/prior_sample_size.py --cfg 1,2,3,5 [--shapes cube,torus]
-      (~20 s per caption and CFG on one CPU core)
+      [--guidance-interval 0.5,1]  (~20 s per caption and CFG on one CPU core)
+
+``--guidance-interval LO,HI`` guides only the sampler's steps with t/T in [LO, HI] (scale 1 elsewhere): which noise
+levels set the size (docs/history/quality-rounds.md#round-20).
 """
 
 from __future__ import annotations
@@ -46,10 +49,18 @@ def main() -> None:
     parser.add_argument("--shapes", default="cube,torus,cylinder")
     parser.add_argument("--colours", default="red,blue,green")
     parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--guidance-interval", default="0,1", metavar="LO,HI",
+                        help="CFG only at the sampler's steps with t/T in [LO, HI], scale 1 elsewhere (default: all)")
     parser.add_argument("--max-elevation", type=float,
                         help="the training cameras' top (default: the prior's recipe, the views it was fine-tuned on)")
     args = parser.parse_args()
     scales = [float(c) for c in args.cfg.split(",")]
+    try:
+        interval = tuple(float(v) for v in args.guidance_interval.split(","))
+    except ValueError:
+        interval = ()
+    if len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1:
+        parser.error(f"--guidance-interval {args.guidance_interval}: give LO,HI with 0 ≤ LO ≤ HI ≤ 1, e.g. 0.5,1")
     prior = DiffusionPrior.from_pretrained(default_prior_path(), device="cpu")
     n = args.samples
     top = prior.recipe.max_elevation if args.max_elevation is None else args.max_elevation
@@ -65,7 +76,8 @@ def main() -> None:
             areas, ratios = [], []
             for scale in scales:
                 with torch.no_grad():
-                    samples = sample_images(prior, [f"a {colour} {shape}"] * n, list(range(n)), guidance_scale=scale)
+                    samples = sample_images(prior, [f"a {colour} {shape}"] * n, list(range(n)), guidance_scale=scale,
+                                            guidance_interval=interval)
                 sizes = mask_sizes(samples)
                 areas.append(statistics.fmean(s[2] for s in sizes) / true_area)
                 ratios.append(statistics.fmean(s[0] / s[1] for s in sizes))

@@ -183,6 +183,27 @@ def test_shipped_prior_is_small_loads_offline_and_samples():
 
 
 @shipped
+def test_sampling_guides_only_the_steps_inside_the_guidance_interval():
+    from asd_engine.prior.diffusion import DiffusionPrior
+    from asd_engine.toy.trainer import sample_images
+
+    prior = DiffusionPrior.from_pretrained(default_prior_path(), device="cpu")
+
+    def sample(**kwargs):
+        return sample_images(prior, ["a blue cube"], [3], steps=4, **kwargs)
+
+    unguided, guided = sample(guidance_scale=1.0), sample(guidance_scale=3.0)
+    assert not torch.allclose(unguided, guided, atol=1e-3)
+    assert torch.equal(sample(guidance_scale=3.0, guidance_interval=(0.0, 1.0)), guided)
+    # trailing spacing, 4 steps: t = 999, 749, 499, 249; guiding none of them is the unguided sampler
+    assert torch.equal(sample(guidance_scale=3.0, guidance_interval=(0.0, 0.2)), unguided)
+    high = sample(guidance_scale=3.0, guidance_interval=(0.5, 1.0))
+    low = sample(guidance_scale=3.0, guidance_interval=(0.0, 0.5))
+    assert not torch.allclose(high, guided, atol=1e-4) and not torch.allclose(low, guided, atol=1e-4)
+    assert not torch.allclose(high, unguided, atol=1e-4) and not torch.allclose(low, unguided, atol=1e-4)
+
+
+@shipped
 def test_toy_prior_report_writes_fidelity_and_the_overhead_tori_hole_rate(tmp_path, capsys):
     from asd_engine.cli import main
 

@@ -278,9 +278,13 @@ def train_toy_prior(config: ToyPriorConfig, work: Path, export: Path | None = No
 
 @torch.no_grad()
 def sample_images(prior, prompts: list[str], seeds: list[int], steps: int = 30, guidance_scale: float = 3.0,
-                  size: int | None = None) -> torch.Tensor:
+                  size: int | None = None, guidance_interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """Sample one image per (prompt, seed) with the prior's own scheduler class (DDIM for the toy prior) and CFG
-    → ``[B, 3, H, W]`` in [0, 1]. Works for any pixel- or latent-space prior this engine loads."""
+    → ``[B, 3, H, W]`` in [0, 1]. Works for any pixel- or latent-space prior this engine loads.
+
+    ``guidance_interval (lo, hi)``: CFG only at the sampler's steps whose t / T lies in [lo, hi]; the others use the
+    plain conditional prediction (scale 1). It says at which noise levels guidance sets what a sample looks like
+    (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"; docs/history/quality-rounds.md#round-20)."""
     import diffusers
     from diffusers import DDIMScheduler, SchedulerMixin
 
@@ -291,6 +295,8 @@ def sample_images(prior, prompts: list[str], seeds: list[int], steps: int = 30, 
         scheduler_class = DDIMScheduler
     scheduler = scheduler_class.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     scheduler.set_timesteps(steps)
+    lo, hi = guidance_interval
+    total = scheduler.config.num_train_timesteps
     side = size or int(prior.unet.config.sample_size) * prior.vae_scale_factor
     shape = prior.sample_shape(side)
     x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(prior.device)
@@ -301,7 +307,8 @@ def sample_images(prior, prompts: list[str], seeds: list[int], steps: int = 30, 
         model_in = scheduler.scale_model_input(x, t)
         out = prior.model_output(torch.cat([model_in, model_in]), torch.cat([tt, tt]), torch.cat([uncond, cond]))
         out_u, out_c = out.chunk(2)
-        x = scheduler.step(out_u + guidance_scale * (out_c - out_u), t, x).prev_sample
+        scale = guidance_scale if lo <= int(t) / total <= hi else 1.0
+        x = scheduler.step(out_u + scale * (out_c - out_u), t, x).prev_sample
     return prior.decode(x)
 
 
