@@ -6,6 +6,7 @@ Commands:
   text-to-3d      distil a NeRF from a diffusion prior; exports a mesh, a turntable and views
   render          re-render views, turntable and mesh from a text-to-3d checkpoint
   quality         measure ASD vs VSD vs SDS on the embedded prior against analytic ground truth
+  quality-report  the quality tables of finished harness folders, merged (per method and per prompt)
   clip-score      CLIP score of images against a prompt (local CLIP weights)
   toy-prior-report  sample grid, prompt fidelity, overhead tori's hole rate, loss curve of a toy prior
   train-toy-prior train the embedded toy prior on procedural shapes with known 3D truth

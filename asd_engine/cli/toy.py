@@ -45,6 +45,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="output folder; a rerun with the same folder skips finished runs")
     p.set_defaults(handler=run_quality)
 
+    p = sub.add_parser("quality-report", help="the quality tables of finished harness folders, merged",
+                       description="Reads the runs.jsonl of one or more `quality --out` folders (e.g. one evaluation "
+                                   "split over two processes) and prints the per-method table and, in 3d, the "
+                                   "per-prompt table with the prompts in the size target. Runs nothing.")
+    p.add_argument("folders", nargs="+", help="harness output folders; one method's runs must share their settings")
+    p.set_defaults(handler=run_quality_report)
+
     p = sub.add_parser("clip-score", help="CLIP score of images against a prompt (the paper's Table 1 metric)",
                        description="Mean cosine similarity of CLIP image and text embeddings over the images "
                                    "(files, folders, or animated turntables), with CLIP weights from a local folder.")
@@ -107,6 +114,13 @@ def run_quality(args: argparse.Namespace) -> int:
     table = markdown_table(result)
     (out / "quality.md").write_text(table + "\n")
     print(table)
+    return 0
+
+
+def run_quality_report(args: argparse.Namespace) -> int:
+    from ..toy.quality import report
+
+    print(report([Path(folder) for folder in args.folders]))
     return 0
 
 
