@@ -209,6 +209,9 @@ def test_quality_report_merges_harness_folders_and_refuses_what_a_mean_would_mix
         handle.write('{"mode": "3d", "meth')  # a line cut short
     with pytest.raises(UserInputError, match="line 2 is not a harness run"):
         read_journals([broken])
+    (journal("binary") / "runs.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UserInputError, match="cannot be read"):
+        read_journals([tmp_path / "binary"])
     assert main(["quality-report", str(tmp_path / "nowhere")]) == 2
     assert "has no runs.jsonl" in capsys.readouterr().err
     assert main(["quality-report", str(journal("e"))]) == 2  # an empty journal: nothing finished yet

@@ -489,7 +489,12 @@ def read_journals(folders: list[Path]) -> list[dict]:
         journal = Path(folder) / "runs.jsonl"
         if not journal.is_file():
             raise UserInputError("folders", f"{folder} has no runs.jsonl", "name folders that `quality --out` wrote")
-        for number, line in enumerate(journal.read_text().splitlines(), start=1):
+        try:
+            lines = journal.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserInputError("folders", f"{journal} cannot be read ({error})", "name folders that `quality "
+                                 "--out` wrote") from None
+        for number, line in enumerate(lines, start=1):
             if line.strip():
                 try:
                     record = json.loads(line)
