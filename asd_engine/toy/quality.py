@@ -423,7 +423,7 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-# The per-prompt target docs/quality.md reports (issue 30): a prompt's mean over its seeds has IoU ≥ 0.85 and an
+# The per-prompt target docs/quality.md reports: a prompt's mean over its seeds has IoU ≥ 0.85 and an
 # area within 0.85–1.15 of the truth's; a torus's mesh keeps at least 0.8 of the true hole in every run.
 TARGET_IOU, TARGET_AREA, TARGET_HOLE = 0.85, (0.85, 1.15), 0.8
 
