@@ -187,6 +187,7 @@ INPUTS: dict[str, tuple[str | None, str | None]] = {
     "mesh_threshold": ("--mesh-threshold", "threshold"),
     "clip": ("--clip", None),           # clip-score: the CLIP model folder
     "images": (None, None),             # clip-score: its positional image files (the CLI names it "images")
+    "folders": (None, None),            # quality-report: its positional harness folders (the CLI names it "folders")
     "mode": ("--mode", None),           # quality harness: 3d or 2d
     "prompts": ("--prompts", None),     # quality harness: its toy prompts
     "methods": ("--methods", None),     # quality harness: the methods it compares

@@ -488,12 +488,13 @@ def read_journals(folders: list[Path]) -> list[dict]:
     for folder in folders:
         journal = Path(folder) / "runs.jsonl"
         if not journal.is_file():
-            raise UserInputError("folders", f"{folder} has no runs.jsonl", "name folders that `quality --out` wrote")
+            raise UserInputError("folders", f"{folder} has no runs.jsonl",
+                                 "name folders written by the quality harness ({=out})")
         try:
             lines = journal.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as error:
-            raise UserInputError("folders", f"{journal} cannot be read ({error})", "name folders that `quality "
-                                 "--out` wrote") from None
+            raise UserInputError("folders", f"{journal} cannot be read ({error})", "name folders written by the quality "
+                                 "harness ({=out})") from None
         for number, line in enumerate(lines, start=1):
             if line.strip():
                 try:
@@ -501,8 +502,8 @@ def read_journals(folders: list[Path]) -> list[dict]:
                     runs[_run_key(record)] = record
                 except (ValueError, KeyError, TypeError) as error:
                     raise UserInputError("folders", f"{journal} line {number} is not a harness run ({error!r})",
-                                         "remove that line; rerunning `quality` with that --out remakes the run"
-                                         ) from None
+                                         "remove that line; the quality harness rerun with that {=out} remakes "
+                                         "the run") from None
     if not runs:
         raise UserInputError("folders", "the journals hold no finished run", "wait for a run to finish, or name "
                              "another folder")
