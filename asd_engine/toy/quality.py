@@ -235,6 +235,27 @@ def _run_key(record: dict) -> tuple:
     return tuple(record[name] if name in record else defaults[name] for name in RUN_FIELDS)
 
 
+def _read_journal(journal: Path, input_name: str) -> dict[tuple, dict]:
+    """A harness journal's runs by their identity; a run journalled twice (rescored with newer metrics) as last
+    written. A line that is not a run, or a journal that is not text, is a user error on ``input_name``."""
+    try:
+        lines = journal.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserInputError(input_name, f"{journal} cannot be read ({error})",
+                             "use a folder the quality harness wrote ({=out}), or move this journal away") from None
+    runs = {}
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+                runs[_run_key(record)] = record
+            except (ValueError, KeyError, TypeError) as error:
+                raise UserInputError(input_name, f"{journal} line {number} is not a harness run ({error!r})",
+                                     "remove that line; the quality harness rerun with that {=out} remakes the run"
+                                     ) from None
+    return runs
+
+
 def _run_name(method: str, prompt: str, seed: int) -> str:
     return f"{method}__{prompt.replace(' ', '_')}__seed{seed}"
 
@@ -266,12 +287,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
     steps = settings.steps or (TOY_CPU_STEPS if settings.mode == "3d" else 300)  # 2d: the Train Loop node's default
     out.mkdir(parents=True, exist_ok=True)
     journal = out / "runs.jsonl"
-    done = {}
-    if journal.is_file():
-        for line in journal.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                done[_run_key(record)] = record
+    done = _read_journal(journal, "out") if journal.is_file() else {}
     prior = DiffusionPrior.from_pretrained(settings.model or default_prior_path(), device=device)
     # journals name the values used, not "from the recipe"
     noise_row = run_settings.BY_FIELD["distill.phi_noise"]
@@ -435,8 +451,8 @@ def _mean(values: list[float]) -> float:
 
 def _holes(runs: list[dict]) -> list[float]:
     """The mesh hole openings of the runs that have one (tori; NaN or absent otherwise)."""
-    return [r["mesh_hole_opening"] for r in runs if r.get("mesh_hole_opening", float("nan")) == r.get(
-        "mesh_hole_opening", float("nan"))]
+    openings = (r.get("mesh_hole_opening", float("nan")) for r in runs)
+    return [h for h in openings if h == h]
 
 
 def per_prompt(runs: list[dict]) -> list[dict]:
@@ -490,20 +506,7 @@ def read_journals(folders: list[Path]) -> list[dict]:
         if not journal.is_file():
             raise UserInputError("folders", f"{folder} has no runs.jsonl",
                                  "name folders written by the quality harness ({=out})")
-        try:
-            lines = journal.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as error:
-            raise UserInputError("folders", f"{journal} cannot be read ({error})", "name folders written by the quality "
-                                 "harness ({=out})") from None
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                    runs[_run_key(record)] = record
-                except (ValueError, KeyError, TypeError) as error:
-                    raise UserInputError("folders", f"{journal} line {number} is not a harness run ({error!r})",
-                                         "remove that line; the quality harness rerun with that {=out} remakes "
-                                         "the run") from None
+        runs.update(_read_journal(journal, "folders"))
     if not runs:
         raise UserInputError("folders", "the journals hold no finished run", "wait for a run to finish, or name "
                              "another folder")
