@@ -96,7 +96,8 @@ def test_a_stopped_run_resumed_to_its_total_equals_the_straight_run(tiny_eps_dir
     the step alone: a run stopped at step 3 of 6 and resumed ends bit-identical to one that never stopped."""
     import torch
 
-    from asd_engine.runs.distill_2d import Distill2D, lr_factor
+    from asd_engine.runs.base import lr_factor
+    from asd_engine.runs.distill_2d import Distill2D
     from asd_engine.runs.configs import Distill2DConfig
 
     assert lr_factor(0, 6, 0.05) == 1.0 and lr_factor(6, 6, 0.05) == pytest.approx(0.05)

@@ -194,8 +194,9 @@ def test_text_to_3d_resume_equals_a_straight_run_and_render_reproduces_the_views
         pytest.importorskip("warp", reason="warp-lang is not installed: pip install -r tests/requirements.txt")
     cpu = ["--device", "cpu"]
     # the haze term draws its points from the run's generator: a resumed run must draw the same ones
+    # and the learning rates fall over the second phase (steps 4-5), a function of the step alone
     common = ["--model", tiny_v_dir, "--prompt", "a red cube", "--seed", 3, "--blob-fade", "on", "--t-anneal-step", 4,
-              "--lambda-haze", 30, "--field-backend", backend, *FAST, *cpu]
+              "--lambda-haze", 30, "--lr-decay-to", 0.2, "--field-backend", backend, *FAST, *cpu]
     assert run_cli("text-to-3d", *common, "--steps", 6, "--out", tmp_path / "straight") == 0
     assert run_cli("text-to-3d", *common, "--steps", 3, "--out", tmp_path / "first") == 0
     assert run_cli("text-to-3d", "--resume", tmp_path / "first" / "checkpoint", "--steps", 6,
@@ -245,6 +246,55 @@ def test_an_extended_run_without_a_second_phase_does_not_grow_the_blob_back(tiny
     longer.phi.remove()
     assert seeds[:3] == pytest.approx([1.0, 2 / 3, 1 / 3])
     assert seeds[3:] == pytest.approx([1 / 3, 1 / 3, 1 / 3, 2 / 8, 1 / 8])  # 1 - step/8 only once it is lower
+
+
+def test_the_learning_rates_fall_over_the_second_phase_and_an_older_checkpoint_keeps_them(tiny_v_dir, tmp_path):
+    """``lr_decay_to``: the NeRF's three rates hold through the first phase and fall along a cosine from
+    ``t_anneal_step`` to that fraction at the last step; an extension re-plans the fall only once it has begun; a
+    checkpoint written before the setting existed resumes at constant rates."""
+    from asd_engine.runs.base import lr_factor
+    from asd_engine.runs.checkpoint import ResumeNotice
+
+    assert [lr_factor(s, 6, 0.1, start=2) for s in (0, 1, 2)] == [1.0, 1.0, 1.0]
+    assert lr_factor(4, 6, 0.1, start=2) == pytest.approx(0.55) and lr_factor(6, 6, 0.1, start=2) == pytest.approx(0.1)
+    assert lr_factor(5, 6, 1.0, start=2) == 1.0 and lr_factor(3, 3, 0.1, start=5) == 1.0  # never falls before start
+    config = preset_config("toy-cpu", "a red cube", steps=6, model=str(tiny_v_dir), prior_resolution=32,
+                           lr_decay_to=0.1)
+    config.distill.t_anneal_step = 2
+    run = TextTo3D(config)
+    assert [g["lr"] for g in run.optimizer.param_groups] == run.base_lrs == [config.lr_grid, config.lr_mlp,
+                                                                           config.lr_background]
+    rates: list[list[float]] = []
+    run.run(should_stop=lambda: run.step == 3, on_step=lambda info: rates.append(
+        [g["lr"] for g in run.optimizer.param_groups]))
+    run.save_checkpoint(tmp_path / "ckpt")
+    run.phi.remove()
+    for step, row in enumerate(rates):
+        assert row == pytest.approx([base * lr_factor(step, 6, 0.1, start=2) for base in run.base_lrs])
+    assert rates[0] == rates[1] == run.base_lrs  # the first phase at the full rates
+    with pytest.warns(ResumeNotice, match="learning rate's schedule is re-planned"):  # 3 steps done, 1 falling
+        longer = TextTo3D.from_checkpoint(tmp_path / "ckpt", overrides={"steps": 8})
+    longer.run(should_stop=lambda: longer.step == 4)
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(config.lr_grid * lr_factor(3, 8, 0.1, start=2))
+    longer.phi.remove()
+    meta_path = tmp_path / "ckpt" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["config"].pop("lr_decay_to") == 0.1
+    meta_path.write_text(json.dumps(meta))
+    older = TextTo3D.from_checkpoint(tmp_path / "ckpt")
+    assert older.config.lr_decay_to == 1.0
+    older.run()
+    assert [g["lr"] for g in older.optimizer.param_groups] == older.base_lrs
+    older.phi.remove()
+    early = preset_config("toy-cpu", "a red cube", steps=2, model=str(tiny_v_dir), prior_resolution=32,
+                          lr_decay_to=0.1)  # the toy-cpu second phase starts at 300: nothing has fallen yet
+    first = TextTo3D(early)
+    first.run()
+    first.save_checkpoint(tmp_path / "early")
+    first.phi.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeNotice)
+        TextTo3D.from_checkpoint(tmp_path / "early", overrides={"steps": 4}).phi.remove()
 
 
 @pytest.mark.parametrize("args,flag", [

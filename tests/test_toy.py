@@ -20,6 +20,7 @@ from asd_engine.toy.data import (COLOURS, SHAPES, ToyJudge, best_rotation_iou, c
                                  truth_views)
 from asd_engine.prior import default_prior_path
 from asd_engine.prior.recipe import read_recipe
+from asd_engine.runs.configs import preset_config
 from asd_engine.toy.trainer import HOLE_MIN_PIXELS
 
 TOY_RECIPE = read_recipe(default_prior_path())  # the toy prior's recipe lives only in its asd_recipe.json
@@ -162,7 +163,7 @@ def test_quality_prompt_parsing_and_summary():
 def _journal_line(prompt: str, seed: int, iou: float, area: float, hole: float = math.nan, **settings) -> dict:
     record = {"mode": "3d", "method": "asd", "prompt": prompt, "seed": seed, "steps": 900, "phi_noise": "shared",
               "guidance_scale": None, "lambda_haze": 0.0, "min_elevation": -10.0, "guidance_scale_annealed": None,
-              "seconds": 1.0, "iou": iou, "area_ratio": area, "colour_error": 0.05, "mesh_hole_opening": hole,
+              "lr_decay_to": 1.0, "seconds": 1.0, "iou": iou, "area_ratio": area, "colour_error": 0.05, "mesh_hole_opening": hole,
               "axis_filled": 0.0 if hole == hole else math.nan, "floaters": 0.01}
     return record | settings
 
@@ -537,6 +538,18 @@ def test_a_3d_harness_keeps_checkpoints_and_rescores_an_older_journal_with_the_g
     for bad, mode in ((-1.0, "3d"), (float("inf"), "3d"), (2.0, "2d")):
         with pytest.raises(UserInputError, match="guidance_scale_annealed"):
             quality.check_quality_settings(dataclasses.replace(settings, guidance_scale_annealed=bad, mode=mode))
+    # the NeRF's learning rates: journalled as used (the toy-cpu preset's when not given), constant before that
+    assert record["lr_decay_to"] == record["used"]["lr_decay_to"] == preset_config("toy-cpu", "").lr_decay_to
+    falls = quality.RUN_FIELDS.index("lr_decay_to")
+    assert quality._run_key({k: v for k, v in record.items() if k != "lr_decay_to"})[falls] == 1.0
+    assert quality._run_key({"mode": "2d", **{k: v for k, v in record.items() if k not in ("mode", "lr_decay_to")}}
+                            )[falls] is None  # the harness's 2D runs keep the 2D default
+    with pytest.raises(AssertionError, match="started again"):  # another fall is another run
+        quality.run_quality(dataclasses.replace(settings, lr_decay_to=0.5), tmp_path, device="cpu",
+                            log=lambda line: None)
+    for bad, mode in ((0.0, "3d"), (1.5, "3d"), (float("nan"), "3d"), (0.5, "2d")):
+        with pytest.raises(UserInputError, match="lr_decay_to"):
+            quality.check_quality_settings(dataclasses.replace(settings, lr_decay_to=bad, mode=mode))
 
 
 def test_a_harness_whose_lowest_camera_is_above_the_priors_top_is_refused_before_it_makes_a_folder(tmp_path):

@@ -38,6 +38,8 @@ def add_parsers(sub) -> None:
     p.add_argument(low.flag, type=float, help=f"3d: {low.help} (default: from the prior's recipe)")
     late = BY_FIELD["distill.guidance_scale_annealed"]  # the same flag and help as text-to-3d's
     p.add_argument(late.flag, type=float, help=f"3d: {late.help} (default: from the prior's recipe)")
+    decay = BY_FIELD["lr_decay_to"]  # the same flag and help as text-to-3d's
+    p.add_argument(decay.flag, type=float, help=f"3d: {decay.help} (default: the toy-cpu preset's)")
     backend = BY_FIELD["nerf_field.backend"]  # the same flag, choices and help as text-to-3d's
     p.add_argument(backend.flag, choices=list(backend.choices), default="auto",
                    help=f"3d: {backend.help} (default %(default)s; the field backends give the same quality within "
@@ -106,7 +108,8 @@ def run_quality(args: argparse.Namespace) -> int:
     settings = QualitySettings(methods=methods, prompts=prompts, seeds=args.seeds, steps=args.steps, mode=args.mode,
                                model=args.model, phi_noise=args.phi_noise, guidance_scale=args.cfg,
                                field_backend=args.field_backend, lambda_haze=args.lambda_haze,
-                               min_elevation=args.min_elevation, guidance_scale_annealed=args.cfg_annealed)
+                               min_elevation=args.min_elevation, guidance_scale_annealed=args.cfg_annealed,
+                               lr_decay_to=args.lr_decay_to)
     check_quality_settings(settings)  # before the output folder is made: a refused harness leaves nothing behind
     out = ensure_writable_dir(args.out)
     quiet_libraries()

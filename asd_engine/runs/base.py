@@ -26,7 +26,18 @@ from ..prior.discriminator import build_discriminator
 from ..prior.loading import load_prior
 from ..scene.field import runnable_backend
 from . import checkpoint as ckpt, settings
-from .configs import config_from_dict
+from .configs import TextTo3DConfig, config_from_dict
+
+
+def lr_factor(step: int, steps: int, decay_to: float, start: int = 0) -> float:
+    """The generator's learning-rate factor at 0-based ``step``: 1 up to ``start``, then a cosine down to ``decay_to``
+    at step ``steps`` (the last step is ``steps - 1``). 2D falls over the whole run; 3D from its second phase
+    (``t_anneal_step``), since the first phase makes the shape at the full rate (docs/engine.md#lr-decay-3d)."""
+    if step < start:
+        return 1.0
+    span = steps - start
+    fraction = min((step - start) / span, 1.0) if span > 0 else 1.0
+    return decay_to + (1.0 - decay_to) * 0.5 * (1.0 + math.cos(math.pi * fraction))
 
 
 @dataclass
@@ -200,8 +211,9 @@ class DistillationRun:
         run.step = meta["step"]
         run.losses = {name: list(meta.get("losses", {}).get(name, [])) for name in run.losses}
         saved_total = meta["config"].get("steps")
-        if getattr(config, "lr_decay_to", 1.0) != 1.0 and 0 < run.step < config.steps and saved_total != config.steps:
-            # the 2D learning rate falls along a cosine over the total: a new total re-plans the rest of it
+        falls_from = config.distill.t_anneal_step or 0 if isinstance(config, TextTo3DConfig) else 0
+        if config.lr_decay_to != 1.0 and falls_from < run.step < config.steps and saved_total != config.steps:
+            # the learning rate falls along a cosine to the total: a new total re-plans the rest of it
             done = "step 1 followed" if run.step == 1 else f"steps 1-{run.step} followed"
             rest = (f"step {config.steps} follows" if config.steps == run.step + 1
                     else f"steps {run.step + 1}-{config.steps} follow")

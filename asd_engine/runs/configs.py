@@ -112,6 +112,7 @@ class TextTo3DConfig(RunConfig):
     """Everything that defines a text-to-3D run (stored in its checkpoints). Defaults = the ``quality`` preset."""
 
     mode = "3d"
+    older_values = {"lr_decay_to": 1.0}  # checkpoints from before the 3D falling learning rate resume at a constant one
     steps: int = 25_000
     preset: str = "quality"
     batch_size: int = 1
@@ -123,6 +124,9 @@ class TextTo3DConfig(RunConfig):
     lr_grid: float = 1e-2
     lr_mlp: float = 1e-3
     lr_background: float = 1e-3
+    # the three rates fall along a cosine from the second phase's start (`distill.t_anneal_step`) to this fraction of
+    # themselves at the last step (1: constant, the official recipe); why: docs/engine.md#lr-decay-3d
+    lr_decay_to: float = 1.0
     lambda_sparsity: float | None = None  # mean √(opacity² + 0.01); None: the prior's recipe (official 10)
     # mean alpha of the density too faint to render, at random points (text_to_3d.haze_loss); off by default: it
     # clears floaters but made the toy prior's objects larger (docs/text_to_3d.md#lambda-haze)

@@ -9,22 +9,15 @@ exact checkpoints come from :class:`asd_engine.runs.base.DistillationRun`.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..distill import Conditioning, distill_step
 from ..errors import UserInputError
 from ..images import load_image
 from ..prior.memory import check_image_memory
-from .base import DistillationRun, StepInfo
+from .base import DistillationRun, StepInfo, lr_factor
 from .configs import DEFAULT_LR, Distill2DConfig
 from .image_generator import ImageGenerator
-
-
-def lr_factor(step: int, steps: int, decay_to: float) -> float:
-    """Cosine from 1 at step 0 to ``decay_to`` at step ``steps`` (0-based ``step``; the last step is ``steps - 1``)."""
-    return decay_to + (1.0 - decay_to) * 0.5 * (1.0 + math.cos(math.pi * min(step / steps, 1.0)))
 
 
 class Distill2D(DistillationRun):

@@ -126,6 +126,9 @@ SETTINGS: tuple[Setting, ...] = (
       kind=bool, modes=ONLY_3D, phi_only=True),
     S("phi.camera_dropout", None, None, "probability that φ's camera is zeroed for a step", kind=float, low=0,
       high=1, modes=ONLY_3D, phi_only=True),
+    S("lr_decay_to", "--lr-decay-to", None, "the generator's learning rates fall along a cosine to this fraction of "
+                                            "their start by the last step, in 3D from the second phase's start (1: "
+                                            "constant)", kind=float, low=0, high=1, low_open=True),
     # 2D
     S("size", "--size", "size", "image side in pixels, a multiple of 8; default: the prior's own size", kind=int,
       low=8, modes=ONLY_2D),
@@ -133,9 +136,6 @@ SETTINGS: tuple[Setting, ...] = (
                                                          "the VAE encoder", choices=PARAMETERIZATIONS, modes=ONLY_2D),
     S("lr", "--lr", "learning_rate", "the image's learning rate; default: 0.03 latent, 0.01 pixel",
       kind=float, low=0, low_open=True, modes=ONLY_2D),
-    S("lr_decay_to", "--lr-decay-to", None, "the learning rate falls along a cosine to this fraction of its start "
-                                            "by the last step (1: constant)", kind=float, low=0, high=1, low_open=True,
-      modes=ONLY_2D),
     S("jitter", "--jitter", "jitter", "each step the image is shown rolled by up to this many pixels per axis",
       kind=int, low=0, high=64, recipe="jitter_2d", modes=ONLY_2D),
     S("references", "--reference", None, "real images of the target: the real-sample terms of the full L_D "

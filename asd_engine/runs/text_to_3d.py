@@ -25,7 +25,7 @@ from ..scene.cameras import orbit_cameras, sample_cameras
 from ..scene.field import runnable_backend
 from ..scene.nerf import NeRFGenerator, NeRFRender
 from . import checkpoint as ckpt
-from .base import DistillationRun, StepInfo
+from .base import DistillationRun, StepInfo, lr_factor
 from .configs import TextTo3DConfig, config_from_dict
 
 
@@ -80,6 +80,7 @@ class TextTo3D(DistillationRun):
         self.nerf = NeRFGenerator(config.nerf_field, config.render, device=prior.device)
         groups = self.nerf.parameter_groups(config.lr_grid, config.lr_mlp, config.lr_background)
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # before a checkpoint's are loaded
         self.prompts = ViewPrompts(prior, config.prompt, config.negative_prompt,
                                    view_dependent=config.view_dependent_prompts, perp_neg=config.perp_neg,
                                    overhead_elevation=config.overhead_elevation)
@@ -133,6 +134,9 @@ class TextTo3D(DistillationRun):
             extras["haze"] = haze.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        factor = lr_factor(step, config.steps, config.lr_decay_to, start=config.distill.t_anneal_step or 0)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):  # a function of the step alone
+            group["lr"] = base * factor
         self.optimizer.step()
         self.step += 1
         return StepInfo.of(self.step, config.steps, result, extras)
