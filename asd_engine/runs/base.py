@@ -26,7 +26,7 @@ from ..prior.discriminator import build_discriminator
 from ..prior.loading import load_prior
 from ..scene.field import runnable_backend
 from . import checkpoint as ckpt, settings
-from .configs import TextTo3DConfig, config_from_dict
+from .configs import config_from_dict
 
 
 def lr_factor(step: int, steps: int, decay_to: float, start: int = 0) -> float:
@@ -66,6 +66,10 @@ class DistillationRun:
 
     kind = "run"
     config_class: type = object
+
+    def lr_falls_from(self) -> int:
+        """The step from which the generator's learning rate falls (:func:`lr_factor`'s ``start``): 2D from step 0."""
+        return 0
 
     def __init__(self, config, prior: DiffusionPrior | None = None, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, phi_prior: DiffusionPrior | None = None) -> None:
@@ -211,8 +215,7 @@ class DistillationRun:
         run.step = meta["step"]
         run.losses = {name: list(meta.get("losses", {}).get(name, [])) for name in run.losses}
         saved_total = meta["config"].get("steps")
-        falls_from = config.distill.t_anneal_step or 0 if isinstance(config, TextTo3DConfig) else 0
-        if config.lr_decay_to != 1.0 and falls_from < run.step < config.steps and saved_total != config.steps:
+        if config.lr_decay_to != 1.0 and run.lr_falls_from() < run.step < config.steps and saved_total != config.steps:
             # the learning rate falls along a cosine to the total: a new total re-plans the rest of it
             done = "step 1 followed" if run.step == 1 else f"steps 1-{run.step} followed"
             rest = (f"step {config.steps} follows" if config.steps == run.step + 1

@@ -56,7 +56,8 @@ class Distill2D(DistillationRun):
         self.optimizer.zero_grad(set_to_none=True)
         result.generator_loss.backward()
         for group in self.optimizer.param_groups:  # a function of the step alone: nothing to checkpoint
-            group["lr"] = self.base_lr * lr_factor(self.step, self.config.steps, self.config.lr_decay_to)
+            group["lr"] = self.base_lr * lr_factor(self.step, self.config.steps, self.config.lr_decay_to,
+                                                   start=self.lr_falls_from())
         self.optimizer.step()
         self.step += 1
         return StepInfo.of(self.step, self.config.steps, result)

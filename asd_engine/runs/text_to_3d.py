@@ -85,6 +85,10 @@ class TextTo3D(DistillationRun):
                                    view_dependent=config.view_dependent_prompts, perp_neg=config.perp_neg,
                                    overhead_elevation=config.overhead_elevation)
 
+    def lr_falls_from(self) -> int:
+        """The second phase's start (step 0 without one): the first phase makes the shape at the full rates."""
+        return self.config.distill.t_anneal_step or 0
+
     def resolution(self, step: int) -> int:
         return [side for start, side in self.config.resolution_schedule if start <= step][-1]
 
@@ -134,7 +138,7 @@ class TextTo3D(DistillationRun):
             extras["haze"] = haze.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        factor = lr_factor(step, config.steps, config.lr_decay_to, start=config.distill.t_anneal_step or 0)
+        factor = lr_factor(step, config.steps, config.lr_decay_to, start=self.lr_falls_from())
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):  # a function of the step alone
             group["lr"] = base * factor
         self.optimizer.step()
