@@ -550,6 +550,18 @@ def test_a_3d_harness_keeps_checkpoints_and_rescores_an_older_journal_with_the_g
     for bad, mode in ((0.0, "3d"), (1.5, "3d"), (float("nan"), "3d"), (0.5, "2d")):
         with pytest.raises(UserInputError, match="lr_decay_to"):
             quality.check_quality_settings(dataclasses.replace(settings, lr_decay_to=bad, mode=mode))
+    # cameras per step: journalled as used (the toy-cpu preset's when not given), one before that
+    assert record["batch_size"] == record["used"]["batch_size"] == preset_config("toy-cpu", "").batch_size
+    cameras = quality.RUN_FIELDS.index("batch_size")
+    assert quality._run_key({k: v for k, v in record.items() if k != "batch_size"})[cameras] == 1
+    assert quality._run_key({"mode": "2d", **{k: v for k, v in record.items() if k not in ("mode", "batch_size")}}
+                            )[cameras] is None  # 2D runs have no cameras
+    with pytest.raises(AssertionError, match="started again"):  # another batch is another run
+        quality.run_quality(dataclasses.replace(settings, batch_size=2), tmp_path, device="cpu",
+                            log=lambda line: None)
+    for bad, mode in ((0, "3d"), (65, "3d"), (2, "2d")):
+        with pytest.raises(UserInputError, match="batch_size"):
+            quality.check_quality_settings(dataclasses.replace(settings, batch_size=bad, mode=mode))
 
 
 def test_a_harness_whose_lowest_camera_is_above_the_priors_top_is_refused_before_it_makes_a_folder(tmp_path):

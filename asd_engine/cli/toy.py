@@ -40,6 +40,8 @@ def add_parsers(sub) -> None:
     p.add_argument(late.flag, type=float, help=f"3d: {late.help} (default: from the prior's recipe)")
     decay = BY_FIELD["lr_decay_to"]  # the same flag and help as text-to-3d's
     p.add_argument(decay.flag, type=float, help=f"3d: {decay.help} (default: the toy-cpu preset's)")
+    batch = BY_FIELD["batch_size"]  # the same flag and help as text-to-3d's
+    p.add_argument(batch.flag, type=integer, help=f"3d: {batch.help} (default: the toy-cpu preset's)")
     backend = BY_FIELD["nerf_field.backend"]  # the same flag, choices and help as text-to-3d's
     p.add_argument(backend.flag, choices=list(backend.choices), default="auto",
                    help=f"3d: {backend.help} (default %(default)s; the field backends give the same quality within "
@@ -109,7 +111,7 @@ def run_quality(args: argparse.Namespace) -> int:
                                model=args.model, phi_noise=args.phi_noise, guidance_scale=args.cfg,
                                field_backend=args.field_backend, lambda_haze=args.lambda_haze,
                                min_elevation=args.min_elevation, guidance_scale_annealed=args.cfg_annealed,
-                               lr_decay_to=args.lr_decay_to)
+                               lr_decay_to=args.lr_decay_to, batch_size=args.batch_size)
     check_quality_settings(settings)  # before the output folder is made: a refused harness leaves nothing behind
     out = ensure_writable_dir(args.out)
     quiet_libraries()

@@ -162,6 +162,7 @@ class QualitySettings:
     # 3D: the second phase's CFG; None: the prior's recipe, or one CFG all run when `guidance_scale` is given alone
     guidance_scale_annealed: float | None = None
     lr_decay_to: float | None = None  # 3D: where the NeRF's learning rates fall to; None: the toy-cpu preset's
+    batch_size: int | None = None     # 3D: cameras per step; None: the toy-cpu preset's
 
 
 def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
@@ -201,6 +202,7 @@ def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
     check_setting("cameras.min_elevation", settings.min_elevation)
     check_setting("distill.guidance_scale_annealed", settings.guidance_scale_annealed)
     check_setting("lr_decay_to", settings.lr_decay_to)
+    check_setting("batch_size", settings.batch_size)
     if settings.lambda_haze and settings.mode != "3d":
         raise UserInputError("lambda_haze", "the haze term is a 3D regulariser", "leave it at 0 when mode is 2d")
     if settings.min_elevation is not None and settings.mode != "3d":
@@ -210,6 +212,9 @@ def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
                              "leave it out when mode is 2d")
     if settings.lr_decay_to is not None and settings.mode != "3d":
         raise UserInputError("lr_decay_to", "the harness's 2D runs keep the 2D default",
+                             "leave it out when mode is 2d")
+    if settings.batch_size is not None and settings.mode != "3d":
+        raise UserInputError("batch_size", "2D runs distil one image, not a batch of cameras",
                              "leave it out when mode is 2d")
     prior_folder = Path(settings.model or default_prior_path())
     if settings.min_elevation is not None and prior_folder.is_dir():  # the harness has no --max-elevation: the
@@ -226,20 +231,20 @@ def _grid(rows: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.cat([torch.cat(row, dim=2) for row in rows], dim=1)
 
 
-# a run's identity in the journal; min_elevation, guidance_scale_annealed and lr_decay_to are the values used (3D;
-# None in 2D), not "from the recipe"; guidance_scale_annealed is None when the CFG held all run
+# a run's identity in the journal; min_elevation, guidance_scale_annealed, lr_decay_to and batch_size are the values
+# used (3D; None in 2D), not "from the recipe"; guidance_scale_annealed is None when the CFG held all run
 RUN_FIELDS = ("mode", "method", "prompt", "seed", "steps", "phi_noise", "guidance_scale", "lambda_haze",
-              "min_elevation", "guidance_scale_annealed", "lr_decay_to")
+              "min_elevation", "guidance_scale_annealed", "lr_decay_to", "batch_size")
 # what a journal line written before the field existed ran with
 RUN_FIELD_DEFAULTS = {"lambda_haze": 0.0, "guidance_scale_annealed": None}
 
 
 def _run_key(record: dict) -> tuple:
-    # before min_elevation and lr_decay_to were journalled, every 3D run's cameras started at the official -10° and
-    # its learning rates held
+    # before min_elevation, lr_decay_to and batch_size were journalled, every 3D run's cameras started at the
+    # official -10°, its learning rates held, and it rendered one camera a step
     three_d = record["mode"] == "3d"
     defaults = dict(RUN_FIELD_DEFAULTS, min_elevation=MIN_ELEVATION_DEGREES if three_d else None,
-                    lr_decay_to=1.0 if three_d else None)
+                    lr_decay_to=1.0 if three_d else None, batch_size=1 if three_d else None)
     return tuple(record[name] if name in record else defaults[name] for name in RUN_FIELDS)
 
 
@@ -307,8 +312,11 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                                                  guidance_scale_annealed=settings.guidance_scale_annealed),
                                    prior.recipe, settings.mode)
     late_cfg = None if cfg.guidance_scale_annealed in (None, cfg.guidance_scale) else cfg.guidance_scale_annealed
+    preset = preset_config("toy-cpu", "")
     lr_decay_to = None if settings.mode != "3d" else (
-        settings.lr_decay_to if settings.lr_decay_to is not None else preset_config("toy-cpu", "").lr_decay_to)
+        settings.lr_decay_to if settings.lr_decay_to is not None else preset.lr_decay_to)
+    batch_size = None if settings.mode != "3d" else (
+        settings.batch_size if settings.batch_size is not None else preset.batch_size)
     judges = None  # built on the first 2D run that needs them (rendering their mask banks takes a while)
     runs, grid_rows = [], []
     for method in settings.methods:
@@ -318,7 +326,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
             for seed in range(settings.seeds):
                 identity = dict(zip(RUN_FIELDS, (settings.mode, method, prompt, seed, steps, phi_noise,
                                                  settings.guidance_scale, settings.lambda_haze, min_elevation,
-                                                 late_cfg, lr_decay_to)))
+                                                 late_cfg, lr_decay_to, batch_size)))
                 key, picture_path = _run_key(identity), _picture_path(out, method, prompt, seed)
                 if key in done and picture_path.is_file():
                     record = done[key]
@@ -341,7 +349,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                 if settings.mode == "3d":
                     values["lambda_haze"], values["cameras.min_elevation"] = settings.lambda_haze, min_elevation
                     values["distill.guidance_scale_annealed"] = settings.guidance_scale_annealed
-                    values["lr_decay_to"] = lr_decay_to
+                    values["lr_decay_to"], values["batch_size"] = lr_decay_to, batch_size
                 run = make_run(prior, spec, values)
                 drift: list[float] = []
                 with torch.enable_grad():
@@ -360,6 +368,7 @@ def run_quality(settings: QualitySettings, out: Path, device: str | None = None,
                     used["elevation_sampling"] = run.config.cameras.elevation_sampling
                     used["lambda_sparsity"], used["lambda_haze"] = run.config.lambda_sparsity, run.config.lambda_haze
                     used["field_backend"], used["lr_decay_to"] = run.nerf.field.backend, run.config.lr_decay_to
+                    used["batch_size"] = run.config.batch_size
                 else:
                     used["lr_decay_to"], used["jitter"] = run.config.lr_decay_to, run.config.jitter
                 record = dict(identity, seconds=seconds, used=used)
