@@ -538,30 +538,21 @@ def test_a_3d_harness_keeps_checkpoints_and_rescores_an_older_journal_with_the_g
     for bad, mode in ((-1.0, "3d"), (float("inf"), "3d"), (2.0, "2d")):
         with pytest.raises(UserInputError, match="guidance_scale_annealed"):
             quality.check_quality_settings(dataclasses.replace(settings, guidance_scale_annealed=bad, mode=mode))
-    # the NeRF's learning rates: journalled as used (the toy-cpu preset's when not given), constant before that
-    assert record["lr_decay_to"] == record["used"]["lr_decay_to"] == preset_config("toy-cpu", "").lr_decay_to
-    falls = quality.RUN_FIELDS.index("lr_decay_to")
-    assert quality._run_key({k: v for k, v in record.items() if k != "lr_decay_to"})[falls] == 1.0
-    assert quality._run_key({"mode": "2d", **{k: v for k, v in record.items() if k not in ("mode", "lr_decay_to")}}
-                            )[falls] is None  # the harness's 2D runs keep the 2D default
-    with pytest.raises(AssertionError, match="started again"):  # another fall is another run
-        quality.run_quality(dataclasses.replace(settings, lr_decay_to=0.5), tmp_path, device="cpu",
-                            log=lambda line: None)
-    for bad, mode in ((0.0, "3d"), (1.5, "3d"), (float("nan"), "3d"), (0.5, "2d")):
-        with pytest.raises(UserInputError, match="lr_decay_to"):
-            quality.check_quality_settings(dataclasses.replace(settings, lr_decay_to=bad, mode=mode))
-    # cameras per step: journalled as used (the toy-cpu preset's when not given), one before that
-    assert record["batch_size"] == record["used"]["batch_size"] == preset_config("toy-cpu", "").batch_size
-    cameras = quality.RUN_FIELDS.index("batch_size")
-    assert quality._run_key({k: v for k, v in record.items() if k != "batch_size"})[cameras] == 1
-    assert quality._run_key({"mode": "2d", **{k: v for k, v in record.items() if k not in ("mode", "batch_size")}}
-                            )[cameras] is None  # 2D runs have no cameras
-    with pytest.raises(AssertionError, match="started again"):  # another batch is another run
-        quality.run_quality(dataclasses.replace(settings, batch_size=2), tmp_path, device="cpu",
-                            log=lambda line: None)
-    for bad, mode in ((0, "3d"), (65, "3d"), (2, "2d")):
-        with pytest.raises(UserInputError, match="batch_size"):
-            quality.check_quality_settings(dataclasses.replace(settings, batch_size=bad, mode=mode))
+    # the NeRF's learning rates and the cameras per step: journalled as used (the toy-cpu preset's when not given); a
+    # line from before they were journalled ran at constant rates with one camera; the harness's 2D runs have neither
+    for field, older, other, bad in (("lr_decay_to", 1.0, 0.5, (0.0, 1.5, float("nan"))),
+                                     ("batch_size", 1, 2, (0, 65))):
+        assert record[field] == record["used"][field] == getattr(preset_config("toy-cpu", ""), field)
+        index = quality.RUN_FIELDS.index(field)
+        assert quality._run_key({k: v for k, v in record.items() if k != field})[index] == older
+        assert quality._run_key({"mode": "2d", **{k: v for k, v in record.items() if k not in ("mode", field)}}
+                                )[index] is None
+        with pytest.raises(AssertionError, match="started again"):  # another value is another run
+            quality.run_quality(dataclasses.replace(settings, **{field: other}), tmp_path, device="cpu",
+                                log=lambda line: None)
+        for value, mode in (*((b, "3d") for b in bad), (other, "2d")):
+            with pytest.raises(UserInputError, match=field):
+                quality.check_quality_settings(dataclasses.replace(settings, **{field: value, "mode": mode}))
 
 
 def test_a_harness_whose_lowest_camera_is_above_the_priors_top_is_refused_before_it_makes_a_folder(tmp_path):

@@ -199,23 +199,19 @@ def check_quality_settings(settings: QualitySettings) -> list[tuple[str, str]]:
     check_setting("nerf_field.backend", settings.field_backend)  # the settings table's own check
     check_setting("distill.phi_noise", settings.phi_noise)
     check_setting("lambda_haze", settings.lambda_haze)
-    check_setting("cameras.min_elevation", settings.min_elevation)
-    check_setting("distill.guidance_scale_annealed", settings.guidance_scale_annealed)
-    check_setting("lr_decay_to", settings.lr_decay_to)
-    check_setting("batch_size", settings.batch_size)
+    # the 3D-only settings the harness takes when given (None: left out), and why a 2D harness refuses each
+    three_d_only = (("cameras.min_elevation", settings.min_elevation, "2D runs have no cameras"),
+                    ("distill.guidance_scale_annealed", settings.guidance_scale_annealed,
+                     "2D runs have no second phase"),
+                    ("lr_decay_to", settings.lr_decay_to, "the harness's 2D runs keep the 2D default"),
+                    ("batch_size", settings.batch_size, "2D runs distil one image, not a batch of cameras"))
+    for field, value, _ in three_d_only:
+        check_setting(field, value)
     if settings.lambda_haze and settings.mode != "3d":
         raise UserInputError("lambda_haze", "the haze term is a 3D regulariser", "leave it at 0 when mode is 2d")
-    if settings.min_elevation is not None and settings.mode != "3d":
-        raise UserInputError("cameras.min_elevation", "2D runs have no cameras", "leave it out when mode is 2d")
-    if settings.guidance_scale_annealed is not None and settings.mode != "3d":
-        raise UserInputError("distill.guidance_scale_annealed", "2D runs have no second phase",
-                             "leave it out when mode is 2d")
-    if settings.lr_decay_to is not None and settings.mode != "3d":
-        raise UserInputError("lr_decay_to", "the harness's 2D runs keep the 2D default",
-                             "leave it out when mode is 2d")
-    if settings.batch_size is not None and settings.mode != "3d":
-        raise UserInputError("batch_size", "2D runs distil one image, not a batch of cameras",
-                             "leave it out when mode is 2d")
+    for field, value, why in three_d_only:
+        if value is not None and settings.mode != "3d":
+            raise UserInputError(field, why, "leave it out when mode is 2d")
     prior_folder = Path(settings.model or default_prior_path())
     if settings.min_elevation is not None and prior_folder.is_dir():  # the harness has no --max-elevation: the
         top = read_recipe(prior_folder).max_elevation                  # prior's recipe sets the cameras' top
